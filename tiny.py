@@ -1,0 +1,224 @@
+"""Tiny, local stand-ins for the real things: a byte-level BPE tokenizer with Qwen2.5-VL's special
+tokens, a random Qwen2.5-VL checkpoint a few MB in size, and a synthetic dataset in the
+SEED-Bench-R1 layout (real mp4 videos, real jpg images, JSONL annotations).
+
+Nothing here downloads anything. Tests and the demo use these so that every real code path
+(tokenizer offsets, video decoding, 3D RoPE, generation, FSDP-free training) runs on a CPU.
+
+    python tiny.py model out/tiny-model
+    python tiny.py seed-bench out/tiny-seed-bench --train 32 --val 8
+"""
+
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+
+# Qwen2.5-VL's special tokens, same spelling, so prompts look exactly like the real ones.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Qwen2's pre-tokenizer split. It lets a punctuation char glue onto the letters after it, so
+# "<answer>A</answer>" pre-tokenizes as "<answer", ">A", "</", "answer", ">": exactly the
+# merges that break "count tokens from the end" answer-span heuristics.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+WORDS = ("the a an is are of to and in on with what which where who how many person hand "
+         "kitchen table knife cup plate pan bowl door drawer bag box video image frame shows "
+         "red green blue yellow white black square circle triangle moves left right up down "
+         "next action step goal task progress current observation question options answer "
+         "think first then so because therefore looking at we see can I the answer is "
+         "pick put take open close wash cut stir pour place turn move hold").split()
+
+
+def _corpus(n_lines=3000, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        letter = rng.choice("ABCD")
+        number = str(rng.randint(0, 999))
+        lines.append(f"<think>{words}</think><answer>{letter}</answer>")
+        lines.append(f"<think>\n{words}.\n</think>\n<answer>{number}</answer>")
+        lines.append(f"{letter}. {words}\n")
+    return lines
+
+
+def build_tokenizer(vocab_size=512):
+    """A byte-level BPE trained on a small synthetic corpus, wrapped as a HF fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def tiny_config(tokenizer, hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    # mrope splits the rotary half-dimension into (time, height, width) sections.
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                  fullatt_block_indexes=[vision_depth - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def build_model(out_dir, seed=0, **config_overrides):
+    """Write a random tiny Qwen2.5-VL checkpoint (weights, config, tokenizer, preprocessor) to out_dir."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **config_overrides))
+    # Like the real checkpoint, ship near-greedy defaults: rollouts must never inherit them.
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1,
+                                               repetition_penalty=1.05, bos_token_id=model.config.text_config.bos_token_id,
+                                               eos_token_id=model.config.text_config.eos_token_id,
+                                               pad_token_id=model.config.text_config.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711],
+                   "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}, f, indent=2)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic media and a SEED-Bench-R1-layout dataset
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def write_video(path, frames, fps=4):
+    """Write uint8 frames [T, H, W, 3] to an mp4 (mpeg4 codec, built into every ffmpeg)."""
+    import av
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    t, h, w, _ = frames.shape
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_image(path, array):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(array).save(path, quality=95)
+
+
+def moving_square_clip(colour, n_frames=8, height=56, width=84, seed=0):
+    """A coloured square sliding left to right over a grey background."""
+    rng = np.random.default_rng(seed)
+    frames = np.full((n_frames, height, width, 3), 128, np.uint8)
+    size = height // 3
+    y = int(rng.integers(0, height - size))
+    for i in range(n_frames):
+        x = int(i * (width - size) / max(1, n_frames - 1))
+        frames[i, y:y + size, x:x + size] = COLOURS[colour]
+    return frames
+
+
+def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
+    """A SEED-Bench-R1-shaped dataset: training_6k.jsonl, validation_L{1,2,3}.jsonl, videos/, images/.
+
+    Each question asks for the colour of the square; the progress video shows it moving and the
+    current-observation image shows its final position. About a quarter of the rows have no
+    progress video (empty task_progress_metadata), as in the real data.
+    """
+    rng = random.Random(seed)
+    ann = os.path.join(root, "annotations")
+    os.makedirs(ann, exist_ok=True)
+    domains = ["Daily life", "Hobbies", "Recreation", "Work"]
+    sources = {"train": "epic_kitchens", "L1": "epic_kitchens", "L2": "ego4d", "L3": "ego4d"}
+
+    def make_row(split, i):
+        colour = rng.choice(list(COLOURS))
+        source = sources[split]
+        sid = f"{split.lower()}_{i:05d}"
+        has_video = i % 4 != 3
+        clip = moving_square_clip(colour, n_frames=n_frames, seed=rng.randint(0, 10**6))
+        video_name, image_name = f"{sid}.mp4", f"{sid}.jpg"
+        if has_video:
+            write_video(os.path.join(root, "videos", source, video_name), clip)
+        write_image(os.path.join(root, "images", source, image_name), clip[-1])
+        others = [c for c in COLOURS if c != colour]
+        row = {"sample_id": sid, "question": "What colour is the square that moves in the video?\n",
+               "answer": colour, "task_progress_metadata": [{"step": 0}] if has_video else [],
+               "video_source": source, "video_basename": video_name if has_video else "",
+               "current_observation_basename": image_name}
+        if split == "train":
+            row["negative_answers"] = others
+        else:
+            options = [colour] + others
+            rng.shuffle(options)
+            row.update({f"choice_{k}": o for k, o in zip("abcd", options)})
+            row["golden_choice_idx"] = "ABCD"[options.index(colour)]
+            if split == "L3":
+                row["domain"] = domains[i % len(domains)]
+                row["task_goal"] = "find the moving square"
+        return row
+
+    splits = {"training_6k.jsonl": ("train", n_train)}
+    splits.update({f"validation_{lv}.jsonl": (lv, n_val) for lv in ("L1", "L2", "L3")})
+    for filename, (split, n) in splits.items():
+        with open(os.path.join(ann, filename), "w") as f:
+            for i in range(n):
+                f.write(json.dumps(make_row(split, i)) + "\n")
+    return root
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="write a tiny random Qwen2.5-VL checkpoint")
+    m.add_argument("out")
+    m.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("seed-bench", help="write a synthetic SEED-Bench-R1-layout dataset")
+    d.add_argument("out")
+    d.add_argument("--train", type=int, default=16)
+    d.add_argument("--val", type=int, default=4)
+    d.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.what == "model":
+        print("wrote", build_model(args.out, seed=args.seed))
+    else:
+        print("wrote", build_seed_bench(args.out, n_train=args.train, n_val=args.val, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
