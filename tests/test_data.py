@@ -1,0 +1,350 @@
+"""data.py: annotation loading, prompts, video/image preprocessing (checked bit-exact against the HF
+PIL image processor), prompt encoding and batching, and the errors bad data must produce."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from data import (DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, collate_prompts,
+                  encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames, prompt_text,
+                  read_video)
+
+
+def rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def parse_options(question):
+    head, opts = question.split("Options:\n")
+    lines = opts.rstrip("\n").split("\n")
+    assert [line[:3] for line in lines] == ["A. ", "B. ", "C. ", "D. "]
+    return head, [line[3:] for line in lines]
+
+
+def hf_image_processor(min_pixels, max_pixels, budget=VisualBudget()):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, image_mean=list(budget.image_mean),
+                                    image_std=list(budget.image_std), patch_size=budget.patch_size,
+                                    merge_size=budget.merge_size, temporal_patch_size=budget.temporal_patch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# SEED-Bench-R1
+
+def test_seed_bench_train_rows(seed_bench_root):
+    path = os.path.join(seed_bench_root, "annotations", "training_6k.jsonl")
+    samples, skipped = load_seed_bench_r1(path, seed_bench_root, seed=0)
+    raw = rows(path)
+    assert skipped == [] and len(samples) == len(raw)
+    for s, r in zip(samples, raw):
+        assert s.sample_id == r["sample_id"] and s.problem_type == "multiple choice" and s.level == "train"
+        head, options = parse_options(s.question)
+        assert head == r["question"]                     # already ends with "\n"
+        assert sorted(options) == sorted([r["answer"]] + r["negative_answers"])
+        assert options["ABCD".index(s.solution)] == r["answer"]
+        assert s.question == head + "Options:\n" + "".join(f"{L}. {o}\n" for L, o in zip("ABCD", options))
+        if r["task_progress_metadata"]:
+            assert s.video == os.path.join(seed_bench_root, "videos", r["video_source"], r["video_basename"])
+        else:
+            assert s.video is None
+        assert s.image == os.path.join(seed_bench_root, "images", r["video_source"], r["current_observation_basename"])
+        assert s.source == r["video_source"]
+    assert any(s.video is None for s in samples) and any(s.video for s in samples)
+    # Deterministic per seed, independent of file order; another seed shuffles differently.
+    again, _ = load_seed_bench_r1(path, seed_bench_root, seed=0)
+    assert [s.question for s in again] == [s.question for s in samples]
+    reversed_path = os.path.join(os.path.dirname(path), "reversed.jsonl")
+    with open(reversed_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in reversed(raw))
+    rev, _ = load_seed_bench_r1(reversed_path, seed_bench_root, seed=0)
+    assert {s.sample_id: s.question for s in rev} == {s.sample_id: s.question for s in samples}
+    other, _ = load_seed_bench_r1(path, seed_bench_root, seed=1)
+    assert [s.question for s in other] != [s.question for s in samples]
+    assert len({s.solution for s in samples}) > 1   # each sample gets its own shuffle
+
+
+def test_seed_bench_question_without_newline(tmp_path, seed_bench_root):
+    r = rows(os.path.join(seed_bench_root, "annotations", "validation_L1.jsonl"))[0]
+    r["question"] = "Which colour?"
+    path = tmp_path / "validation_L1.jsonl"
+    path.write_text(json.dumps(r) + "\n")
+    [s], _ = load_seed_bench_r1(str(path), seed_bench_root)
+    assert s.question == ("Which colour?\nOptions:\n" + "".join(f"{L}. {r['choice_' + L.lower()]}\n" for L in "ABCD"))
+
+
+def test_seed_bench_validation_rows(seed_bench_root):
+    for level in ("L1", "L2", "L3"):
+        path = os.path.join(seed_bench_root, "annotations", f"validation_{level}.jsonl")
+        samples, _ = load_samples(path, seed_bench_root)   # dispatches to the SEED-Bench-R1 loader
+        for s, r in zip(samples, rows(path), strict=True):
+            _, options = parse_options(s.question)
+            assert options == [r[f"choice_{k}"] for k in "abcd"]
+            assert s.solution == r["golden_choice_idx"] and options["ABCD".index(s.solution)] == r["answer"]
+            assert s.level == level and s.domain == r.get("domain")
+        if level == "L3":
+            assert all(s.domain for s in samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-R1
+
+def video_r1_rows():
+    return [
+        {"problem_id": 1, "problem": "What moves?", "data_type": "video", "problem_type": "multiple choice",
+         "options": ["A. a square", "B. a circle", "C. nothing", "D. a cup"], "solution": "<answer>A</answer>",
+         "path": "./vids/a.mp4", "data_source": "synthetic"},
+        {"problem_id": 2, "problem": "How many squares?", "data_type": "image", "problem_type": "numerical",
+         "options": [], "solution": "<answer> 1 </answer>", "path": "imgs/a.jpg", "data_source": "synthetic"},
+        {"problem_id": 3, "problem": "Read the sign.", "data_type": "image", "problem_type": "OCR",
+         "options": [], "solution": "<answer>STOP</answer>", "path": "imgs/a.jpg", "data_source": "synthetic"},
+        {"problem_id": 4, "problem": "Describe it.", "data_type": "video", "problem_type": "free-form",
+         "options": [], "solution": "<answer>a red square moves right</answer>", "path": "vids/a.mp4"},
+        {"problem_id": 5, "problem": "How far does it move?", "data_type": "video", "problem_type": "regression",
+         "options": [], "solution": "<answer>2.5</answer>", "path": "vids/a.mp4", "data_source": "synthetic"},
+    ]
+
+
+@pytest.fixture
+def video_r1_root(tmp_path):
+    tiny.write_video(str(tmp_path / "vids" / "a.mp4"), tiny.moving_square_clip("red", n_frames=8))
+    tiny.write_image(str(tmp_path / "imgs" / "a.jpg"), tiny.moving_square_clip("blue", n_frames=1)[0])
+    return tmp_path
+
+
+def test_video_r1_rows(video_r1_root):
+    path = video_r1_root / "train.json"
+    path.write_text(json.dumps(video_r1_rows()))
+    samples, skipped = load_samples(str(path), str(video_r1_root))
+    assert skipped == [] and [s.problem_type for s in samples] == ["multiple choice", "numerical", "OCR",
+                                                                     "free-form", "regression"]
+    mc, num, ocr, free, reg = samples
+    assert mc == Sample("1", "multiple choice",
+                        "What moves?\nOptions:\nA. a square\nB. a circle\nC. nothing\nD. a cup\n", "A",
+                        video=str(video_r1_root / "vids" / "a.mp4"), source="synthetic")
+    assert num.question == "How many squares?" and num.solution == "1" and num.video is None
+    assert num.image == str(video_r1_root / "imgs" / "a.jpg")
+    assert ocr.solution == "STOP" and free.solution == "a red square moves right" and free.source is None
+    assert reg.solution == "2.5" and reg.level is None and reg.domain is None
+    # Same rows as JSONL load identically.
+    jsonl = video_r1_root / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in video_r1_rows()))
+    assert load_video_r1(str(jsonl), str(video_r1_root))[0] == samples
+    # Prompt: question, thinking instruction, then a line that depends on the problem type.
+    texts = [prompt_text(s) for s in samples]
+    assert texts[0].startswith(mc.question) and texts[1].startswith("How many squares?\n")
+    for t in texts:
+        assert "<think>" in t and "</think>" in t and "<answer>" in t and "</answer>" in t
+    last = [t.rsplit("\n", 1)[1] for t in texts]
+    assert "letter" in last[0] and "number" in last[1] and "transcribed" in last[2] and "text" in last[3]
+    assert last[4] == last[1] and len({last[0], last[1], last[2], last[3]}) == 4
+
+
+def test_chat_prompt_video_and_image():
+    s = Sample("x", "multiple choice", "Q?\nOptions:\nA. a\nB. b\nC. c\nD. d\n", "B", video="/v.mp4", image="/i.jpg")
+    assert chat_prompt(s) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                              "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+                              + prompt_text(s) + "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_text(s).startswith(s.question) and "(A, B, C, D)" in prompt_text(s)
+    assert "<|video_pad|>" not in chat_prompt(Sample("y", "OCR", "Read.", "x", image="/i.jpg"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Video frames and pixel budgets
+
+def clip_file(tmp_path, n_frames, fps, name="clip.mp4", **kw):
+    path = str(tmp_path / name)
+    tiny.write_video(path, tiny.moving_square_clip("green", n_frames=n_frames, **kw), fps=fps)
+    return path
+
+
+def test_frame_budget(tmp_path):
+    path = clip_file(tmp_path, 40, 10)   # 4 seconds
+    frames, fps = read_video(path, VisualBudget(fps=2.0))
+    assert frames.shape == (8, 56, 84, 3) and frames.dtype == np.uint8 and fps == pytest.approx(2.0)
+    assert read_video(path, VisualBudget(fps=10.0, max_frames=12))[0].shape[0] == 12    # max_frames clamps
+    assert read_video(path, VisualBudget(fps=0.25, min_frames=6))[0].shape[0] == 6      # min_frames raises
+    assert read_video(path, VisualBudget(fps=10.0, max_frames=7))[0].shape[0] == 6      # odd budget: inwards
+    n = read_video(path, VisualBudget(fps=1.75))[0].shape[0]                            # 7 frames -> even
+    assert n % 2 == 0 and abs(n - 7) == 1
+    # Sampled uniformly over the clip: first and last frame included.
+    frames, sample_fps = read_video(path, VisualBudget(fps=10.0, max_frames=40))
+    assert frames.shape[0] == 40 and sample_fps == pytest.approx(10.0)
+    short = clip_file(tmp_path, 3, 10, name="short.mp4")   # fewer frames than min_frames
+    frames, _ = read_video(short, VisualBudget())
+    assert frames.shape[0] == 2
+    one = clip_file(tmp_path, 1, 10, name="one.mp4")       # below one temporal patch: repeat
+    frames, _ = read_video(one, VisualBudget())
+    assert frames.shape[0] == 2 and np.array_equal(frames[0], frames[1])
+
+
+def test_pixel_budget():
+    budget = VisualBudget()
+    big = np.random.default_rng(0).integers(0, 256, (4, 300, 500, 3), dtype=np.uint8)
+    small = big[:, :30, :50]
+    for frames, lo, hi in [(big, 8 * 28 * 28, 32 * 28 * 28), (small, 8 * 28 * 28, 32 * 28 * 28),
+                           (big, 4 * 28 * 28, 128 * 28 * 28)]:
+        pv, (t, gh, gw) = patchify_frames(frames, lo, hi, budget)
+        h, w = gh * 14, gw * 14
+        assert h % 28 == 0 and w % 28 == 0 and lo <= h * w <= hi
+        assert t == 2 and pv.shape == (t * gh * gw, 3 * 2 * 14 * 14) and pv.dtype == torch.float32
+    pv, thw = patchify_frames(big[:3], 8 * 28 * 28, 32 * 28 * 28, budget)   # odd T: pad with the last frame
+    assert thw[0] == 2 and torch.equal(pv, patchify_frames(big[[0, 1, 2, 2]], 8 * 28 * 28, 32 * 28 * 28, budget)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-exact against the HF PIL image processor
+
+def test_identical_frames_patchify_like_hf_image():
+    budget = VisualBudget()
+    frame = np.random.default_rng(1).integers(0, 256, (123, 70, 3), dtype=np.uint8)
+    for lo, hi in [(budget.video_min_pixels, budget.video_max_pixels), (4 * 28 * 28, 6 * 28 * 28)]:
+        ref = hf_image_processor(lo, hi)(images=[frame], return_tensors="pt")
+        pv, thw = patchify_frames(np.stack([frame] * 2), lo, hi, budget)
+        assert torch.equal(thw[None], ref["image_grid_thw"])
+        assert torch.equal(pv, ref["pixel_values"])
+        pv4, thw4 = patchify_frames(np.stack([frame] * 4), lo, hi, budget)   # two temporal patches
+        assert thw4[0] == 2 and torch.equal(pv4, torch.cat([ref["pixel_values"]] * 2))
+    with pytest.raises(AssertionError):   # the comparison can fail: a different frame differs
+        assert torch.equal(patchify_frames(np.stack([frame[::-1]] * 2), lo, hi, budget)[0], ref["pixel_values"])
+
+
+def test_image_path_matches_hf(tmp_path, tokenizer):
+    from PIL import Image
+    budget = VisualBudget()
+    array = np.random.default_rng(2).integers(0, 256, (170, 300, 3), dtype=np.uint8)   # non-square
+    path = str(tmp_path / "img.png")   # lossless, so HF and we see the same pixels
+    Image.fromarray(array).save(path)
+    enc = encode_prompt(Sample("img", "OCR", "Read.", "x", image=path), tokenizer, budget)
+    ref = hf_image_processor(budget.image_min_pixels, budget.image_max_pixels)(images=[Image.open(path)],
+                                                                               return_tensors="pt")
+    assert torch.equal(enc["image_grid_thw"], ref["image_grid_thw"])
+    assert torch.equal(enc["pixel_values"], ref["pixel_values"])
+    assert "pixel_values_videos" not in enc and "video_grid_thw" not in enc
+    assert (enc["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == \
+        ref["image_grid_thw"].prod() // 4
+
+
+def test_budget_from_checkpoint(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3,
+         "image_std": [0.5] * 3, "max_pixels": 12845056}))
+    b = budget_from_checkpoint(str(tmp_path), max_frames=8)
+    assert b.patch_size == 16 and b.image_mean == (0.5, 0.5, 0.5) and b.max_frames == 8
+    assert b.image_max_pixels == VisualBudget().image_max_pixels
+    assert budget_from_checkpoint(str(tmp_path / "nowhere")) == VisualBudget()
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and batching
+
+def test_encode_and_collate(tmp_path, tokenizer):
+    budget = VisualBudget(max_frames=6)   # 4 s at 2 fps would be 8 frames: clamped, so 1.5 fps
+    video = clip_file(tmp_path, 40, 10, height=112, width=168)
+    image = str(tmp_path / "img.jpg")
+    tiny.write_image(image, tiny.moving_square_clip("red", n_frames=1)[0])
+    both = Sample("both", "multiple choice", "Q?\nOptions:\nA. a\nB. b\nC. c\nD. d\n", "A", video=video, image=image)
+    only_image = Sample("img", "numerical", "How many?", "1", image=image)
+    enc = encode_prompt(both, tokenizer, budget)
+    vid, img = tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|image_pad|>"])
+    t, gh, gw = enc["video_grid_thw"][0].tolist()
+    assert t == 3   # 6 frames / temporal patch 2
+    assert (enc["input_ids"] == vid).sum() == t * gh * gw // 4
+    assert (enc["input_ids"] == img).sum() == enc["image_grid_thw"][0].prod() // 4
+    assert enc["pixel_values_videos"].shape == (t * gh * gw, 3 * 2 * 14 * 14)
+    assert enc["pixel_values"].shape == (enc["image_grid_thw"][0].prod(), 3 * 2 * 14 * 14)
+    _, sample_fps = read_video(video, budget)
+    assert sample_fps == pytest.approx(1.5) and enc["second_per_grid_ts"].item() == pytest.approx(4 / 3)
+    assert enc["second_per_grid_ts"].shape == (1,) and enc["second_per_grid_ts"].item() == pytest.approx(2 / sample_fps)
+    # The placeholders expand in place: text around them tokenizes exactly like chat_prompt.
+    ids = enc["input_ids"].tolist()
+    first_vid = ids.index(vid)
+    assert ids[first_vid - 1] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert tokenizer.decode(ids[:first_vid]) == chat_prompt(both).split("<|video_pad|>")[0]
+
+    enc2 = encode_prompt(only_image, tokenizer, budget)
+    batch = collate_prompts([enc2, enc], tokenizer)
+    n1, n2 = len(enc2["input_ids"]), len(enc["input_ids"])
+    assert n1 < n2 and batch["input_ids"].shape == (2, n2) and batch["sample_ids"] == ["img", "both"]
+    assert torch.equal(batch["input_ids"][0, n2 - n1:], enc2["input_ids"])          # left padded
+    assert (batch["input_ids"][0, :n2 - n1] == tokenizer.pad_token_id).all()
+    assert batch["attention_mask"][0].tolist() == [0] * (n2 - n1) + [1] * n1 and batch["attention_mask"][1].all()
+    mm = batch["mm_token_type_ids"]
+    assert torch.equal(mm == 2, batch["input_ids"] == vid) and torch.equal(mm == 1, batch["input_ids"] == img)
+    assert set(mm.unique().tolist()) == {0, 1, 2}
+    assert torch.equal(batch["pixel_values"], torch.cat([enc2["pixel_values"], enc["pixel_values"]]))
+    assert batch["image_grid_thw"].shape == (2, 3) and batch["video_grid_thw"].shape == (1, 3)
+    assert torch.equal(batch["pixel_values_videos"], enc["pixel_values_videos"])
+    assert batch["second_per_grid_ts"].shape == (1,)
+    assert "pixel_values_videos" not in collate_prompts([enc2], tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+def test_video_errors(tmp_path, tokenizer):
+    missing = str(tmp_path / "missing.mp4")
+    with pytest.raises(DataError, match="vid-7") as e:
+        encode_prompt(Sample("vid-7", "OCR", "Read.", "x", video=missing), tokenizer, VisualBudget())
+    assert missing in str(e.value)
+    corrupt = tmp_path / "x.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(DataError, match="vid-8") as e:
+        read_video(str(corrupt), VisualBudget(), sample_id="vid-8")
+    assert str(corrupt) in str(e.value)
+
+
+def test_missing_file_at_load(tmp_path, seed_bench_root):
+    raw = rows(os.path.join(seed_bench_root, "annotations", "training_6k.jsonl"))
+    with_video = next(r for r in raw if r["task_progress_metadata"])
+    bad = dict(with_video, sample_id="gone", video_basename="gone.mp4")
+    path = tmp_path / "training.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], bad, raw[1]]))
+    with pytest.raises(DataError, match="gone") as e:
+        load_seed_bench_r1(str(path), seed_bench_root)
+    assert "gone.mp4" in str(e.value) and f"{path}:2" in str(e.value)
+    samples, skipped = load_seed_bench_r1(str(path), seed_bench_root, skip_bad=True)
+    assert [s.sample_id for s in samples] == [raw[0]["sample_id"], raw[1]["sample_id"]] and len(skipped) == 1
+
+
+def test_malformed_rows(video_r1_root):
+    good = video_r1_rows()
+    no_path = {k: v for k, v in good[1].items() if k != "path"}
+    unknown = dict(good[2], problem_id=99, problem_type="essay")
+    bad_dtype = dict(good[2], problem_id=98, data_type="audio")
+    lines = [json.dumps(good[0]), "{not json", json.dumps(no_path), json.dumps(unknown), json.dumps(bad_dtype),
+             json.dumps(good[4])]
+    path = video_r1_root / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2"):
+        load_video_r1(str(path), str(video_r1_root))
+    path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2.*path"):
+        load_samples(str(path), str(video_r1_root))
+    path.write_text("\n".join(lines[:1] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match="99.*essay"):
+        load_video_r1(str(path), str(video_r1_root))
+    path.write_text("\n".join(lines) + "\n")
+    samples, skipped = load_video_r1(str(path), str(video_r1_root), skip_bad=True)
+    assert [s.sample_id for s in samples] == ["1", "5"] and len(skipped) == 4
+    assert f"{path}:2" in skipped[0] and "path" in skipped[1] and "essay" in skipped[2] and "audio" in skipped[3]
+
+
+def test_batch_runs_through_tiny_model(tiny_model_dir, seed_bench_root):
+    # The real consumer: placeholder counts, grids and mm_token_type_ids must line up with the
+    # vision features or Qwen2.5-VL raises.
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    budget = budget_from_checkpoint(tiny_model_dir)
+    samples, _ = load_samples(os.path.join(seed_bench_root, "annotations", "training_6k.jsonl"), seed_bench_root)
+    samples = [next(s for s in samples if s.video), next(s for s in samples if not s.video)]
+    batch = collate_prompts([encode_prompt(s, tok, budget) for s in samples], tok)
+    batch.pop("sample_ids")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
