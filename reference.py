@@ -1,0 +1,98 @@
+"""The reference model: a slowly evolving (EMA) copy of the policy, and how confident it is in
+each sample's stated answer given that sample's own reasoning.
+
+CARE asks: after reading the video, the question and the sample's <think> reasoning, does
+the reference model find the sample's <answer> likely? Only the answer tokens are scored:
+
+    l[i] = mean_{t in A_i} log pi_ref(o_{i,t} | x, o_{i,<t})
+
+where A_i are the tokens that carry the text inside the last <answer>...</answer>. They are
+found from character offsets, because byte-level BPE merges tags with their neighbours
+(Qwen2's tokenizer turns "<answer>A</answer>" into "<answer", ">A", "</", "answer", ">"): the
+public code's "search for 'answer' and drop the last 3 tokens" scores the wrong tokens.
+
+The reference is kept in fp32 and really updated (SPEC section 2): a 0.5% step on bf16
+weights is mostly rounded away, and ema_decay = 1.0 gives a frozen reference (plain GRPO).
+"""
+
+import bisect
+import copy
+import re
+
+import torch
+
+from rollout import completion_logprobs
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def make_reference(policy):
+    """An fp32, frozen-gradient copy of the (unwrapped) policy."""
+    ref = copy.deepcopy(policy).float().eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def ema_update(ref, policy, decay):
+    """theta_ref <- decay * theta_ref + (1 - decay) * theta, in fp32, parameter by parameter."""
+    if decay >= 1.0:
+        return
+    for (name_r, p_r), (name, p) in zip(ref.named_parameters(), policy.named_parameters()):
+        assert name_r == name, f"reference and policy parameters out of order: {name_r} vs {name}"
+        p_r.lerp_(p.detach().to(p_r.dtype), 1.0 - decay)
+
+
+def answer_char_span(text):
+    """(start, end) character span of the stripped text inside the last <answer>...</answer>."""
+    matches = list(ANSWER_RE.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    inner = m.group(1)
+    start = m.start(1) + (len(inner) - len(inner.lstrip()))
+    end = m.end(1) - (len(inner) - len(inner.rstrip()))
+    return (start, end) if end > start else None
+
+
+def answer_token_span(ids, tokenizer):
+    """Token range [lo, hi) of ids whose characters overlap the last answer's text, or None.
+
+    A token's characters are [len(decode(ids[:k])), len(decode(ids[:k+1]))). Decoding prefixes
+    is tokenizer-agnostic and exact for the sampled tokens (re-tokenizing the text could give
+    different tokens); a binary search keeps it to ~2 log2(T) decodes."""
+    def prefix_len(k):
+        return len(tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    span = answer_char_span(text)
+    if span is None:
+        return None
+    a, b = span
+    n = len(ids)
+    lo = bisect.bisect_right(range(n + 1), a, key=prefix_len) - 1  # token holding char a
+    hi = bisect.bisect_left(range(n + 1), b, key=prefix_len)       # first prefix reaching b
+    return (lo, hi) if hi > lo else None
+
+
+def answer_token_mask(completion_ids, completion_mask, tokenizer):
+    """[N, T] bool mask of answer tokens, and [N] bool has_span."""
+    mask = torch.zeros(completion_ids.shape, dtype=torch.bool, device=completion_ids.device)
+    for i, (ids, m) in enumerate(zip(completion_ids.tolist(), completion_mask.tolist())):
+        span = answer_token_span(ids[: int(sum(m))], tokenizer)
+        if span is not None:
+            mask[i, span[0]:span[1]] = True
+    return mask, mask.any(dim=1)
+
+
+@torch.no_grad()
+def answer_logprob(ref, rollout, tokenizer):
+    """l[i]: mean reference log-prob of sample i's answer tokens given its reasoning.
+
+    Returns (l [N] float, NaN where there is no answer span; has_span [N] bool)."""
+    mask, has_span = answer_token_mask(rollout.completion_ids, rollout.completion_mask, tokenizer)
+    logp = completion_logprobs(ref, rollout)
+    total = (logp * mask).sum(dim=1)
+    count = mask.sum(dim=1)
+    mean = torch.where(has_span, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    return mean, has_span

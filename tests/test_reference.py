@@ -1,0 +1,126 @@
+"""The EMA reference and the answer-token span."""
+
+import pytest
+import torch
+
+import reference
+
+
+def ids_of(tokenizer, text, eos=True):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if eos else [])
+
+
+def span_tokens(tokenizer, text):
+    ids = ids_of(tokenizer, text)
+    span = reference.answer_token_span(ids, tokenizer)
+    return None if span is None else tokenizer.convert_ids_to_tokens(ids[span[0]:span[1]])
+
+
+# --- answer span ---------------------------------------------------------------------------
+
+def test_tags_merge_with_their_neighbours_in_this_tokenizer(tokenizer):
+    # The premise of the offset-based span: ">A" and "</" are single tokens, like in Qwen2's.
+    assert tokenizer.tokenize("<answer>A</answer>") == ["<answer", ">A", "</", "answer", ">"]
+
+
+def test_single_letter_answer_is_the_merged_token_only(tokenizer):
+    assert span_tokens(tokenizer, "<think>the cup is red</think>\n<answer>A</answer>") == [">A"]
+
+
+def test_public_code_heuristic_would_score_the_wrong_tokens(tokenizer):
+    # The public code drops the last 3 tokens after "answer": that is "</", "answer", ">" +
+    # end-of-turn here, i.e. it would keep a tag token. Our span never includes pure tag tokens.
+    ids = ids_of(tokenizer, "<think>x</think><answer>B</answer>")
+    lo, hi = reference.answer_token_span(ids, tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[lo:hi] == [">B"]
+    assert "</" not in tokens[lo:hi] and "<answer" not in tokens[lo:hi]
+
+
+def test_multi_token_answer_and_whitespace(tokenizer):
+    text = "<think>so</think><answer>  the cup is red \n</answer>"
+    tokens = span_tokens(tokenizer, text)
+    assert "".join(tokens).replace("Ġ", " ").strip() == "the cup is red"
+    assert all(t not in ("</", "answer", ">", "<answer") for t in tokens)
+
+
+def test_last_answer_wins(tokenizer):
+    text = "<think>maybe <answer>C</answer> no</think><answer>D</answer>"
+    ids = ids_of(tokenizer, text)
+    lo, hi = reference.answer_token_span(ids, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(ids[lo:hi]) == [">D"]
+    assert lo > len(ids) - 8  # the second tag, near the end
+
+
+@pytest.mark.parametrize("text", ["<think>x</think>", "<answer></answer>", "<answer>   </answer>", "A", ""])
+def test_no_answer_span(tokenizer, text):
+    ids = ids_of(tokenizer, text, eos=False) if text else []
+    assert reference.answer_token_span(ids, tokenizer) is None
+
+
+def test_answer_token_mask_respects_completion_mask(tokenizer):
+    a = ids_of(tokenizer, "<think>t</think><answer>A</answer>")
+    b = ids_of(tokenizer, "<think>t</think>")
+    t = max(len(a), len(b)) + 3
+    pad = tokenizer.pad_token_id
+    # Row b carries an answer *after* its end of turn: masked-out tokens must not count.
+    tail = tokenizer("<answer>C</answer>", add_special_tokens=False)["input_ids"]
+    rows = [a + [pad] * (t - len(a)), (b + tail + [pad] * t)[:t]]
+    masks = [[1.0] * len(a) + [0.0] * (t - len(a)), [1.0] * len(b) + [0.0] * (t - len(b))]
+    mask, has_span = reference.answer_token_mask(torch.tensor(rows), torch.tensor(masks), tokenizer)
+    assert has_span.tolist() == [True, False]
+    assert mask[0].sum() == 1 and not mask[1].any()
+
+
+# --- EMA -----------------------------------------------------------------------------------
+
+def small_model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def test_ema_matches_closed_form_after_k_updates():
+    policy = small_model(0)
+    ref = reference.make_reference(small_model(1))
+    ref0 = [p.clone() for p in ref.parameters()]
+    d, k = 0.9, 7
+    for _ in range(k):
+        reference.ema_update(ref, policy, d)
+    # With a fixed policy theta: ref_k = d^k ref_0 + (1 - d^k) theta
+    for r, r0, p in zip(ref.parameters(), ref0, policy.parameters()):
+        torch.testing.assert_close(r, d**k * r0 + (1 - d**k) * p, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_decay_one_is_frozen():
+    policy, ref = small_model(0), reference.make_reference(small_model(1))
+    before = [p.clone() for p in ref.parameters()]
+    for _ in range(3):
+        reference.ema_update(ref, policy, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))
+
+
+def test_half_percent_step_is_not_rounded_away():
+    # A bf16 policy near 1.0 (bf16 spacing there is 2^-7 = 0.0078): the reference must move by
+    # 0.005 * (theta - ref) = 5e-5, which bf16 storage would round to no change at all.
+    policy = torch.nn.Linear(8, 8, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        policy.weight.fill_(1.0 + 2**-6)
+    ref = reference.make_reference(policy)
+    assert ref.weight.dtype == torch.float32
+    with torch.no_grad():
+        ref.weight.fill_(1.0)
+    reference.ema_update(ref, policy, 0.995)
+    torch.testing.assert_close(ref.weight, torch.full((8, 8), 1.0 + 0.005 * 2**-6), rtol=0, atol=1e-7)
+    # Same update done in bf16 would have been lost: the point of keeping the reference fp32.
+    bf16 = torch.ones(8, 8, dtype=torch.bfloat16).lerp_(policy.weight, 0.005)
+    assert torch.equal(bf16, torch.ones(8, 8, dtype=torch.bfloat16))
+
+
+def test_reference_has_no_grad_and_is_a_copy():
+    policy = small_model(0)
+    ref = reference.make_reference(policy)
+    assert not any(p.requires_grad for p in ref.parameters())
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+    assert not torch.equal(next(policy.parameters()), next(ref.parameters()))

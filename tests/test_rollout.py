@@ -1,0 +1,85 @@
+"""Group sampling and scoring on the tiny model, with real video and image prompts."""
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import data
+import rollout
+
+SMALL = dict(max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56, video_min_pixels=28 * 28,
+             image_min_pixels=28 * 28)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir, tokenizer, seed_bench_root):
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL)
+    with_video = next(s for s in samples if s.video)
+    image_only = next(s for s in samples if not s.video)
+    return [data.encode_prompt(s, tokenizer, budget) for s in (with_video, image_only)]
+
+
+def test_completion_mask_covers_up_to_first_eos():
+    ids = torch.tensor([[5, 6, 2, 9, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
+    mask, truncated = rollout.completion_mask_from_ids(ids, eos_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_sampling_ignores_checkpoint_generation_config(model, tokenizer, prompts):
+    # The tiny checkpoint ships top_k=1 (like Qwen2.5-VL's near-greedy defaults).
+    assert model.generation_config.top_k == 1
+    batch = data.collate_prompts(prompts[:1], tokenizer)
+    torch.manual_seed(0)
+    inherited = model.generate(**rollout.model_inputs(batch), max_new_tokens=8, num_return_sequences=8)
+    assert len({tuple(r.tolist()) for r in inherited}) == 1  # premise: top_k=1 collapses the group
+
+    config = rollout.sampling_config(tokenizer, max_new_tokens=8)
+    roll = rollout.generate(model, batch, tokenizer, 8, config)
+    assert roll.completion_ids.shape[0] == 8
+    assert len({tuple(r.tolist()) for r in roll.completion_ids}) > 4
+    assert model.generation_config.top_k == 1  # the checkpoint's own defaults are put back
+
+
+def test_visual_placeholders_are_never_sampled(model, tokenizer, prompts):
+    batch = data.collate_prompts(prompts, tokenizer)
+    torch.manual_seed(0)
+    roll = rollout.generate(model, batch, tokenizer, 8, rollout.sampling_config(tokenizer, max_new_tokens=32))
+    banned = set(tokenizer.convert_tokens_to_ids(list(rollout.VISION_TOKENS)))
+    assert not banned & set(roll.completion_ids.flatten().tolist())
+
+
+def test_two_prompts_score_like_one(model, tokenizer, prompts):
+    """A batch of P prompts (left-padded, mixed video+image / image-only) gives every sequence
+    the same log-probs as scoring its prompt alone."""
+    torch.manual_seed(0)
+    g = 3
+    both = data.collate_prompts(prompts, tokenizer)
+    roll = rollout.generate(model, both, tokenizer, g, rollout.sampling_config(tokenizer, max_new_tokens=10))
+    with torch.no_grad():
+        logp = rollout.completion_logprobs(model, roll)
+        for i, enc in enumerate(prompts):
+            rows = slice(i * g, (i + 1) * g)
+            single = rollout.Rollout(data.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
+                                     roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], g)
+            alone = rollout.completion_logprobs(model, single)
+            m = roll.completion_mask[rows].bool()
+            torch.testing.assert_close(logp[rows][m], alone[m], rtol=1e-4, atol=1e-4)
+
+
+def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
+    torch.manual_seed(1)
+    batch = data.collate_prompts(prompts[:1], tokenizer)
+    roll = rollout.generate(model, batch, tokenizer, 2, rollout.sampling_config(tokenizer, max_new_tokens=6))
+    with torch.no_grad():
+        logp = rollout.completion_logprobs(model, roll)
+        full = model(**rollout.sequence_inputs(roll)).logits.log_softmax(-1)
+    t = roll.completion_ids.shape[1]
+    expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
