@@ -5,8 +5,8 @@ SEED-Bench-R1 layout (real mp4 videos, real jpg images, JSONL annotations).
 Nothing here downloads anything. Tests and the demo use these so that every real code path
 (tokenizer offsets, video decoding, 3D RoPE, generation, FSDP-free training) runs on a CPU.
 
-    python tiny.py model out/tiny-model
     python tiny.py seed-bench out/tiny-seed-bench --train 32 --val 8
+    python tiny.py model out/tiny-model [--warm-up out/tiny-seed-bench]
 """
 
 import argparse
@@ -202,12 +202,55 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
     return root
 
 
+def warm_up(model_dir, annotation_file, data_root, steps=60, lr=1e-2, seed=0, **budget):
+    """Teach a random tiny checkpoint the output format, in place, with a few supervised steps.
+
+    Targets are "<think>the square is <colour></think><answer><letter></answer>" with a random
+    colour and letter: the model learns the format but not the answer, so RL starts from
+    formatted answers at about chance accuracy, where rewards, advantages and CARE's bonus are
+    all non-trivial. Uses the real prompt path (data.encode_prompt with video and image)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    import data
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    samples, _ = data.load_samples(annotation_file, data_root, seed=seed)
+    vb = data.budget_from_checkpoint(model_dir, **budget)
+    encoded = [data.encode_prompt(s, tokenizer, vb) for s in samples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        enc = rng.choice(encoded)
+        target = (f"<think>the square is {rng.choice(list(COLOURS))}</think>"
+                  f"<answer>{rng.choice('ABCD')}</answer><|im_end|>")
+        target_ids = torch.tensor([tokenizer(target, add_special_tokens=False)["input_ids"]])
+        batch = data.collate_prompts([enc], tokenizer)
+        n = batch["input_ids"].shape[1]
+        batch["input_ids"] = torch.cat([batch["input_ids"], target_ids], dim=1)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(target_ids)], dim=1)
+        batch.pop("sample_ids", None)
+        labels = batch["input_ids"].clone()
+        labels[:, :n] = -100  # learn the completion only
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="write a tiny random Qwen2.5-VL checkpoint")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--warm-up", metavar="DATA_ROOT", default=None,
+                   help="teach the output format on DATA_ROOT/annotations/training_6k.jsonl (see warm_up)")
     d = sub.add_parser("seed-bench", help="write a synthetic SEED-Bench-R1-layout dataset")
     d.add_argument("out")
     d.add_argument("--train", type=int, default=16)
@@ -215,7 +258,12 @@ def main():
     d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.what == "model":
-        print("wrote", build_model(args.out, seed=args.seed))
+        build_model(args.out, seed=args.seed)
+        if args.warm_up:
+            ann = os.path.join(args.warm_up, "annotations", "training_6k.jsonl")
+            warm_up(args.out, ann, args.warm_up, seed=args.seed, max_frames=4, video_max_pixels=56 * 56,
+                    image_max_pixels=56 * 56, video_min_pixels=28 * 28, image_min_pixels=28 * 28)
+        print("wrote", args.out)
     else:
         print("wrote", build_seed_bench(args.out, n_train=args.train, n_val=args.val, seed=args.seed))
 

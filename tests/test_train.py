@@ -1,0 +1,123 @@
+"""train.py and evaluate.py end to end on the tiny model, with video and image prompts."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import train
+
+from conftest import SMALL_BUDGET
+
+
+def budget_flags():
+    return [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_BUDGET.items()]
+
+
+def run(model_dir, root, out, *extra):
+    argv = ["--model", model_dir, "--data", f"{root}/annotations/training_6k.jsonl", "--data-root", root,
+            "--output-dir", str(out), "--num-generations", "4", "--prompts-per-device", "2",
+            "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", *budget_flags(), *extra]
+    return train.train(train.parse_config(argv))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("care")
+    run(warm_model_dir, seed_bench_root, out, "--algo", "care", "--max-steps", "2", "--save-every", "1")
+    return out
+
+
+def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
+    log = read_log(care_run)
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("loss", "reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "ref_confidence",
+                "adv_std", "completion_len", "truncation_rate", "step_time", "lr", "grad_norm"):
+        assert key in log[0], key
+    # The warm model answers in format part of the time: rewards and advantages are not all 0.
+    assert any(r["reward"] > 0 for r in log) and any(r["adv_std"] > 0 for r in log)
+    ckpt = os.path.join(care_run, "checkpoint-000002")
+    assert sorted(os.listdir(ckpt)) == ["config.json", "policy", "reference.pt", "rng_rank0.pt", "trainer_state.pt"]
+    assert not any(n.endswith(".tmp") for n in os.listdir(care_run))
+    # The policy moved, and the reference moved towards it (EMA every step) but not all the way.
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(ckpt, "policy")).state_dict()
+    ref = torch.load(os.path.join(ckpt, "reference.pt"))
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert ref[name].dtype == torch.float32
+    moved = (policy[name] - start[name]).abs().sum()
+    ref_moved = (ref[name] - start[name]).abs().sum()
+    assert moved > 0 and 0 < ref_moved < moved
+
+
+def test_grpo_step(warm_model_dir, seed_bench_root, tmp_path):
+    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo", "--max-steps", "1", "--save-every", "1")
+    log = read_log(tmp_path)
+    assert log[0]["reward_bonus"] == 0 and log[0]["bonus_rate"] == 0
+    assert "kl" in log[0]
+    cfg = json.load(open(tmp_path / "checkpoint-000001" / "config.json"))
+    assert cfg["beta"] == 0.04 and cfg["ema_decay"] == 1.0
+
+
+def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    """Stop after step 1, resume from its checkpoint: step 2 matches the uninterrupted run."""
+    shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "checkpoint-000001")
+    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
+        "--resume", "auto")
+    resumed, full = read_log(tmp_path), read_log(care_run)
+    assert [r["step"] for r in resumed] == [2]
+    assert resumed[0]["loss"] != 0.0 or resumed[0]["adv_std"] > 0  # a step that did something
+    for key in ("loss", "reward", "reward_bonus", "grad_norm", "completion_len"):
+        assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
+    a = load_file(os.path.join(care_run, "checkpoint-000002", "policy", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path, "checkpoint-000002", "policy", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ra = torch.load(os.path.join(care_run, "checkpoint-000002", "reference.pt"))
+    rb = torch.load(os.path.join(tmp_path, "checkpoint-000002", "reference.pt"))
+    for k in ra:
+        torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_video_stops_with_its_name_or_is_skipped(warm_model_dir, seed_bench_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    rows = [json.loads(line) for line in open(root / "annotations" / "training_6k.jsonl")]
+    bad = next(r for r in rows if r["task_progress_metadata"])
+    with open(root / "videos" / bad["video_source"] / bad["video_basename"], "wb") as f:
+        f.write(b"not a video")
+    steps = str(len(rows) // 2)  # one epoch: every sample is read once
+    with pytest.raises(Exception, match=bad["sample_id"]):
+        run(warm_model_dir, str(root), tmp_path / "strict", "--max-steps", steps, "--save-every", "100",
+            "--max-completion-length", "4")
+    state = run(warm_model_dir, str(root), tmp_path / "skip", "--max-steps", steps, "--save-every", "100",
+                "--max-completion-length", "4", "--skip-bad-samples")
+    assert state["skipped"] == 1 and bad["sample_id"] in state["skipped_messages"][0]
+
+
+def test_evaluate_checkpoint(care_run, seed_bench_root, tmp_path):
+    files = [f"{seed_bench_root}/annotations/validation_{lv}.jsonl" for lv in ("L1", "L2", "L3")]
+    summary = evaluate.main(["--model", os.path.join(care_run, "checkpoint-000002", "policy"),
+                             "--data", *files, "--data-root", seed_bench_root, "--output-dir", str(tmp_path),
+                             "--max-new-tokens", "20", "--max-frames", "4", "--video-max-pixels", "3136",
+                             "--image-max-pixels", "3136"])
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert len(rows) == 12 and {r["level"] for r in rows} == {"L1", "L2", "L3"}
+    for r in rows:
+        assert set(r) >= {"sample_id", "level", "domain", "completion", "answer", "correct", "format_ok"}
+    assert summary["all"]["n"] == 12 and summary["L3"]["n"] == 4
+    assert sum(v["n"] for k, v in summary.items() if k.startswith("L3/")) == 4
+    expected = 100.0 * sum(r["correct"] for r in rows) / 12
+    assert summary["all"]["accuracy"] == pytest.approx(expected)
+    saved = json.load(open(tmp_path / "summary.json"))
+    assert saved["results"]["L1"]["n"] == 4
