@@ -202,7 +202,7 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
     return root
 
 
-def warm_up(model_dir, annotation_file, data_root, steps=60, lr=1e-2, seed=0, **budget):
+def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, **budget):
     """Teach a random tiny checkpoint the output format, in place, with a few supervised steps.
 
     Targets are "<think>the square is <colour></think><answer><letter></answer>" with a random

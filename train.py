@@ -329,7 +329,8 @@ def train(cfg):
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True is what makes accelerate form a gloo process group under torchrun without a GPU.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     random.seed(cfg.seed + accelerator.process_index)
     np.random.seed(cfg.seed + accelerator.process_index)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # ranks sample different completions
@@ -356,7 +357,9 @@ def train(cfg):
     # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
     ref_model = reference.make_reference(model) if (cfg.algo == "care" or cfg.beta > 0) else None
     optimizer, scheduler = build_optimizer(cfg, model, total_updates)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays ours: accelerate's wrapper steps it once per process per call, which
+    # would run the cosine num_processes times too fast. Ours counts optimizer steps.
+    model, optimizer = accelerator.prepare(model, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,

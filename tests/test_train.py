@@ -40,6 +40,8 @@ def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
 def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     log = read_log(care_run)
     assert [r["step"] for r in log] == [1, 2]
+    # Cosine over the 2 optimizer steps, no warmup: lr after step 1 = 1e-3 * (1 + cos(pi/2)) / 2.
+    assert log[0]["lr"] == pytest.approx(5e-4) and log[1]["lr"] == pytest.approx(0.0, abs=1e-12)
     for key in ("loss", "reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "ref_confidence",
                 "adv_std", "completion_len", "truncation_rate", "step_time", "lr", "grad_norm"):
         assert key in log[0], key
