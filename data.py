@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rewards import PROBLEM_TYPES, ground_truth
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
 
 @dataclass
@@ -191,9 +192,7 @@ def _video_r1_sample(where, row, root):
         if not row.get("options"):
             raise DataError(f"{where} (sample {sid}): multiple choice row without options")
         question = _with_options(question, row["options"])   # options are already "A. ..."
-    # The solution is stored as "<answer>X</answer>"; a bare answer (no tags) is taken as is.
-    m = re.search(r"<answer>(.*?)</answer>", str(row["solution"]), re.DOTALL)
-    solution = (m.group(1) if m else str(row["solution"])).strip()
+    solution = ground_truth(str(row["solution"]))  # "<answer>X</answer>" -> "X"; bare "X" as is
     path = _existing(where, sid, dtype, os.path.abspath(os.path.join(root, row["path"])))
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,

@@ -17,13 +17,11 @@ weights is mostly rounded away, and ema_decay = 1.0 gives a frozen reference (pl
 
 import bisect
 import copy
-import re
 
 import torch
 
+from rewards import ANSWER_RE
 from rollout import completion_logprobs
-
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def make_reference(policy):
