@@ -1,5 +1,7 @@
 """The EMA reference and the answer-token span."""
 
+import types
+
 import pytest
 import torch
 
@@ -71,6 +73,33 @@ def test_answer_token_mask_respects_completion_mask(tokenizer):
     mask, has_span = reference.answer_token_mask(torch.tensor(rows), torch.tensor(masks), tokenizer)
     assert has_span.tolist() == [True, False]
     assert mask[0].sum() == 1 and not mask[1].any()
+
+
+def test_leading_whitespace_is_not_part_of_the_span(tokenizer):
+    # "<answer>  the" tokenizes as ">", "Ġ", "Ġthe": the lone "Ġ" must not be scored.
+    for text, expected in [("<think>so</think><answer>  the cup is red \n</answer>", ["Ġthe", "Ġcup", "Ġis", "Ġred"]),
+                           ("<answer> A</answer>", ["A"])]:
+        ids = ids_of(tokenizer, text)
+        lo, hi = reference.answer_token_span(ids, tokenizer)
+        assert tokenizer.convert_ids_to_tokens(ids[lo:hi]) == expected, text
+
+
+def test_answer_logprob_is_the_mean_over_answer_tokens(tokenizer, monkeypatch):
+    a = ids_of(tokenizer, "<think>t</think><answer>the cup is red</answer>")  # multi-token answer
+    b = ids_of(tokenizer, "<think>t</think>")                                 # no answer
+    t = len(a)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([a, b + [pad] * (t - len(b))])
+    mask = torch.tensor([[1.0] * t, [1.0] * len(b) + [0.0] * (t - len(b))])
+    logp = -torch.arange(1, 2 * t + 1, dtype=torch.float32).view(2, t) / 10
+    monkeypatch.setattr(reference, "completion_logprobs", lambda ref, roll: logp)
+    roll = types.SimpleNamespace(completion_ids=ids, completion_mask=mask)
+    l, has_span = reference.answer_logprob(None, roll, tokenizer)
+    lo, hi = reference.answer_token_span(a, tokenizer)
+    assert hi - lo > 1
+    assert has_span.tolist() == [True, False]
+    torch.testing.assert_close(l[0], logp[0, lo:hi].mean())
+    assert torch.isnan(l[1])
 
 
 # --- EMA -----------------------------------------------------------------------------------
