@@ -122,9 +122,8 @@ def pick_attn_implementation(choice):
         return "sdpa"
 
 
-def load_policy(cfg, accelerator):
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    # The master weights stay fp32 for AdamW; bf16 is the compute dtype (autocast).
+def load_policy(cfg):
+    # The master weights stay fp32 for AdamW; bf16 is only the compute dtype (accelerate's autocast).
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=pick_attn_implementation(cfg.attn_implementation))
     if cfg.freeze_vision:
@@ -132,7 +131,7 @@ def load_policy(cfg, accelerator):
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model, dtype
+    return model
 
 
 def build_optimizer(cfg, model, total_steps):
@@ -353,7 +352,7 @@ def train(cfg):
         total_steps = min(total_steps, cfg.max_steps)
     total_updates = total_steps * cfg.num_iterations
 
-    model, _ = load_policy(cfg, accelerator)
+    model = load_policy(cfg)
     # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
     ref_model = reference.make_reference(model) if (cfg.algo == "care" or cfg.beta > 0) else None
     optimizer, scheduler = build_optimizer(cfg, model, total_updates)
