@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -74,24 +75,61 @@ def model_inputs(prompts):
 
 
 @torch.no_grad()
-def generate(model, prompts, tokenizer, num_generations, gen_config):
+def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None):
     """Sample num_generations completions for each prompt of the collated batch.
 
-    model is the bare (unwrapped) HF model. transformers encodes each video/image once and
-    repeats the features for the G copies of a prompt (num_return_sequences)."""
+    seeds=None: one generate call for the whole batch (evaluation). With one seed per prompt
+    (training), each prompt's group is sampled on its own right after torch.manual_seed(seed):
+    the completions a prompt gets then depend on (run seed, step, prompt) only, not on which
+    rank it landed on or which prompts share its batch, so a 2-process run samples exactly what
+    a 1-process run with the same global batch samples, and a resumed run what the
+    uninterrupted run would have. transformers encodes each video/image once and repeats the
+    features for the G copies of a prompt (num_return_sequences)."""
     was_training = model.training
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
+    if seeds is None:
+        batches = [(prompts, None)]
+    else:
+        batches = [(select_prompt(prompts, i), seed) for i, seed in enumerate(seeds)]
+    rows = []
     with own_generation_config(model, gen_config):
         gen_config.num_return_sequences = num_generations
-        out = model.generate(**model_inputs(prompts), generation_config=gen_config)
+        for batch, seed in batches:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(**model_inputs(batch), generation_config=gen_config)
+            rows.extend(out[:, batch["input_ids"].shape[1]:])
     model.train(was_training)
-    completion_ids = out[:, prompts["input_ids"].shape[1]:]
-    if completion_ids.shape[1] == 0:  # max_new_tokens=0: keep shapes valid
-        completion_ids = out.new_full((out.shape[0], 1), gen_config.pad_token_id)
+    pad = gen_config.pad_token_id
+    if max(len(r) for r in rows) == 0:  # max_new_tokens=0: keep shapes valid
+        rows = [r.new_full((1,), pad) for r in rows]
+    # Groups of different prompts can stop at different lengths: pad after the end of turn.
+    completion_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
     mask, truncated = completion_mask_from_ids(completion_ids, gen_config.eos_token_id)
     texts = [tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True)
              for ids, m in zip(completion_ids, mask)]
     return Rollout(prompts, completion_ids, mask, truncated, texts, num_generations)
+
+
+def select_prompt(prompts, i):
+    """Prompt i of a collated batch as a batch of its own: left padding removed, and its own
+    image and video patches (the visual tensors are concatenated over the prompts that have
+    one, in prompt order)."""
+    keep = prompts["attention_mask"][i].bool()
+    out = {k: prompts[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    mm = prompts["mm_token_type_ids"]
+    for kind, pix, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+        has = (mm == kind).any(dim=1)  # which prompts carry this kind of visual
+        if grid not in prompts or not has[i]:
+            continue
+        row = int(has[:i].sum())
+        sizes = prompts[grid].prod(-1).tolist()
+        start = sum(sizes[:row])
+        out[pix] = prompts[pix][start:start + sizes[row]]
+        out[grid] = prompts[grid][row:row + 1]
+        if kind == 2 and "second_per_grid_ts" in prompts:
+            out["second_per_grid_ts"] = prompts["second_per_grid_ts"][row:row + 1]
+    return out
 
 
 def repeat_prompts(prompts, num_generations):
@@ -124,20 +162,54 @@ def sequence_inputs(rollout):
     return inputs
 
 
-def token_logprobs(logits, targets):
-    """log softmax(logits)[target], one row at a time so only one [T, V] fp32 copy exists."""
-    rows = []
-    for row_logits, row_targets in zip(logits, targets):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_targets[:, None]).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+def _chunk_logprobs(hidden, weight, targets):
+    """log softmax(hidden @ weight.T)[target] for one chunk of positions, softmax in fp32."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
-def completion_logprobs(model, rollout):
-    """[P*G, T] log-prob of each sampled completion token under model (grad flows if enabled)."""
-    t = rollout.completion_ids.shape[1]
-    # logits_to_keep: only the last T+1 positions reach the LM head; the prompt (thousands of
-    # video tokens) never gets full-vocabulary logits.
-    logits = model(**sequence_inputs(rollout), logits_to_keep=t + 1, use_cache=False).logits
-    return token_logprobs(logits[:, :-1], rollout.completion_ids)
+def chunked_logprobs(hidden, weight, targets, mask, chunk_size):
+    """[N, T] log-probs of targets given hidden [N, T, H] and the LM head weight, computed only
+    where mask is set (0 elsewhere), chunk_size positions at a time.
+
+    With gradients on, each chunk is recomputed in backward instead of stored, so at any moment
+    the full-vocabulary fp32 logits exist for one chunk (chunk_size x V), never for every
+    completion token of the group (G x T x V: 3.7 GB in bf16 at G=8, T=768, V=152k)."""
+    keep = mask.bool()
+    h, y = hidden[keep], targets[keep]  # only real completion tokens, not the padding after them
+    parts = []
+    for s in range(0, len(y), chunk_size):
+        args = (h[s:s + chunk_size], weight, y[s:s + chunk_size])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        out = out.index_put((keep,), torch.cat(parts))
+    return out
+
+
+@contextmanager
+def lm_head_as_logprobs(model, targets, mask, chunk_size):
+    """Make the model's LM head return chunked log-probs of targets instead of logits.
+
+    The head runs inside the model's own forward, so under FSDP its weight is gathered and its
+    gradient reduced by the usual hooks; calling the head from outside the forward would see a
+    sharded weight. The forward passes the head the last T+1 positions (logits_to_keep)."""
+    head = model.lm_head
+    head.forward = lambda hidden: chunked_logprobs(hidden[:, :-1], head.weight, targets, mask, chunk_size)
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def completion_logprobs(model, rollout, chunk_size=1024):
+    """[P*G, T] log-prob of each sampled completion token under model, 0 after the end of turn
+    (grad flows if enabled). Only completion positions reach the LM head: the prompt (thousands
+    of video tokens) never gets full-vocabulary logits, and the completion gets them one chunk
+    at a time."""
+    ids = rollout.completion_ids
+    with lm_head_as_logprobs(model, ids, rollout.completion_mask, chunk_size):
+        return model(**sequence_inputs(rollout), logits_to_keep=ids.shape[1] + 1, use_cache=False).logits

@@ -1,5 +1,7 @@
 """Group sampling and scoring on the tiny model, with real video and image prompts."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -74,12 +76,67 @@ def test_two_prompts_score_like_one(model, tokenizer, prompts):
 
 
 def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
+    """Values and gradients of the chunked log-probs equal log_softmax over full logits, for any
+    chunk size (1 token, a few tokens, more than the whole completion); 0 after the end of turn."""
     torch.manual_seed(1)
-    batch = data.collate_prompts(prompts[:1], tokenizer)
-    roll = rollout.generate(model, batch, tokenizer, 2, rollout.sampling_config(tokenizer, max_new_tokens=6))
-    with torch.no_grad():
-        logp = rollout.completion_logprobs(model, roll)
-        full = model(**rollout.sequence_inputs(roll)).logits.log_softmax(-1)
+    batch = data.collate_prompts(prompts, tokenizer)
+    roll = rollout.generate(model, batch, tokenizer, 3, rollout.sampling_config(tokenizer, max_new_tokens=12))
     t = roll.completion_ids.shape[1]
+    # A random model rarely ends its turn: end some rows early by hand (padding after them).
+    ends = torch.tensor([t, 3, 7, 1, t, 5])
+    roll = dataclasses.replace(roll, completion_mask=(torch.arange(t)[None] < ends[:, None]).float())
+    mask = roll.completion_mask.bool()
+
+    model.zero_grad()
+    full = model(**rollout.sequence_inputs(roll)).logits.log_softmax(-1)
     expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    (expected * mask).sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for chunk in (1, 5, 10_000):
+        model.zero_grad()
+        logp = rollout.completion_logprobs(model, roll, chunk_size=chunk)
+        torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-5, atol=1e-5)
+        assert (logp[~mask] == 0).all()
+        logp.sum().backward()
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name} (chunk {chunk}): {m}")
+    model.zero_grad()
+    # The head is restored: a plain forward gives logits again.
+    assert model(**rollout.sequence_inputs(roll)).logits.shape[-1] == model.config.text_config.vocab_size
+
+
+def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeypatch):
+    """Only chunk_size positions go through the LM head per call, and only completion tokens."""
+    torch.manual_seed(2)
+    roll = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 2,
+                            rollout.sampling_config(tokenizer, max_new_tokens=9))
+    seen = []
+    real = rollout._chunk_logprobs
+    monkeypatch.setattr(rollout, "_chunk_logprobs", lambda h, w, y: seen.append(len(y)) or real(h, w, y))
+    with torch.no_grad():
+        rollout.completion_logprobs(model, roll, chunk_size=4)
+    n = int(roll.completion_mask.sum())
+    assert sum(seen) == n and max(seen) == 4 and len(seen) == -(-n // 4)
+
+
+def test_select_prompt_is_the_prompt_alone(prompts, tokenizer):
+    both = data.collate_prompts(prompts, tokenizer)
+    for i, enc in enumerate(prompts):
+        alone = data.collate_prompts([enc], tokenizer)
+        picked = rollout.select_prompt(both, i)
+        assert sorted(picked) == sorted(k for k in alone if k != "sample_ids")
+        for key, value in picked.items():
+            assert torch.equal(value, alone[key]), key
+
+
+def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
+    """With a seed per prompt, a prompt's group is the same whether it is sampled alone or next
+    to another prompt (what makes a 2-process run equal a 1-process run)."""
+    config = rollout.sampling_config(tokenizer, max_new_tokens=8)
+    both = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[11, 22])
+    for i, (enc, seed) in enumerate(zip(prompts, (11, 22))):
+        alone = rollout.generate(model, data.collate_prompts([enc], tokenizer), tokenizer, 3, config, seeds=[seed])
+        assert both.texts[3 * i:3 * i + 3] == alone.texts
+    other = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[12, 22])
+    assert other.texts[:3] != both.texts[:3] and other.texts[3:] == both.texts[3:]
