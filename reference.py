@@ -16,29 +16,36 @@ weights is mostly rounded away, and ema_decay = 1.0 gives a frozen reference (pl
 """
 
 import bisect
-import copy
 
 import torch
 
+from fsdp import local
 from rewards import ANSWER_RE
 from rollout import completion_logprobs
 
 
-def make_reference(policy):
-    """An fp32, frozen-gradient copy of the (unwrapped) policy."""
-    ref = copy.deepcopy(policy).float().eval()
+def make_reference(model):
+    """The reference: a frozen-gradient, fp32 copy of the initial policy. Pass a freshly loaded
+    model (train.py loads the checkpoint a second time, after the policy is sharded, so two
+    full copies never sit in CPU memory at once) or a deepcopy of the policy."""
+    ref = model.float().eval()
     ref.requires_grad_(False)
     return ref
 
 
 @torch.no_grad()
 def ema_update(ref, policy, decay):
-    """theta_ref <- decay * theta_ref + (1 - decay) * theta, in fp32, parameter by parameter."""
+    """theta_ref <- decay * theta_ref + (1 - decay) * theta, in fp32, parameter by parameter.
+
+    Under FSDP both models are sharded the same way (fsdp.py), so each process updates its own
+    slice of every parameter from the policy's matching slice: no gather, no communication."""
     if decay >= 1.0:
         return
     for (name_r, p_r), (name, p) in zip(ref.named_parameters(), policy.named_parameters()):
         assert name_r == name, f"reference and policy parameters out of order: {name_r} vs {name}"
-        p_r.lerp_(p.detach().to(p_r.dtype), 1.0 - decay)
+        mine, theirs = local(p_r), local(p)
+        assert mine.shape == theirs.shape, f"{name}: reference slice {mine.shape} vs policy slice {theirs.shape}"
+        mine.lerp_(theirs.to(mine.dtype), 1.0 - decay)
 
 
 def answer_char_span(text):
@@ -84,12 +91,12 @@ def answer_token_mask(completion_ids, completion_mask, tokenizer):
 
 
 @torch.no_grad()
-def answer_logprob(ref, rollout, tokenizer):
+def answer_logprob(ref, rollout, tokenizer, chunk_size=1024):
     """l[i]: mean reference log-prob of sample i's answer tokens given its reasoning.
 
     Returns (l [N] float, NaN where there is no answer span; has_span [N] bool)."""
     mask, has_span = answer_token_mask(rollout.completion_ids, rollout.completion_mask, tokenizer)
-    logp = completion_logprobs(ref, rollout)
+    logp = completion_logprobs(ref, rollout, chunk_size)
     total = (logp * mask).sum(dim=1)
     count = mask.sum(dim=1)
     mean = torch.where(has_span, total / count.clamp(min=1), torch.full_like(total, float("nan")))

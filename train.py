@@ -19,16 +19,22 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, get_cosine_schedule_with_warmup
+from transformers import (
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    get_cosine_schedule_with_warmup,
+)
 
 import care
 import data
+import fsdp
 import reference
 import rewards
 import rollout
@@ -74,6 +80,7 @@ class Config:
     max_grad_norm: float = 5.0
     freeze_vision: bool = False
     gradient_checkpointing: bool = True
+    logprob_chunk_size: int = 1024       # completion tokens per LM-head chunk when scoring (bounds logits memory)
     mixed_precision: str = "auto"        # auto (bf16 on GPU, no on CPU) | bf16 | no
     attn_implementation: str = "auto"    # auto (flash_attention_2 if installed, else sdpa) | sdpa | eager
     # visual budgets (SPEC section 3)
@@ -122,10 +129,15 @@ def pick_attn_implementation(choice):
         return "sdpa"
 
 
-def load_policy(cfg):
-    # The master weights stay fp32 for AdamW; bf16 is only the compute dtype (accelerate's autocast).
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+def load_model(cfg):
+    # fp32 master weights (AdamW and the EMA need them); bf16 is the compute dtype, applied by
+    # FSDP's mixed-precision policy (or accelerate's autocast with one process).
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
         cfg.model, dtype=torch.float32, attn_implementation=pick_attn_implementation(cfg.attn_implementation))
+
+
+def load_policy(cfg):
+    model = load_model(cfg)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -162,8 +174,14 @@ def shard_order(num_samples, epoch, seed, rank, world, per_rank):
 # One step
 
 
+def rollout_seed(seed, step, sample_index):
+    """The sampling seed of one prompt's group, fixed by (run seed, step, prompt): the same
+    completions whatever the number of processes, and again after a resume."""
+    return random.Random(f"{seed}/{step}/{sample_index}").getrandbits(63)
+
+
 def encode_batch(cfg, samples, indices, tokenizer, budget, skipped):
-    """Encode this step's prompts, returning (samples, encoded) for the ones kept. A sample that
+    """Encode this step's prompts, returning (indices, encoded) for the ones kept. A sample that
     cannot be read stops the run with a message that names it, unless --skip-bad-samples, which
     drops it and records why."""
     kept, encoded = [], []
@@ -179,9 +197,46 @@ def encode_batch(cfg, samples, indices, tokenizer, budget, skipped):
                 raise
             skipped.append(str(e))
             continue
-        kept.append(samples[i])
+        kept.append(i)
         encoded.append(enc)
     return kept, encoded
+
+
+def oom_advice(cfg, phase):
+    budget = (f"--max-frames ({cfg.max_frames}), --video-max-pixels ({cfg.video_max_pixels}), "
+              f"--image-max-pixels ({cfg.image_max_pixels}), --max-completion-length ({cfg.max_completion_length})")
+    if phase == "rollout":
+        return (f"generation holds the full bf16 weights and a KV cache for G x (prompt + completion) tokens; "
+                f"lower --num-generations ({cfg.num_generations}), {budget}")
+    return (f"lower --logprob-chunk-size ({cfg.logprob_chunk_size}), {budget}, "
+            f"and keep --gradient-checkpointing on ({cfg.gradient_checkpointing})")
+
+
+@contextmanager
+def phase(name, cfg):
+    """Name the phase and the settings to lower when it runs out of GPU memory."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"out of memory during {name}: {oom_advice(cfg, name)}") from e
+
+
+def stop_if_not_finite(accelerator, what, value, step, sample_ids):
+    """Stop every process, before the optimizer step, if value has a NaN or inf on any of them,
+    naming the step and the samples of the processes where it happened. All processes stop
+    together: one that raised alone would leave the others waiting in a collective."""
+    bad = not torch.isfinite(value).all().item()
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
+        if flags.item() == 0:
+            return
+        culprits = [s for ids in gather_object([sample_ids if bad else []]) for s in ids]
+    elif not bad:
+        return
+    else:
+        culprits = list(sample_ids)
+    raise FloatingPointError(f"step {step}: non-finite {what} for samples {culprits}; "
+                             f"stopped before the optimizer step")
 
 
 def score_rollout(cfg, roll, samples, ref_model, tokenizer):
@@ -193,7 +248,8 @@ def score_rollout(cfg, roll, samples, ref_model, tokenizer):
     acc = torch.tensor(acc).view(p, g)
     fmt = torch.tensor(fmt).view(p, g)
     if cfg.algo == "care":
-        answer_logp, has_span = reference.answer_logprob(ref_model, roll, tokenizer)
+        answer_logp, has_span = reference.answer_logprob(ref_model, roll, tokenizer, cfg.logprob_chunk_size)
+        fsdp.reshard(ref_model)
         parts = care.care_rewards(acc, fmt, answer_logp.cpu().view(p, g), has_span.cpu().view(p, g),
                                   margin=cfg.consistency_margin, bonus_coef=cfg.bonus_coef, conf_cap=cfg.conf_cap)
     else:
@@ -222,79 +278,58 @@ def step_metrics(parts, roll, loss_stats):
     }
 
 
-def policy_update(cfg, accelerator, model, optimizer, scheduler, roll, advantages, ref_model):
+def policy_update(cfg, accelerator, model, optimizer, scheduler, roll, advantages, ref_model, step, sample_ids):
     """num_iterations optimizer steps on one rollout (1 = the official setting)."""
     adv = advantages.reshape(-1).to(accelerator.device)
     mask = roll.completion_mask
+    chunk = cfg.logprob_chunk_size
     ref_logp = None
     if cfg.beta > 0:
         with torch.no_grad(), accelerator.autocast():
-            ref_logp = rollout.completion_logprobs(ref_model, roll)
+            ref_logp = rollout.completion_logprobs(ref_model, roll, chunk)
+        fsdp.reshard(ref_model)
     old_logp = None
     if cfg.num_iterations > 1:
         with torch.no_grad(), accelerator.autocast():
-            old_logp = rollout.completion_logprobs(model, roll)
+            old_logp = rollout.completion_logprobs(model, roll, chunk)
     for _ in range(cfg.num_iterations):
         with accelerator.autocast():
-            logp = rollout.completion_logprobs(model, roll)
+            logp = rollout.completion_logprobs(model, roll, chunk)
         loss, stats = care.policy_loss(logp, adv, mask, old_logp=old_logp, epsilon=cfg.epsilon,
                                        ref_logp=ref_logp, beta=cfg.beta)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} before the optimizer step")
+        stop_if_not_finite(accelerator, "loss", loss.detach(), step, sample_ids)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if not torch.isfinite(grad_norm):  # already the global norm: every process sees the same value
+            raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm.item()}) for samples "
+                                     f"{sample_ids} on process {accelerator.process_index}; stopped before "
+                                     f"the optimizer step")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **stats}
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0], **stats}
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: written to <dir>.tmp and renamed, so a crash never leaves a half checkpoint.
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# Checkpoints (fsdp.py): sharded state for exact resume, plus a Hugging Face export of the policy.
 
 
 def save_checkpoint(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state):
-    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']:06d}")
-    tmp = final + ".tmp"
+    tmp, commit = fsdp.atomic_dir(os.path.join(cfg.output_dir, f"checkpoint-{state['step']:06d}"), accelerator)
+    fsdp.save_sharded(tmp, model, optimizer, ref_model)
+    policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{accelerator.process_index}.pt"))
-    if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model)
-        policy.save_pretrained(os.path.join(tmp, "policy"))  # loadable with from_pretrained
-        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        tokenizer.save_pretrained(policy_dir)
         preproc = os.path.join(cfg.model, "preprocessor_config.json")
         if os.path.exists(preproc):
-            shutil.copy(preproc, os.path.join(tmp, "policy"))
-        if ref_model is not None:
-            torch.save(ref_model.state_dict(), os.path.join(tmp, "reference.pt"))  # fp32 EMA
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-                   os.path.join(tmp, "trainer_state.pt"))
+            shutil.copy(preproc, policy_dir)
+        # The step fixes the data position and every sampling seed, so with the shards and the
+        # scheduler it is all a resume needs.
+        torch.save({"scheduler": scheduler.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
+    return commit()
 
 
 def latest_checkpoint(output_dir):
@@ -303,20 +338,10 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, names[-1]) if names else None
 
 
-def load_checkpoint(path, accelerator, model, ref_model, optimizer, scheduler):
-    # from_pretrained applies transformers' key mapping (the saved file uses the checkpoint
-    # layout, e.g. "visual.*", not the module tree), then the weights are copied in place so the
-    # optimizer keeps pointing at the same parameters.
-    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
-    accelerator.unwrap_model(model).load_state_dict(saved.state_dict())
-    del saved
-    if ref_model is not None:
-        ref_model.load_state_dict(torch.load(os.path.join(path, "reference.pt"), map_location="cpu"))
+def load_checkpoint(path, model, ref_model, optimizer, scheduler):
+    fsdp.load_sharded(path, model, optimizer, ref_model)
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
-    rng_file = os.path.join(path, f"rng_rank{accelerator.process_index}.pt")
-    set_rng_state(torch.load(rng_file, weights_only=False))
     return state
 
 
@@ -328,11 +353,10 @@ def train(cfg):
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    # cpu=True is what makes accelerate form a gloo process group under torchrun without a GPU.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = fsdp.make_accelerator(mixed)  # FSDP2 when there is more than one process
     random.seed(cfg.seed + accelerator.process_index)
     np.random.seed(cfg.seed + accelerator.process_index)
-    torch.manual_seed(cfg.seed + accelerator.process_index)  # ranks sample different completions
+    torch.manual_seed(cfg.seed + accelerator.process_index)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     budget = data.budget_from_checkpoint(
@@ -353,21 +377,22 @@ def train(cfg):
     total_updates = total_steps * cfg.num_iterations
 
     model = load_policy(cfg)
-    # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
-    ref_model = reference.make_reference(model) if (cfg.algo == "care" or cfg.beta > 0) else None
     optimizer, scheduler = build_optimizer(cfg, model, total_updates)
     # The scheduler stays ours: accelerate's wrapper steps it once per process per call, which
     # would run the cosine num_processes times too fast. Ours counts optimizer steps.
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ref_model is not None:
-        ref_model.to(accelerator.device)
+    # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
+    # Loaded after the policy is sharded, so two full fp32 copies never sit in CPU memory at once.
+    ref_model = None
+    if cfg.algo == "care" or cfg.beta > 0:
+        ref_model = fsdp.prepare_reference(accelerator, reference.make_reference(load_model(cfg)))
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,
                                          cfg.top_k, cfg.repetition_penalty)
 
     state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
     resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
     if resume:
-        state = load_checkpoint(resume, accelerator, model, ref_model, optimizer, scheduler)
+        state = load_checkpoint(resume, model, ref_model, optimizer, scheduler)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
 
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -380,20 +405,25 @@ def train(cfg):
         epoch, index = divmod(step, steps_per_epoch)
         indices = shard_order(len(samples), epoch, cfg.seed, accelerator.process_index, world, p)[index]
         skipped = []
-        batch_samples, encoded = encode_batch(cfg, samples, indices, tokenizer, budget, skipped)
-        if not encoded:  # every prompt of this step was skipped; ranks must still step together
-            raise data.DataError(f"step {step}: every sample was unreadable: {skipped}")
+        kept, encoded = encode_batch(cfg, samples, indices, tokenizer, budget, skipped)
+        batch_samples = [samples[i] for i in kept]
+        sample_ids = [s.sample_id for s in batch_samples]
+        step_ids = gather_object([sample_ids]) if world > 1 else [sample_ids]
+        if not all(step_ids):  # every prompt of some rank was skipped; all ranks must stop together
+            raise data.DataError(f"step {step + 1}: a process has no readable sample left "
+                                 f"(prompts per process: {step_ids}); skipped here: {skipped}")
         prompts = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
                    for k, v in data.collate_prompts(encoded, tokenizer).items()}
 
-        with accelerator.autocast():
-            roll = rollout.generate(policy, prompts, tokenizer, cfg.num_generations, gen_config)
+        seeds = [rollout_seed(cfg.seed, step, i) for i in kept]
+        with phase("rollout", cfg), fsdp.gathered(policy), accelerator.autocast():
+            roll = rollout.generate(policy, prompts, tokenizer, cfg.num_generations, gen_config, seeds)
+        with phase("reference scoring", cfg), accelerator.autocast():
             parts = score_rollout(cfg, roll, batch_samples, ref_model, tokenizer)
-        if not torch.isfinite(parts["reward"]).all():
-            raise FloatingPointError(f"step {step}: non-finite reward for samples "
-                                     f"{[s.sample_id for s in batch_samples]}")
-        loss_stats = policy_update(cfg, accelerator, model, optimizer, scheduler, roll, parts["advantages"],
-                                   ref_model)
+        stop_if_not_finite(accelerator, "reward", parts["reward"], step + 1, sample_ids)
+        with phase("policy forward and backward", cfg):
+            loss_stats = policy_update(cfg, accelerator, model, optimizer, scheduler, roll, parts["advantages"],
+                                       ref_model, step + 1, sample_ids)
         state["step"] = step = step + 1
         if cfg.algo == "care" and step % cfg.ema_every == 0:
             reference.ema_update(ref_model, policy, cfg.ema_decay)
@@ -406,7 +436,7 @@ def train(cfg):
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
         values = accelerator.reduce(values, reduction="mean")
         metrics = {"step": step, **dict(zip(keys, values.tolist())), "skipped": state["skipped"],
-                   "step_time": time.time() - t0}
+                   "step_time": time.time() - t0, "samples": step_ids}
         if accelerator.is_main_process:
             with open(log_path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
                 f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import evaluate
 import train
@@ -21,8 +22,15 @@ def budget_flags():
 def run(model_dir, root, out, *extra):
     argv = ["--model", model_dir, "--data", f"{root}/annotations/training_6k.jsonl", "--data-root", root,
             "--output-dir", str(out), "--num-generations", "4", "--prompts-per-device", "2",
-            "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", *budget_flags(), *extra]
+            "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", "--seed", "0", *budget_flags(), *extra]
     return train.train(train.parse_config(argv))
+
+
+def read_state(ckpt, part):
+    """One part ("policy", "reference", "optimizer") of a checkpoint's sharded state, whole."""
+    out = os.path.join(ckpt, "whole.pt")
+    dcp_to_torch_save(os.path.join(ckpt, "state"), out)
+    return torch.load(out, weights_only=False)[part]
 
 
 def read_log(out):
@@ -48,13 +56,13 @@ def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     # The warm model answers in format part of the time: rewards and advantages are not all 0.
     assert any(r["reward"] > 0 for r in log) and any(r["adv_std"] > 0 for r in log)
     ckpt = os.path.join(care_run, "checkpoint-000002")
-    assert sorted(os.listdir(ckpt)) == ["config.json", "policy", "reference.pt", "rng_rank0.pt", "trainer_state.pt"]
+    assert sorted(os.listdir(ckpt)) == ["config.json", "policy", "state", "trainer_state.pt"]
     assert not any(n.endswith(".tmp") for n in os.listdir(care_run))
     # The policy moved, and the reference moved towards it (EMA every step) but not all the way.
     from transformers import Qwen2_5_VLForConditionalGeneration
     start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(ckpt, "policy")).state_dict()
-    ref = torch.load(os.path.join(ckpt, "reference.pt"))
+    ref = read_state(ckpt, "reference")
     name = "model.language_model.layers.0.mlp.down_proj.weight"
     assert ref[name].dtype == torch.float32
     moved = (policy[name] - start[name]).abs().sum()
@@ -85,8 +93,8 @@ def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root
     b = load_file(os.path.join(tmp_path, "checkpoint-000002", "policy", "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    ra = torch.load(os.path.join(care_run, "checkpoint-000002", "reference.pt"))
-    rb = torch.load(os.path.join(tmp_path, "checkpoint-000002", "reference.pt"))
+    ra = read_state(os.path.join(care_run, "checkpoint-000002"), "reference")
+    rb = read_state(os.path.join(tmp_path, "checkpoint-000002"), "reference")
     for k in ra:
         torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6)
 

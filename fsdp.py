@@ -1,0 +1,176 @@
+"""Spreading the policy and the EMA reference over the GPUs (FSDP2, through accelerate), and the
+few things that have to know about it: gathering the weights once for generation, sharded
+checkpoints for exact resume, and a consolidated Hugging Face export of the policy.
+
+Layout, with W processes: every parameter of both models is cut in W slices along its first
+dimension and process r keeps slice r in fp32 (with its gradient and AdamW state, for the
+policy). Each decoder layer and each vision block is one FSDP unit: its bf16 weights are
+all-gathered just before it runs and freed just after, so a GPU holds the full weights of
+about one layer at a time. Policy and reference are sharded by the same accelerate call over
+the same process group, so process r holds the same slice of every parameter in both, and the
+EMA update (reference.ema_update) is a local lerp with no communication.
+
+With one process nothing is sharded; every function here then works on the plain model.
+"""
+
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+# The FSDP units: one per decoder layer and one per vision block (plus accelerate's own units
+# for the embeddings, the final norm + LM head, and the root for what is left).
+WRAP_CLASSES = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+
+def make_accelerator(mixed_precision):
+    """An Accelerator that shards with FSDP2 whenever there is more than one process.
+
+    bf16 compute with fp32 master weights and fp32 gradient reduction. Activation checkpointing
+    is transformers' own (train.load_policy), not accelerate's wrapper, which would rename every
+    parameter and break the name-by-name match between policy and reference."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = None
+    if world > 1:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=WRAP_CLASSES,
+            reshard_after_forward=True, activation_checkpointing=False, state_dict_type="SHARDED_STATE_DICT",
+            cpu_ram_efficient_loading=False,
+            mixed_precision_policy=(MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                                    if mixed_precision == "bf16" else None))
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate only shards on accelerators. On CPU (the tests, the demo) we switch the very
+        # same FSDP2 path on by hand, over gloo, so that CI runs the code the GPUs run.
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # where accelerate re-reads it
+    return accelerator
+
+
+def is_sharded(accelerator):
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def prepare_reference(accelerator, ref):
+    """Shard the reference exactly as accelerator.prepare sharded the policy (the same accelerate
+    function, plugin and process group), or move it to the device when nothing is sharded."""
+    if not is_sharded(accelerator):
+        return ref.to(accelerator.device)
+    return fsdp2_prepare_model(accelerator, ref)
+
+
+def local(tensor):
+    """This process's slice of a (possibly sharded) parameter, as a plain tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def reshard(model):
+    """Free the gathered weights FSDP keeps after a forward with no backward to follow. The
+    root unit and the final norm + LM head stay unsharded after forward (backward would need
+    them at once); after a no-grad reference forward nothing will, and the EMA works on the
+    shards."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextmanager
+def gathered(model):
+    """Every FSDP unit of model unsharded for the duration of the block, then resharded.
+
+    Generation runs one forward per new token. Left alone, FSDP would all-gather every layer
+    for every token (768 all-gathers of the whole model per rollout); here it is one. It also
+    means no collective runs during generation, so ranks whose groups stop at different lengths
+    do not wait for each other. Costs the full bf16 weights on each GPU while it lasts."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units:
+        # FSDP picks its root at the first forward. generate() runs the vision tower on its own
+        # before the first full forward, which would make a vision block the root; settle it now.
+        units[0]._get_fsdp_state()._lazy_init()
+    # set_reshard_after_forward has no getter, so keep each group's setting to put it back
+    # (accelerate keeps the root and the LM head unsharded after forward, the layers not).
+    saved = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, infos in zip(units, saved):
+            m.reshard()
+            for group, info in zip(m._get_fsdp_state()._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints. <dir>/state holds every process's shards of the policy, its AdamW state and the
+# reference (torch.distributed.checkpoint: each process writes and reads only its own slices,
+# and can resume on a different number of processes). <dir>/policy is a consolidated Hugging
+# Face export for evaluation and sharing. Everything is written to <dir>.tmp and renamed.
+
+
+def _state(model, optimizer, ref_model):
+    policy, optim = get_state_dict(model, optimizer)
+    state = {"policy": policy, "optimizer": optim}
+    if ref_model is not None:
+        state["reference"] = get_model_state_dict(ref_model)
+    return state
+
+
+def save_sharded(path, model, optimizer, ref_model):
+    dcp.save(_state(model, optimizer, ref_model), checkpoint_id=os.path.join(path, "state"))
+
+
+def load_sharded(path, model, optimizer, ref_model):
+    state = _state(model, optimizer, ref_model)  # shapes, dtypes and placements to load into
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(model, optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"])
+    if ref_model is not None:
+        set_model_state_dict(ref_model, state["reference"])
+
+
+def export_policy(path, model, is_main, dtype=None):
+    """Write a from_pretrained-loadable copy of the policy to path (main process), in dtype
+    (default: the checkpoint's own, bf16 for Qwen2.5-VL). Every process takes part in the
+    gather; the full weights only ever exist on the main process, in CPU memory."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        dtype = dtype or getattr(model.config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        full = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in full.items()}
+        model.save_pretrained(path, state_dict=full)
+    return path
+
+
+def atomic_dir(final, accelerator):
+    """(tmp, commit): write into tmp, then call commit() on every process to rename tmp to
+    final, so a crash never leaves a half-written checkpoint under the final name."""
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+
+    def commit():
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        accelerator.wait_for_everyone()
+        return final
+    return tmp, commit
