@@ -19,7 +19,7 @@ import bisect
 
 import torch
 
-from fsdp import local
+from fsdp import local, reshard
 from rewards import ANSWER_RE
 from rollout import completion_logprobs
 
@@ -41,6 +41,8 @@ def ema_update(ref, policy, decay):
     slice of every parameter from the policy's matching slice: no gather, no communication."""
     if decay >= 1.0:
         return
+    reshard(ref)  # a forward with no backward after it leaves some FSDP units gathered
+    reshard(policy)
     for (name_r, p_r), (name, p) in zip(ref.named_parameters(), policy.named_parameters()):
         assert name_r == name, f"reference and policy parameters out of order: {name_r} vs {name}"
         mine, theirs = local(p_r), local(p)

@@ -1,15 +1,17 @@
 """Shared fixtures: a tiny tokenizer, a tiny random Qwen2.5-VL checkpoint and a tiny
 SEED-Bench-R1-layout dataset, all built locally once per test session."""
 
+import json
 import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import tiny  # noqa: E402
+import tiny
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,41 @@ def warm_model_dir(tmp_path_factory, seed_bench_root):
     and the CARE bonus are non-trivial."""
     path = tiny.build_model(str(tmp_path_factory.mktemp("warm-model")))
     return tiny.warm_up(path, f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET)
+
+
+# --- train.py runs -------------------------------------------------------------------------
+
+
+def train_argv(model_dir, root, out, *extra):
+    """train.py flags for the tiny runs: G=4, 2 prompts per process, 20-token completions, a
+    large lr so 2 steps move the weights, EMA every step. Seed 0: both of the first two steps
+    have groups with different rewards (a learning signal), which not every seed gives."""
+    budget = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_BUDGET.items()]
+    return ["--model", model_dir, "--data", f"{root}/annotations/training_6k.jsonl", "--data-root", root,
+            "--output-dir", str(out), "--num-generations", "4", "--prompts-per-device", "2",
+            "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", "--seed", "0", *budget, *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_state(ckpt, part):
+    """One part ("policy", "reference", "optimizer") of a checkpoint's sharded state, whole."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:  # not inside the checkpoint: other tests list it
+        dcp_to_torch_save(os.path.join(ckpt, "state"), os.path.join(tmp, "whole.pt"))
+        return torch.load(os.path.join(tmp, "whole.pt"), weights_only=False)[part]
+
+
+@pytest.fixture(scope="session")
+def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
+    """Two CARE steps in one process, 2 prompts a step, a checkpoint after each."""
+    import train
+    out = tmp_path_factory.mktemp("care")
+    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, out, "--algo", "care",
+                                              "--max-steps", "2", "--save-every", "1")))
+    return out

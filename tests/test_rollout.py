@@ -100,7 +100,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
         logp.sum().backward()
         for name, grad in expected_grads.items():
             torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name} (chunk {chunk}): {m}")
+                                       msg=lambda m, name=name, chunk=chunk: f"{name} (chunk {chunk}): {m}")
     model.zero_grad()
     # The head is restored: a plain forward gives logits again.
     assert model(**rollout.sequence_inputs(roll)).logits.shape[-1] == model.config.text_config.vocab_size

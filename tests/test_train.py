@@ -6,43 +6,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import read_log, read_state, train_argv
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import evaluate
 import train
 
-from conftest import SMALL_BUDGET
-
-
-def budget_flags():
-    return [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_BUDGET.items()]
-
 
 def run(model_dir, root, out, *extra):
-    argv = ["--model", model_dir, "--data", f"{root}/annotations/training_6k.jsonl", "--data-root", root,
-            "--output-dir", str(out), "--num-generations", "4", "--prompts-per-device", "2",
-            "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", "--seed", "0", *budget_flags(), *extra]
-    return train.train(train.parse_config(argv))
-
-
-def read_state(ckpt, part):
-    """One part ("policy", "reference", "optimizer") of a checkpoint's sharded state, whole."""
-    out = os.path.join(ckpt, "whole.pt")
-    dcp_to_torch_save(os.path.join(ckpt, "state"), out)
-    return torch.load(out, weights_only=False)[part]
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("care")
-    run(warm_model_dir, seed_bench_root, out, "--algo", "care", "--max-steps", "2", "--save-every", "1")
-    return out
+    return train.train(train.parse_config(train_argv(model_dir, root, out, *extra)))
 
 
 def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
