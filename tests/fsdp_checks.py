@@ -129,7 +129,19 @@ def main(model_dir, out_path):
             torch.testing.assert_close(whole[name], value, rtol=1e-6, atol=1e-7, msg=f"EMA {name}")
     results["ema"] = "0 all-gathers; equals the unsharded EMA"
 
-    # 5. Export: the consolidated policy loads with from_pretrained and equals the weights.
+    # 5. A NaN on one process stops both, naming that process's samples (a process that stopped
+    # alone would leave the other waiting in the next collective).
+    import train
+    value = torch.tensor([1.0, float("nan") if rank == 1 else 2.0])
+    try:
+        train.stop_if_not_finite(accelerator, "reward", value, 3, [f"sample-of-rank-{rank}"])
+        raise AssertionError("no stop")
+    except FloatingPointError as e:
+        assert "step 3: non-finite reward" in str(e) and "sample-of-rank-1" in str(e), str(e)
+        assert "sample-of-rank-0" not in str(e), str(e)
+    results["nan_stops_all"] = "both processes stopped, naming rank 1's sample"
+
+    # 6. Export: the consolidated policy loads with from_pretrained and equals the weights.
     export = os.path.join(os.path.dirname(out_path), "export")
     fsdp.export_policy(export, policy, accelerator.is_main_process, dtype=torch.float32)
     accelerator.wait_for_everyone()

@@ -103,3 +103,54 @@ def test_evaluate_checkpoint(care_run, seed_bench_root, tmp_path):
     assert summary["all"]["accuracy"] == pytest.approx(expected)
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["results"]["L1"]["n"] == 4
+
+
+# --- failures that say what happened ---------------------------------------------------------
+
+def first_step_ids(root):
+    """Sample ids of step 1 (seed 0, 2 prompts, 1 process), from the same deal train.py uses."""
+    import data
+    samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", root, seed=0)
+    return [samples[i].sample_id for i in train.shard_order(len(samples), 0, 0, 0, 1, 2)[0]]
+
+
+def test_nan_reward_stops_before_the_step_naming_the_samples(warm_model_dir, seed_bench_root, tmp_path,
+                                                             monkeypatch):
+    real = train.rewards.score
+    monkeypatch.setattr(train.rewards, "score",
+                        lambda texts, sols, types: (lambda a, f: ([float("nan")] + a[1:], f))(*real(texts, sols, types)))
+    optimizer_steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: optimizer_steps.append(1))
+    with pytest.raises(FloatingPointError, match="step 1: non-finite reward") as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
+    assert all(sid in str(err.value) for sid in first_step_ids(seed_bench_root))
+    assert not optimizer_steps
+
+
+def test_nan_loss_stops_before_the_optimizer_step(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    real = train.care.policy_loss
+    monkeypatch.setattr(train.care, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("inf"), s))(*real(*a, **k)))
+    optimizer_steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: optimizer_steps.append(1))
+    with pytest.raises(FloatingPointError, match="step 1: non-finite loss") as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
+    assert all(sid in str(err.value) for sid in first_step_ids(seed_bench_root))
+    assert not optimizer_steps
+
+
+@pytest.mark.parametrize("where, phase, advice", [
+    ("rollout.generate", "rollout", "--num-generations (4)"),
+    ("reference.answer_logprob", "reference scoring", "--logprob-chunk-size (1024)"),
+    ("rollout.completion_logprobs", "policy forward and backward", "--logprob-chunk-size (1024)"),
+])
+def test_out_of_memory_names_the_phase_and_what_to_lower(warm_model_dir, seed_bench_root, tmp_path, monkeypatch,
+                                                         where, phase, advice):
+    module, name = where.split(".")
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(getattr(train, module), name, oom)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
+    message = str(err.value)
+    assert message.startswith(f"out of memory during {phase}:"), message
+    assert advice in message and "--max-frames (4)" in message and "--max-completion-length (20)" in message
