@@ -143,7 +143,9 @@ def load_policy(cfg):
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model
+    # from_pretrained returns the model in eval mode, and transformers only checkpoints
+    # activations in train mode: without this, checkpointing is silently off.
+    return model.train()
 
 
 def build_optimizer(cfg, model, total_steps):
