@@ -1,0 +1,82 @@
+"""bench/memory.py: the per-GPU memory model, its allocation tracker, and its agreement with
+measured peaks; and the activation checkpointing the model assumes."""
+
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import memory  # noqa: E402
+
+
+def test_7b_on_4_gpus_fits_with_10_percent_headroom(tmp_path):
+    est = memory.main(["--json", str(tmp_path / "memory.json")])
+    assert est["fits"] and est["headroom"] >= 0.10, est["phases_gib"]
+    assert 8.2e9 < est["params"] < 8.4e9  # Qwen2.5-VL-7B: 8.29B with the vision tower
+    # Hand-computed sharded state: 4 bytes x 8.29B / 4 GPUs = 7.72 GiB, AdamW twice that.
+    parts = est["parts_gib"]
+    assert parts["parameters (fp32 shards)"] == pytest.approx(4 * est["params"] / 4 / 2**30)
+    assert parts["optimizer (AdamW, fp32 shards)"] == pytest.approx(2 * parts["parameters (fp32 shards)"])
+    assert parts["rollout: gathered bf16 weights"] == pytest.approx(2 * est["params"] / 2**30)
+    # KV cache: 2 (K, V) x 28 layers x 8 sequences x 2768 tokens x 512 (4 KV heads x 128) x 2 bytes.
+    assert parts["rollout: KV cache"] == pytest.approx(2 * 28 * 8 * 2768 * 512 * 2 / 2**30)
+    # On one GPU it does not fit: the reason for FSDP.
+    assert not memory.main(["--gpus", "1", "--json", str(tmp_path / "one.json")])["fits"]
+
+
+def test_more_frames_and_longer_completions_cost_memory(tmp_path):
+    base = memory.main(["--json", str(tmp_path / "a.json")])["peak_gib"]
+    assert memory.main(["--frames", "32", "--json", str(tmp_path / "b.json")])["peak_gib"] > base
+    assert memory.main(["--completion", "1536", "--json", str(tmp_path / "c.json")])["peak_gib"] > base
+    assert memory.main(["--gpus", "8", "--json", str(tmp_path / "d.json")])["peak_gib"] < base
+
+
+def test_live_bytes_tracks_allocations_and_frees():
+    tracker = memory.LiveBytes()
+    with tracker:
+        a = torch.ones(1000)             # 4,000 bytes
+        b = torch.ones(250, dtype=torch.float64)  # 2,000 bytes
+        view = a[:10]                    # a view: no new storage
+        a.add_(1)                        # in place: no new storage
+        assert tracker.now == 6000
+        del a, view
+        assert tracker.now == 2000
+        c = b * 2                        # 2,000 more
+        assert tracker.now == 4000 and tracker.peak == 6000
+    del b, c
+    assert tracker.now == 0
+
+
+def test_estimate_agrees_with_a_measured_step():
+    """One of bench/memory.py --measure's cases, one process: each phase within 20%."""
+    name, dims, overrides = memory.MEASURED_CASES[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        memory.build_cases(tmp)
+        result = memory.measure(name, dims, overrides, tmp)
+    for phase, row in result["phases"].items():
+        assert 0.8 <= row["ratio"] <= 1.2, (phase, row)
+
+
+def test_policy_checkpoints_its_layers(tiny_model_dir):
+    """from_pretrained returns eval mode, where transformers skips checkpointing: load_policy must
+    return a model in train mode, which keeps far fewer activations after its forward."""
+    import train
+
+    def held_after_forward(*flags):
+        model = train.load_policy(train.parse_config(["--model", tiny_model_dir, *flags]))
+        ids = torch.randint(10, 400, (4, 200), generator=torch.Generator().manual_seed(0))
+        tracker = memory.LiveBytes()
+        with tracker:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            held = tracker.now
+        del out
+        return model.training, held
+
+    training, checkpointed = held_after_forward()
+    _, plain = held_after_forward("--no-gradient-checkpointing")
+    assert training and checkpointed < 0.5 * plain, (checkpointed, plain)
