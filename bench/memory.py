@@ -24,7 +24,6 @@ Figures are GiB (2^30 bytes). Writes everything to --json.
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -106,7 +105,7 @@ def shapes_of(config, train_vision=True):
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     t, v = config.text_config, config.vision_config
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     n = count(model)
     heads = t.num_attention_heads
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // heads
@@ -154,7 +153,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
         "gradients (fp32 shards)": 4 * shapes.trainable / w,
         "optimizer (AdamW, fp32 shards)": 8 * shapes.trainable / w,
         "EMA reference (fp32 shards)": 4 * shapes.params / w if s.reference else 0,
-        "framework (CUDA, NCCL, allocator)": s.cuda_overhead_gib * GiB if w > 1 or c == 2 else 0,
+        "framework (CUDA, NCCL, allocator)": s.cuda_overhead_gib * GiB,
     }
     static = sum(parts.values()) - parts["gradients (fp32 shards)"]  # grads are freed between steps
     # FSDP units gathered while a forward runs: the decoder layer running, the next one being
@@ -208,7 +207,8 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     phases = {"rollout": rollout, "reference": reference, "policy": policy}
     peak = max(phases.values())
     budget = s.gpu_gib * GiB
-    return {"settings": asdict(s), "prompt_tokens": sp, "static_gib": static / GiB, "vision_patches": patches, "completion_tokens": t,
+    return {"settings": asdict(s), "prompt_tokens": sp, "static_gib": static / GiB, "vision_patches": patches,
+            "completion_tokens": t,
             "params": shapes.params, "parts_gib": {k: v / GiB for k, v in parts.items()},
             "phases_gib": {k: v / GiB for k, v in phases.items()}, "peak_gib": peak / GiB,
             "peak_phase": max(phases, key=phases.get), "headroom": 1 - peak / budget, "fits": peak <= budget}
@@ -292,8 +292,9 @@ def tiny_case_config(tokenizer, dims, vocab):
 def build_cases(workdir, vocab=4096):
     """Write each case's random model and a small dataset with 16-frame videos. Done before any
     process group exists: transformers' save_pretrained writes only on rank 0 once one does."""
-    import tiny
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import tiny
     tokenizer = tiny.build_tokenizer()
     processor = tiny.build_model(os.path.join(workdir, "_processor"))  # tokenizer + preprocessor files
     for name, dims, _ in MEASURED_CASES:
@@ -310,9 +311,9 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     """Run train.py's rollout, reference scoring and policy update once (after a warm-up step so
     AdamW's state exists) on a tiny model, one process, fp32 on CPU; return measured and
     estimated peaks per phase."""
+
     import tiny
     import train
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = tiny.build_tokenizer()
     config = tiny_case_config(tokenizer, dims, vocab)
