@@ -399,11 +399,15 @@ def main(argv=None):
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--config", help="a Qwen2.5-VL config.json (default: Qwen2.5-VL-7B-Instruct's)")
     parser.add_argument("--measure", action="store_true", help="check the estimate against tiny models on CPU")
-    parser.add_argument("--json", default="bench/memory.json")
+    parser.add_argument("--json", help="default: bench/memory.json, or bench/memory_measured_<N>proc.json")
     args = parser.parse_args(argv)
     from transformers import Qwen2_5_VLConfig
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.json is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        args.json = (os.path.join(ROOT, "bench", f"memory_measured_{world}proc.json") if args.measure
+                     else os.path.join(ROOT, "bench", "memory.json"))
     if args.measure:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

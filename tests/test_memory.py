@@ -7,11 +7,10 @@ import tempfile
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import memory  # noqa: E402
+import memory
 
 
 def test_7b_on_4_gpus_fits_with_10_percent_headroom(tmp_path):
