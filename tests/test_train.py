@@ -114,25 +114,26 @@ def first_step_ids(root):
     return [samples[i].sample_id for i in train.shard_order(len(samples), 0, 0, 0, 1, 2)[0]]
 
 
-def test_nan_reward_stops_before_the_step_naming_the_samples(warm_model_dir, seed_bench_root, tmp_path,
-                                                             monkeypatch):
-    real = train.rewards.score
-    monkeypatch.setattr(train.rewards, "score",
-                        lambda texts, sols, types: (lambda a, f: ([float("nan")] + a[1:], f))(*real(texts, sols, types)))
-    optimizer_steps = []
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: optimizer_steps.append(1))
-    with pytest.raises(FloatingPointError, match="step 1: non-finite reward") as err:
-        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
-    assert all(sid in str(err.value) for sid in first_step_ids(seed_bench_root))
-    assert not optimizer_steps
+def nan_in(value):
+    return value * float("nan")
 
 
-def test_nan_loss_stops_before_the_optimizer_step(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
-    real = train.care.policy_loss
-    monkeypatch.setattr(train.care, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("inf"), s))(*real(*a, **k)))
+@pytest.mark.parametrize("what, target", [
+    ("reward", "rewards.score"),      # a NaN accuracy for the first sample
+    ("loss", "care.policy_loss"),     # a NaN loss
+])
+def test_nan_stops_before_the_optimizer_step_naming_the_samples(warm_model_dir, seed_bench_root, tmp_path,
+                                                                monkeypatch, what, target):
+    module, name = target.split(".")
+    real = getattr(getattr(train, module), name)
+    if what == "reward":
+        poisoned = lambda *a: (lambda acc, fmt: ([nan_in(acc[0])] + acc[1:], fmt))(*real(*a))
+    else:
+        poisoned = lambda *a, **k: (lambda loss, stats: (nan_in(loss), stats))(*real(*a, **k))
+    monkeypatch.setattr(getattr(train, module), name, poisoned)
     optimizer_steps = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: optimizer_steps.append(1))
-    with pytest.raises(FloatingPointError, match="step 1: non-finite loss") as err:
+    with pytest.raises(FloatingPointError, match=f"step 1: non-finite {what}") as err:
         run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
     assert all(sid in str(err.value) for sid in first_step_ids(seed_bench_root))
     assert not optimizer_steps
