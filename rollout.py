@@ -6,7 +6,7 @@ completions, row n belonging to prompt n // G. The same rows are later scored by
 code that turns a rollout into model inputs lives here too.
 """
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -151,15 +151,49 @@ def repeat_prompts(prompts, num_generations):
     return out
 
 
-def sequence_inputs(rollout):
-    """Prompt + completion as one batch of P*G full sequences, for scoring."""
+def sequence_inputs(rollout, share_visuals=True):
+    """Prompt + completion as one batch of P*G full sequences, for scoring.
+
+    share_visuals: each prompt's pixels appear once (the grids still once per sequence, for the
+    3D positions); run the forward inside visuals_shared() so the vision tower encodes each
+    prompt once and its features are reused by the G sequences. False repeats the pixels G times
+    (the public code's way; kept as the baseline that bench/step.py and the tests compare to)."""
     prompts = repeat_prompts(rollout.prompts, rollout.num_generations)
+    if share_visuals:
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in rollout.prompts:
+                prompts[key] = rollout.prompts[key]
     ids = rollout.completion_ids
     inputs = model_inputs(prompts)
     inputs["input_ids"] = torch.cat([prompts["input_ids"], ids], dim=1)
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], rollout.completion_mask.long()], dim=1)
     inputs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(ids)], dim=1).int()
     return inputs
+
+
+@contextmanager
+def visuals_shared(model, num_generations):
+    """Inside the block, the model's image and video encoders take each prompt's pixels once
+    (with the grids of all P*G sequences) and hand every sequence its prompt's features: one
+    vision-tower pass per prompt instead of G, and in backward the G sequences' gradients meet
+    in that one encoding. It runs inside the model's own forward, so under FSDP the vision
+    weights are gathered by the usual hooks."""
+    inner = model.model
+    g = num_generations
+
+    def shared(encode):
+        def wrapper(pixels, grid_thw=None, **kwargs):
+            out = encode(pixels, grid_thw[::g], **kwargs)  # grids come G at a time, per prompt
+            out.pooler_output = tuple(f for f in out.pooler_output for _ in range(g))
+            return out
+        return wrapper
+
+    inner.get_image_features = shared(inner.get_image_features)
+    inner.get_video_features = shared(inner.get_video_features)
+    try:
+        yield
+    finally:
+        del inner.get_image_features, inner.get_video_features  # back to the class's methods
 
 
 def _chunk_logprobs(hidden, weight, targets):
@@ -205,11 +239,16 @@ def lm_head_as_logprobs(model, targets, mask, chunk_size):
         del head.forward  # back to the class's forward
 
 
-def completion_logprobs(model, rollout, chunk_size=1024):
+def completion_logprobs(model, rollout, chunk_size=1024, share_visuals=True):
     """[P*G, T] log-prob of each sampled completion token under model, 0 after the end of turn
-    (grad flows if enabled). Only completion positions reach the LM head: the prompt (thousands
-    of video tokens) never gets full-vocabulary logits, and the completion gets them one chunk
-    at a time."""
+    (grad flows if enabled). Each prompt's video and image go through the vision tower once
+    (visuals_shared). Only completion positions reach the LM head: the prompt (thousands of
+    video tokens) never gets full-vocabulary logits, and the completion gets them one chunk at a
+    time."""
     ids = rollout.completion_ids
-    with lm_head_as_logprobs(model, ids, rollout.completion_mask, chunk_size):
-        return model(**sequence_inputs(rollout), logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
+    inputs = sequence_inputs(rollout, share_visuals)
+    with ExitStack() as stack:
+        if share_visuals:
+            stack.enter_context(visuals_shared(model, rollout.num_generations))
+        stack.enter_context(lm_head_as_logprobs(model, ids, rollout.completion_mask, chunk_size))
+        return model(**inputs, logits_to_keep=ids.shape[1] + 1, use_cache=False).logits

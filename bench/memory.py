@@ -11,7 +11,7 @@ flash-attention 2) and takes the peak over its three phases:
 
   rollout    weights gathered once (bf16), KV cache of P x G x (prompt + completion) tokens,
              the prompt prefilled for the G copies, the vision tower run once per prompt;
-  reference  a no-grad forward of the P x G sequences (visual inputs repeated G times);
+  reference  a no-grad forward of the P x G sequences (each prompt's visuals encoded once);
   policy     forward with one saved input per checkpointed layer or vision block, backward
              recomputing one layer at a time, the LM head in chunks of --chunk positions.
 
@@ -71,7 +71,7 @@ class Settings:
     reference: bool = True          # CARE's EMA reference (or GRPO's frozen one for the KL)
     train_vision: bool = True
     cuda_overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
-    repeat_visuals: bool = True     # the scoring forwards see the visual inputs G times (issue 4 removes it)
+    repeat_visuals: bool = False    # True: the visual inputs G times per scoring forward (the public code)
 
 
 @dataclass
@@ -173,7 +173,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     rollout = static + gathered + kv_cache + max(prefill, vision_once)
 
     # Reference: a no-grad forward of b full sequences, LM head chunked. The scoring forwards get
-    # the fp32 pixel values once per sequence (copies), alive for the whole forward.
+    # the fp32 pixel values once per prompt (G times with --repeat-visuals).
     pixels = copies * patches * 3 * shapes.temporal * shapes.patch ** 2 * 4
     chunk_no_grad = min(s.chunk, m) * shapes.vocab * (c + 4 + 4)
     ref_vision = copies * layer_bytes(patches, vh, vi, vheads, window, NO_GRAD_LAYER, c, s.flash_attention)
@@ -199,7 +199,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
         "rollout: KV cache": kv_cache,
         "rollout: prefill / vision transient": max(prefill, vision_once),
         "scoring: gathered FSDP units in flight": in_flight,
-        "scoring: pixel values, once per sequence": pixels,
+        "scoring: pixel values": pixels,
         "policy: checkpointed activations": saved,
         "policy: one layer recomputed / LM-head chunk": recompute,
         "policy: unsharded gradients of one unit": unsharded_grads,

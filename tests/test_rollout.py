@@ -88,7 +88,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
     mask = roll.completion_mask.bool()
 
     model.zero_grad()
-    full = model(**rollout.sequence_inputs(roll)).logits.log_softmax(-1)
+    full = model(**rollout.sequence_inputs(roll, share_visuals=False)).logits.log_softmax(-1)
     expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
     (expected * mask).sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -103,7 +103,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
                                        msg=lambda m, name=name, chunk=chunk: f"{name} (chunk {chunk}): {m}")
     model.zero_grad()
     # The head is restored: a plain forward gives logits again.
-    assert model(**rollout.sequence_inputs(roll)).logits.shape[-1] == model.config.text_config.vocab_size
+    assert model(**rollout.sequence_inputs(roll, share_visuals=False)).logits.shape[-1] == model.config.text_config.vocab_size
 
 
 def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeypatch):
@@ -140,3 +140,62 @@ def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
         assert both.texts[3 * i:3 * i + 3] == alone.texts
     other = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[12, 22])
     assert other.texts[:3] != both.texts[:3] and other.texts[3:] == both.texts[3:]
+
+
+# --- each prompt's visuals encoded once per scoring forward ----------------------------------
+
+@pytest.fixture(scope="module")
+def three_kinds(tiny_model_dir, tokenizer, seed_bench_root):
+    """A video-only, an image-only and a video-plus-image prompt."""
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL)
+    both = next(s for s in samples if s.video and s.image)
+    image_only = next(s for s in samples if not s.video)
+    video_only = dataclasses.replace(both, sample_id="video-only", image=None)
+    return [data.encode_prompt(s, tokenizer, budget) for s in (video_only, image_only, both)]
+
+
+def encoder_calls(model):
+    """Grids the vision tower is called with, one list per call."""
+    calls = []
+    model.model.visual.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["grid_thw"].tolist()), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("train_vision", [True, False])
+@pytest.mark.parametrize("kinds", [[0], [1], [2], [0, 1, 2]], ids=["video", "image", "video+image", "mixed-batch"])
+def test_shared_visuals_give_the_repeated_logprobs_loss_and_gradients(tiny_model_dir, tokenizer, three_kinds,
+                                                                       train_vision, kinds):
+    """Encoding each prompt's visuals once and handing the features to its G sequences is the
+    same computation as the public code's G encodings: log-probs, loss and every gradient (the
+    vision tower's included, summed over the G sequences) agree to float rounding."""
+    import care
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).train()
+    model.model.visual.requires_grad_(train_vision)
+    g = 3
+    torch.manual_seed(3)
+    roll = rollout.generate(model, data.collate_prompts([three_kinds[k] for k in kinds], tokenizer), tokenizer,
+                            g, rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[5] * len(kinds))
+    adv = torch.linspace(-1, 1, g * len(kinds))
+    results = {}
+    for share in (True, False):
+        model.zero_grad()
+        calls = encoder_calls(model)
+        logp = rollout.completion_logprobs(model, roll, chunk_size=4, share_visuals=share)
+        loss, _ = care.policy_loss(logp, adv, roll.completion_mask)
+        loss.backward()
+        model.model.visual._forward_hooks.clear()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[share] = (logp.detach(), loss.detach(), grads, calls)
+    (lp_s, loss_s, grads_s, calls_s), (lp_r, loss_r, grads_r, calls_r) = results[True], results[False]
+    torch.testing.assert_close(lp_s, lp_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-7)
+    assert set(grads_s) == set(grads_r)
+    assert any("visual" in n for n in grads_s) == train_vision
+    for name in grads_r:
+        torch.testing.assert_close(grads_s[name], grads_r[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # One encoding per prompt and visual instead of G.
+    n_visuals = sum(int(k in (0, 2)) + int(k in (1, 2)) for k in kinds)
+    assert sum(len(c) for c in calls_s) == n_visuals and sum(len(c) for c in calls_r) == g * n_visuals
