@@ -75,7 +75,7 @@ def model_inputs(prompts):
 
 
 @torch.no_grad()
-def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None):
+def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, share=True):
     """Sample num_generations completions for each prompt of the collated batch.
 
     seeds=None: one generate call for the whole batch (evaluation). With one seed per prompt
@@ -83,22 +83,27 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None)
     the completions a prompt gets then depend on (run seed, step, prompt) only, not on which
     rank it landed on or which prompts share its batch, so a 2-process run samples exactly what
     a 1-process run with the same global batch samples, and a resumed run what the
-    uninterrupted run would have. transformers encodes each video/image once and repeats the
-    features for the G copies of a prompt (num_return_sequences)."""
+    uninterrupted run would have. Each group's prompt is encoded and prefilled once and the G
+    samples continue from copies of its KV cache (share=False: the prompt repeated G times, the
+    public code's way, kept as the baseline for bench/step.py)."""
     was_training = model.training
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
-    if seeds is None:
-        batches = [(prompts, None)]
-    else:
-        batches = [(select_prompt(prompts, i), seed) for i, seed in enumerate(seeds)]
+    g = num_generations
     rows = []
     with own_generation_config(model, gen_config):
-        gen_config.num_return_sequences = num_generations
-        for batch, seed in batches:
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = model.generate(**model_inputs(batch), generation_config=gen_config)
-            rows.extend(out[:, batch["input_ids"].shape[1]:])
+        if seeds is None:
+            gen_config.num_return_sequences = g
+            out = model.generate(**model_inputs(prompts), generation_config=gen_config)
+            rows.extend(out[:, prompts["input_ids"].shape[1]:])
+        for i, seed in enumerate(seeds or []):
+            one = select_prompt(prompts, i)
+            torch.manual_seed(seed)
+            gen_config.num_return_sequences = 1
+            if share:
+                out = model.generate(**prefilled(model, one, g), generation_config=gen_config)
+            else:
+                out = model.generate(**model_inputs(repeat_prompts(one, g)), generation_config=gen_config)
+            rows.extend(out[:, one["input_ids"].shape[1]:])
     model.train(was_training)
     pad = gen_config.pad_token_id
     if max(len(r) for r in rows) == 0:  # max_new_tokens=0: keep shapes valid
@@ -109,6 +114,22 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None)
     texts = [tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True)
              for ids, m in zip(completion_ids, mask)]
     return Rollout(prompts, completion_ids, mask, truncated, texts, num_generations)
+
+
+def prefilled(model, prompt, num_generations):
+    """generate() inputs for G samples of one prompt whose video, image and text (all but the
+    last token) went through the model once: its KV cache, copied G times, is passed as
+    past_key_values, so generate() only runs the last prompt token and the new ones. Without
+    this, generate() expands the prompt to G rows first and prefills it G times."""
+    g = num_generations
+    text = ("input_ids", "attention_mask", "mm_token_type_ids")
+    head = {k: (v[:, :-1] if k in text else v) for k, v in model_inputs(prompt).items()}
+    model.model.rope_deltas = None  # left over from an earlier call: not this prompt's
+    cache = model(**head, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(g)
+    # The prefill left the prompt's 3D-RoPE offset in model.model.rope_deltas (one row, which
+    # generate() broadcasts over the G rows): the new tokens continue the prompt's positions.
+    return {**{k: prompt[k].repeat_interleave(g, dim=0) for k in text}, "past_key_values": cache}
 
 
 def select_prompt(prompts, i):

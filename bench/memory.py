@@ -10,7 +10,7 @@ AdamW, an fp32 EMA reference sharded like the policy, bf16 compute, activation c
 flash-attention 2) and takes the peak over its three phases:
 
   rollout    weights gathered once (bf16), KV cache of P x G x (prompt + completion) tokens,
-             the prompt prefilled for the G copies, the vision tower run once per prompt;
+             each prompt prefilled once, the vision tower run once per prompt;
   reference  a no-grad forward of the P x G sequences (each prompt's visuals encoded once);
   policy     forward with one saved input per checkpointed layer or vision block, backward
              recomputing one layer at a time, the LM head in chunks of --chunk positions.
@@ -71,7 +71,7 @@ class Settings:
     reference: bool = True          # CARE's EMA reference (or GRPO's frozen one for the KL)
     train_vision: bool = True
     cuda_overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
-    repeat_visuals: bool = False    # True: the visual inputs G times per scoring forward (the public code)
+    repeat_visuals: bool = False    # True: visuals encoded and prompt prefilled G times (the public code)
 
 
 @dataclass
@@ -167,7 +167,9 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     # Rollout: every weight gathered once, the KV cache, then the largest transient of prefill.
     gathered = shapes.params * c if w > 1 else 0
     kv_cache = 2 * shapes.layers * b * seq * shapes.kv_dim * c
-    prefill = layer_bytes(b * sp, h, i, heads, sp, NO_GRAD_LAYER, c, s.flash_attention)
+    # One prompt at a time, prefilled once and its cache copied for the G samples (the public
+    # code prefills the G copies together).
+    prefill = layer_bytes((b if s.repeat_visuals else 1) * sp, h, i, heads, sp, NO_GRAD_LAYER, c, s.flash_attention)
     vision_once = s.prompts_per_device * layer_bytes(patches, vh, vi, vheads, window, NO_GRAD_LAYER, c,
                                                     s.flash_attention)
     rollout = static + gathered + kv_cache + max(prefill, vision_once)

@@ -199,3 +199,31 @@ def test_shared_visuals_give_the_repeated_logprobs_loss_and_gradients(tiny_model
     # One encoding per prompt and visual instead of G.
     n_visuals = sum(int(k in (0, 2)) + int(k in (1, 2)) for k in kinds)
     assert sum(len(c) for c in calls_s) == n_visuals and sum(len(c) for c in calls_r) == g * n_visuals
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["video", "image", "video+image"])
+def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, tokenizer, three_kinds, kind):
+    """Generation encodes the prompt's visuals and prefills the prompt once, then the G samples
+    continue from copies of its cache: the same tokens as G separate prefills, for 1 vision call
+    and 1 prefill instead of G of each."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    batch = data.collate_prompts([three_kinds[kind]], tokenizer)
+    config = rollout.sampling_config(tokenizer, max_new_tokens=10)
+    prefills = []
+    model.model.language_model.register_forward_hook(
+        lambda mod, args, kwargs, out: prefills.append(kwargs["inputs_embeds"].shape[0])  # rows prefilled
+        if kwargs["inputs_embeds"].shape[1] > 1 else None,
+        with_kwargs=True)
+    runs = {}
+    for share in (True, False):
+        calls = encoder_calls(model)
+        prefills.clear()
+        roll = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9], share=share)
+        model.model.visual._forward_hooks.clear()
+        runs[share] = (roll, sum(len(c) for c in calls), sum(prefills))
+    (shared, vision_s, prefill_s), (repeated, vision_r, prefill_r) = runs[True], runs[False]
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)
+    assert len(set(shared.texts)) > 1  # a real group, not G copies of one answer
+    n_visuals = 1 + (kind == 2)
+    assert (vision_s, prefill_s) == (n_visuals, 1)
+    assert (vision_r, prefill_r) == (4 * n_visuals, 4)
