@@ -1,5 +1,5 @@
-"""bench/memory.py: the per-GPU memory model, its allocation tracker, and its agreement with
-measured peaks; and the activation checkpointing the model assumes."""
+"""bench/memory.py (the per-GPU memory model, its allocation tracker, its agreement with a
+measured step, and the activation checkpointing it assumes) and bench/step.py's vision counts."""
 
 import os
 import sys
@@ -79,3 +79,16 @@ def test_policy_checkpoints_its_layers(tiny_model_dir):
     training, checkpointed = held_after_forward()
     _, plain = held_after_forward("--no-gradient-checkpointing")
     assert training and checkpointed < 0.5 * plain, (checkpointed, plain)
+
+
+def test_step_bench_counts_one_vision_pass_per_phase(tmp_path):
+    """bench/step.py at G=2: each phase encodes the prompt's 16 frames and image (2 frames) once,
+    3 x 18 frames per step, against 3 x G x 18 for the repeat-per-sample baseline."""
+    import step
+    out = step.main(["--baseline", "repeat", "--num-generations", "2", "--completion", "2", "--steps", "1",
+                     "--warmup", "0", "--device", "cpu", "--json", str(tmp_path / "step.json")])
+    shared, repeat = out["results"]
+    assert shared["video_frames"] == 16
+    assert shared["vision_frames_per_prompt_per_step"] == 3 * 18
+    assert repeat["vision_frames_per_prompt_per_step"] == 3 * 2 * 18
+    assert out["vision_frames_ratio"] == 2
