@@ -9,7 +9,7 @@ reference forward).
 
 The model is scaled down but keeps what decides the ratio: Qwen2.5-VL-7B's visual-token counts
 (16 frames at 128 x 28 x 28 pixels: 256 patches = 64 tokens per frame, plus a 256-token image)
-and about its ratio of vision-tower to language-model parameters (0.10). Phases: generation,
+and its ratio of vision-tower to language-model-layer parameters (0.10). Phases: generation,
 reference scoring (no grad), policy forward + backward + AdamW step; vision encoding is the
 time spent inside the vision tower's forward (a hook), part of the phases. Frames through the
 vision tower are counted by a hook on the tower (video grid t x temporal patch size). Peak
@@ -37,9 +37,9 @@ import rollout  # noqa: E402
 import tiny  # noqa: E402
 from memory import LiveBytes  # noqa: E402
 
-# LM: 4 layers of width 128 (1.05M non-embedding parameters); vision: 2 blocks of width 64 plus
-# the merger (~0.11M): the vision/LM parameter ratio of Qwen2.5-VL-7B (0.68B / 6.5B).
-MODEL = dict(hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2)
+# Vision tower 0.137M parameters, language-model layers 1.33M: a ratio of 0.103, as in
+# Qwen2.5-VL-7B (0.677B / 6.53B).
+MODEL = dict(hidden=192, layers=4, heads=4, vision_hidden=40, vision_depth=2)
 BUDGET = dict(max_frames=16, min_frames=16, video_min_pixels=128 * 28 * 28, video_max_pixels=128 * 28 * 28,
               image_min_pixels=256 * 28 * 28, image_max_pixels=256 * 28 * 28)
 
