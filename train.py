@@ -8,7 +8,8 @@ reference towards the policy. ../SPEC.md section 1 is this loop in formulas.
     torchrun --nproc_per_node 4 train.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --data SEED-Bench-R1/annotations/training_6k.jsonl --data-root SEED-Bench-R1 --algo care
 
-Every default below is the SPEC's official setting; every field is a --flag.
+Every default below is the SPEC's official setting; every field is a --flag. With more than one
+process the policy and the reference are sharded with FSDP2 (fsdp.py); nothing else changes.
 """
 
 import argparse
