@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -253,7 +254,6 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         self.live[key] = s.nbytes()
         self.now += s.nbytes()
         self.peak = max(self.peak, self.now)
-        import weakref
         weakref.finalize(s, self._free, key)
 
     def _free(self, key):
