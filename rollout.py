@@ -4,9 +4,13 @@ A rollout is one batch of P prompts (left-padded by data.collate_prompts) and th
 completions, row n belonging to prompt n // G. The same rows are later scored by the policy
 (with gradient) and by the reference model (CARE's answer likelihood, or GRPO's KL), so the
 code that turns a rollout into model inputs lives here too.
+
+All G samples of a group share one prompt, with its video and image, and it goes through the
+model once per group: generation prefills it once and the samples continue from copies of its
+KV cache (prefilled); scoring packs it with its G completions into one row (packed_inputs).
 """
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -172,49 +176,87 @@ def repeat_prompts(prompts, num_generations):
     return out
 
 
-def sequence_inputs(rollout, share_visuals=True):
-    """Prompt + completion as one batch of P*G full sequences, for scoring.
+def repeated_inputs(rollout):
+    """Prompt + completion as P*G separate full sequences: the public code's way, each prompt
+    (its video included) repeated G times. Kept as the baseline that the tests and
+    bench/step.py compare packed_inputs to.
 
-    share_visuals: each prompt's pixels appear once (the grids still once per sequence, for the
-    3D positions); run the forward inside visuals_shared() so the vision tower encodes each
-    prompt once and its features are reused by the G sequences. False repeats the pixels G times
-    (the public code's way; kept as the baseline that bench/step.py and the tests compare to)."""
+    Returns (inputs, source): source = (rows, cols) of the position whose output predicts each
+    completion token under the mask, in row-major order."""
     prompts = repeat_prompts(rollout.prompts, rollout.num_generations)
-    if share_visuals:
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in rollout.prompts:
-                prompts[key] = rollout.prompts[key]
-    ids = rollout.completion_ids
+    ids, mask = rollout.completion_ids, rollout.completion_mask.long()
     inputs = model_inputs(prompts)
     inputs["input_ids"] = torch.cat([prompts["input_ids"], ids], dim=1)
-    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], rollout.completion_mask.long()], dim=1)
+    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask], dim=1)
     inputs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(ids)], dim=1).int()
-    return inputs
+    rows, t = mask.nonzero(as_tuple=True)
+    return inputs, (rows, prompts["input_ids"].shape[1] + t - 1)
+
+
+def prompt_positions(model, prompts):
+    """[3, P, width] Qwen2.5-VL 3D-RoPE positions of the prompts: video and image tokens get
+    (time, height, width) positions, text tokens one position in all three."""
+    grids = {k: prompts[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in prompts}
+    if not grids:  # text only
+        pos = (prompts["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return pos[None].expand(3, -1, -1)
+    pos, _ = model.model.get_rope_index(prompts["input_ids"], prompts["mm_token_type_ids"],
+                                        attention_mask=prompts["attention_mask"], **grids)
+    return pos
+
+
+def packed_inputs(model, prompt, completion_ids, completion_mask):
+    """One prompt (a batch of one, without padding: select_prompt) and its G completions packed
+    into one row, [prompt | c_1 | c_2 | ... | c_G], with an attention mask under which c_i sees
+    the prompt and its own earlier tokens only, and positions under which every c_i starts
+    right after the prompt.
+
+    Attention is causal, so the prompt's hidden states and keys/values are the same in all G
+    sequences prompt + c_i: computing them once gives every completion token exactly what G
+    separate sequences give it, but the prompt (thousands of video tokens) and its video go
+    through the model once per group instead of G times, in forward and in backward, and the
+    G completions' gradients meet in that one prompt.
+
+    Returns (inputs, cols): cols[k] is the row position whose output predicts the k-th
+    completion token under the mask (row-major); the first token of every c_i is predicted by
+    the prompt's last position."""
+    device, width = prompt["input_ids"].device, prompt["input_ids"].shape[1]
+    lengths = completion_mask.sum(1).long().tolist()  # up to and including the end of turn
+    positions = [prompt_positions(model, prompt)[:, 0]]
+    after_prompt = positions[0].max() + 1  # the text continues here (Qwen2.5-VL's 3D RoPE)
+    ids, segment, cols = [prompt["input_ids"][0]], [torch.zeros(width, dtype=torch.long, device=device)], []
+    at = width
+    for i, n in enumerate(lengths):
+        ids.append(completion_ids[i, :n])
+        segment.append(torch.full((n,), i + 1, device=device))  # 0: the prompt, i + 1: completion i
+        positions.append((after_prompt + torch.arange(n, device=device)).expand(3, n))
+        cols += [width - 1] + list(range(at, at + n - 1))
+        at += n
+    segment = torch.cat(segment)
+    q, k = segment[:, None], segment[None, :]
+    allowed = torch.ones(at, at, dtype=torch.bool, device=device).tril() & ((k == 0) | (k == q))
+    inputs = {key: prompt[key] for key in VISUAL_KEYS if key in prompt}
+    # A ready-made mask per attention type goes to the layers as it is (transformers does not
+    # build its causal mask then).
+    inputs.update(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions, dim=1)[:, None],
+                  attention_mask={"full_attention": allowed[None, None]})
+    return inputs, torch.tensor(cols, device=device)
 
 
 @contextmanager
-def visuals_shared(model, num_generations):
-    """Inside the block, the model's image and video encoders take each prompt's pixels once
-    (with the grids of all P*G sequences) and hand every sequence its prompt's features: one
-    vision-tower pass per prompt instead of G, and in backward the G sequences' gradients meet
-    in that one encoding. It runs inside the model's own forward, so under FSDP the vision
-    weights are gathered by the usual hooks."""
-    inner = model.model
-    g = num_generations
-
-    def shared(encode):
-        def wrapper(pixels, grid_thw=None, **kwargs):
-            out = encode(pixels, grid_thw[::g], **kwargs)  # grids come G at a time, per prompt
-            out.pooler_output = tuple(f for f in out.pooler_output for _ in range(g))
-            return out
-        return wrapper
-
-    inner.get_image_features = shared(inner.get_image_features)
-    inner.get_video_features = shared(inner.get_video_features)
+def sdpa_attention(model):
+    """Run the language model's attention through torch's scaled_dot_product_attention inside
+    the block: the packed rows need an arbitrary boolean mask, which flash-attention 2 (used for
+    generation when installed) cannot take. The vision tower keeps its own implementation."""
+    config = model.model.language_model.config
+    if any(t != "full_attention" for t in config.layer_types):
+        raise ValueError(f"packed scoring supports full attention only, the model has {set(config.layer_types)}")
+    saved = config._attn_implementation
+    config._attn_implementation = "sdpa"
     try:
         yield
     finally:
-        del inner.get_image_features, inner.get_video_features  # back to the class's methods
+        config._attn_implementation = saved
 
 
 def _chunk_logprobs(hidden, weight, targets):
@@ -223,53 +265,60 @@ def _chunk_logprobs(hidden, weight, targets):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
-def chunked_logprobs(hidden, weight, targets, mask, chunk_size):
-    """[N, T] log-probs of targets given hidden [N, T, H] and the LM head weight, computed only
-    where mask is set (0 elsewhere), chunk_size positions at a time.
+def chunked_logprobs(hidden, weight, targets, chunk_size):
+    """[N] log-probs of targets [N] given hidden [N, H] and the LM head weight, chunk_size
+    positions at a time.
 
     With gradients on, each chunk is recomputed in backward instead of stored, so at any moment
     the full-vocabulary fp32 logits exist for one chunk (chunk_size x V), never for every
     completion token of the group (G x T x V: 3.7 GB in bf16 at G=8, T=768, V=152k)."""
-    keep = mask.bool()
-    h, y = hidden[keep], targets[keep]  # only real completion tokens, not the padding after them
     parts = []
-    for s in range(0, len(y), chunk_size):
-        args = (h[s:s + chunk_size], weight, y[s:s + chunk_size])
+    for s in range(0, len(targets), chunk_size):
+        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size])
         if torch.is_grad_enabled():
             parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(*args))
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    if parts:
-        out = out.index_put((keep,), torch.cat(parts))
-    return out
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 @contextmanager
-def lm_head_as_logprobs(model, targets, mask, chunk_size):
-    """Make the model's LM head return chunked log-probs of targets instead of logits.
+def lm_head_as_logprobs(model, source, targets, chunk_size):
+    """Make the model's LM head return the chunked log-probs of targets [N], read at the hidden
+    positions source = (rows, cols), instead of logits.
 
     The head runs inside the model's own forward, so under FSDP its weight is gathered and its
     gradient reduced by the usual hooks; calling the head from outside the forward would see a
-    sharded weight. The forward passes the head the last T+1 positions (logits_to_keep)."""
+    sharded weight. Only completion tokens reach it: the prompt (thousands of video tokens)
+    never gets full-vocabulary logits."""
     head = model.lm_head
-    head.forward = lambda hidden: chunked_logprobs(hidden[:, :-1], head.weight, targets, mask, chunk_size)
+    head.forward = lambda hidden: chunked_logprobs(hidden[source], head.weight, targets, chunk_size)
     try:
         yield
     finally:
         del head.forward  # back to the class's forward
 
 
-def completion_logprobs(model, rollout, chunk_size=1024, share_visuals=True):
+def completion_logprobs(model, rollout, chunk_size=1024, packed=True):
     """[P*G, T] log-prob of each sampled completion token under model, 0 after the end of turn
-    (grad flows if enabled). Each prompt's video and image go through the vision tower once
-    (visuals_shared). Only completion positions reach the LM head: the prompt (thousands of
-    video tokens) never gets full-vocabulary logits, and the completion gets them one chunk at a
-    time."""
-    ids = rollout.completion_ids
-    inputs = sequence_inputs(rollout, share_visuals)
-    with ExitStack() as stack:
-        if share_visuals:
-            stack.enter_context(visuals_shared(model, rollout.num_generations))
-        stack.enter_context(lm_head_as_logprobs(model, ids, rollout.completion_mask, chunk_size))
-        return model(**inputs, logits_to_keep=ids.shape[1] + 1, use_cache=False).logits
+    (grad flows if enabled).
+
+    packed: one forward per prompt, its group in one row (packed_inputs), so the prompt and
+    its video go through the model once. A row holds one group and no padding, so a prompt's
+    log-probs are the same bits whichever prompts share its batch or process. False: the P*G
+    sequences repeated in full, in one forward (the public code's way; the baseline)."""
+    mask = rollout.completion_mask.bool()
+    if packed:
+        g, flat = rollout.num_generations, []
+        for i in range(rollout.prompts["input_ids"].shape[0]):
+            ids, m = rollout.completion_ids[i * g:(i + 1) * g], mask[i * g:(i + 1) * g]
+            inputs, cols = packed_inputs(model, select_prompt(rollout.prompts, i), ids, m)
+            with sdpa_attention(model), lm_head_as_logprobs(model, (0, cols), ids[m], chunk_size):
+                flat.append(model(**inputs, use_cache=False).logits)
+        flat = torch.cat(flat)
+    else:
+        inputs, source = repeated_inputs(rollout)
+        with lm_head_as_logprobs(model, source, rollout.completion_ids[mask], chunk_size):
+            flat = model(**inputs, use_cache=False).logits
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
+    return out.index_put((mask,), flat)

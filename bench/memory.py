@@ -11,9 +11,11 @@ flash-attention 2) and takes the peak over its three phases:
 
   rollout    weights gathered once (bf16), KV cache of P x G x (prompt + completion) tokens,
              each prompt prefilled once, the vision tower run once per prompt;
-  reference  a no-grad forward of the P x G sequences (each prompt's visuals encoded once);
-  policy     forward with one saved input per checkpointed layer or vision block, backward
-             recomputing one layer at a time, the LM head in chunks of --chunk positions.
+  reference  a no-grad forward of each prompt packed with its G completions into one row
+             (the prompt and its visuals once), with that row's attention mask;
+  policy     the same rows, forward with one saved input per checkpointed layer or vision
+             block, backward recomputing one layer at a time, the LM head in chunks of --chunk
+             positions.
 
 The per-token working set of one layer (how many H- and I-sized tensors a Qwen2.5-VL decoder
 layer or vision block keeps alive while it runs) is counted from the transformers code and
@@ -72,7 +74,7 @@ class Settings:
     reference: bool = True          # CARE's EMA reference (or GRPO's frozen one for the KL)
     train_vision: bool = True
     cuda_overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
-    repeat_visuals: bool = False    # True: visuals encoded and prompt prefilled G times (the public code)
+    repeat_prompts: bool = False    # True: the prompt and its visuals run G times (the public code)
 
 
 @dataclass
@@ -144,10 +146,16 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     t = s.completion if completion is None else completion
     seq, b = sp + t, s.prompts_per_device * s.num_generations
     m = b * t  # completion tokens scored
+    # Scoring forwards: each prompt and its G completions in one row (rollout.packed_inputs),
+    # under a boolean mask that sdpa turns into an additive one in the compute dtype; the public
+    # code runs b full sequences.
+    row = seq if s.repeat_prompts else sp + s.num_generations * t
+    scored = b * seq if s.repeat_prompts else s.prompts_per_device * row
+    mask = 0 if s.repeat_prompts else s.prompts_per_device * row ** 2 * (1 + c)
     h, i, heads = shapes.hidden, shapes.inter, shapes.heads
     vh, vi, vheads = shapes.vision_hidden, shapes.vision_inter, shapes.vision_heads
     window = patches / max(1, s.frames // shapes.temporal + 1)  # vision attention is per frame (or window)
-    copies = b if s.repeat_visuals else s.prompts_per_device
+    copies = b if s.repeat_prompts else s.prompts_per_device
 
     parts = {
         "parameters (fp32 shards)": 4 * shapes.params / w,
@@ -170,31 +178,31 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     kv_cache = 2 * shapes.layers * b * seq * shapes.kv_dim * c
     # One prompt at a time, prefilled once and its cache copied for the G samples (the public
     # code prefills the G copies together).
-    prefill = layer_bytes((b if s.repeat_visuals else 1) * sp, h, i, heads, sp, NO_GRAD_LAYER, c, s.flash_attention)
+    prefill = layer_bytes((b if s.repeat_prompts else 1) * sp, h, i, heads, sp, NO_GRAD_LAYER, c, s.flash_attention)
     vision_once = s.prompts_per_device * layer_bytes(patches, vh, vi, vheads, window, NO_GRAD_LAYER, c,
                                                     s.flash_attention)
     rollout = static + gathered + kv_cache + max(prefill, vision_once)
 
-    # Reference: a no-grad forward of b full sequences, LM head chunked. The scoring forwards get
-    # the fp32 pixel values once per prompt (G times with --repeat-visuals).
+    # Reference: a no-grad forward of the packed rows, LM head chunked. The scoring forwards get
+    # the fp32 pixel values once per prompt (G times with --repeat-prompts).
     pixels = copies * patches * 3 * shapes.temporal * shapes.patch ** 2 * 4
     chunk_no_grad = min(s.chunk, m) * shapes.vocab * (c + 4 + 4)
     ref_vision = copies * layer_bytes(patches, vh, vi, vheads, window, NO_GRAD_LAYER, c, s.flash_attention)
-    ref_layer = layer_bytes(b * seq, h, i, heads, seq, NO_GRAD_LAYER, c, s.flash_attention)
-    reference = (static + in_flight + pixels + max(ref_vision, ref_layer, chunk_no_grad)) if s.reference else 0
+    ref_layer = layer_bytes(scored, h, i, heads, row, NO_GRAD_LAYER, c, s.flash_attention)
+    reference = (static + in_flight + pixels + mask + max(ref_vision, ref_layer, chunk_no_grad)) if s.reference else 0
 
     # Policy: one saved input per checkpointed layer / vision block, then backward recomputes
     # one at a time; the gradients of the unit being reduced exist unsharded (fp32) meanwhile.
     # Saved: each layer's input, the embeddings and visual scatter, the 3D-RoPE cos/sin.
-    saved = b * seq * ((shapes.layers + 2) * h + 2 * shapes.head_dim) * c
+    saved = scored * ((shapes.layers + 2) * h + 2 * shapes.head_dim) * c
     if s.train_vision:
         saved += copies * patches * vh * c * (shapes.vision_depth + 5)  # block inputs + patch embed + merger
-    recompute = max(layer_bytes(b * seq, h, i, heads, seq, GRAD_LAYER, c, s.flash_attention),
+    recompute = max(layer_bytes(scored, h, i, heads, row, GRAD_LAYER, c, s.flash_attention),
                     copies * layer_bytes(patches, vh, vi, vheads, window, GRAD_LAYER, c, s.flash_attention)
                     if s.train_vision else 0,
                     min(s.chunk, m) * shapes.vocab * (c + 4 + 4 + 4))
     unsharded_grads = 4 * max(shapes.layer_params, shapes.head_params) if w > 1 else 0
-    policy = (static + parts["gradients (fp32 shards)"] + in_flight + pixels + saved + recompute
+    policy = (static + parts["gradients (fp32 shards)"] + in_flight + pixels + mask + saved + recompute
               + unsharded_grads)
 
     parts.update({
@@ -203,6 +211,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
         "rollout: prefill / vision transient": max(prefill, vision_once),
         "scoring: gathered FSDP units in flight": in_flight,
         "scoring: pixel values": pixels,
+        "scoring: packed rows' attention mask": mask,
         "policy: checkpointed activations": saved,
         "policy: one layer recomputed / LM-head chunk": recompute,
         "policy: unsharded gradients of one unit": unsharded_grads,

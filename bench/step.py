@@ -1,7 +1,8 @@
-"""Time one GRPO-CARE training step by phase, with each prompt's visuals encoded once (ours)
-and, with --baseline repeat, the public code's way side by side (the prompt repeated G times:
-G vision passes and G prefills in generation, G vision passes in the policy and in the
-reference forward).
+"""Time one GRPO-CARE training step by phase, ours (each group's prompt and video through the
+model once: one prefill shared by the G samples in generation, and the group packed into one
+row for the reference and policy forwards) and, with --baseline repeat, the public code's way
+side by side (the prompt repeated G times: G vision passes and G prompt forwards in each of
+generation, reference scoring and the policy update).
 
     python bench/step.py                      # ours only
     python bench/step.py --baseline repeat    # both, and the ratio
@@ -66,7 +67,7 @@ def build(workdir, seed=0):
     return model_dir, root
 
 
-def run(share, args, model_dir, root):
+def run(ours, args, model_dir, root):
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -101,14 +102,14 @@ def run(share, args, model_dir, root):
         sync()
         t0 = time.perf_counter()
         with tracker or torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            roll = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step], share=share)
+            roll = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step], share=ours)
             sync()
             t1 = time.perf_counter()
             with torch.no_grad():
-                rollout.completion_logprobs(ref, roll, chunk, share_visuals=share)
+                rollout.completion_logprobs(ref, roll, chunk, packed=ours)
             sync()
             t2 = time.perf_counter()
-            logp = rollout.completion_logprobs(policy, roll, chunk, share_visuals=share)
+            logp = rollout.completion_logprobs(policy, roll, chunk, packed=ours)
             loss, _ = care.policy_loss(logp, torch.linspace(-1, 1, g, device=device), roll.completion_mask)
             loss.backward()
             optimizer.step()
@@ -125,11 +126,13 @@ def run(share, args, model_dir, root):
         frames.append(sum(m.frames for m in meters.values()))
         peaks.append(torch.cuda.max_memory_allocated() if cuda else tracker.peak)
     prompt_tokens = int(prompts["input_ids"].shape[1])
+    # Tokens of the G sequences (prompt + completion each) for both paths: the same work, so
+    # tokens/s compares them directly.
     tokens = {"generation": g * args.completion, "reference": g * (prompt_tokens + args.completion),
               "policy": g * (prompt_tokens + args.completion)}
     mean = {k: sum(v) / len(v) for k, v in times.items()}
     return {
-        "path": "shared" if share else "repeat",
+        "path": "ours" if ours else "repeat",
         "seconds": mean,
         "tokens_per_second": {k: tokens[k] / mean[k] for k in tokens},
         "vision_frames_per_prompt_per_step": frames[-1],

@@ -88,7 +88,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
     mask = roll.completion_mask.bool()
 
     model.zero_grad()
-    full = model(**rollout.sequence_inputs(roll, share_visuals=False)).logits.log_softmax(-1)
+    full = model(**rollout.repeated_inputs(roll)[0]).logits.log_softmax(-1)
     expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
     (expected * mask).sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -103,7 +103,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
                                        msg=lambda m, name=name, chunk=chunk: f"{name} (chunk {chunk}): {m}")
     model.zero_grad()
     # The head is restored: a plain forward gives logits again.
-    assert model(**rollout.sequence_inputs(roll, share_visuals=False)).logits.shape[-1] == model.config.text_config.vocab_size
+    assert model(**rollout.repeated_inputs(roll)[0]).logits.shape[-1] == model.config.text_config.vocab_size
 
 
 def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeypatch):
@@ -116,8 +116,9 @@ def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeyp
     monkeypatch.setattr(rollout, "_chunk_logprobs", lambda h, w, y: seen.append(len(y)) or real(h, w, y))
     with torch.no_grad():
         rollout.completion_logprobs(model, roll, chunk_size=4)
-    n = int(roll.completion_mask.sum())
-    assert sum(seen) == n and max(seen) == 4 and len(seen) == -(-n // 4)
+    per_prompt = roll.completion_mask.view(2, -1).sum(1).long().tolist()  # one forward per prompt's group
+    assert sum(seen) == sum(per_prompt) and max(seen) == 4
+    assert len(seen) == sum(-(-n // 4) for n in per_prompt)
 
 
 def test_select_prompt_is_the_prompt_alone(prompts, tokenizer):
@@ -142,7 +143,7 @@ def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
     assert other.texts[:3] != both.texts[:3] and other.texts[3:] == both.texts[3:]
 
 
-# --- each prompt's visuals encoded once per scoring forward ----------------------------------
+# --- each group's prompt and visuals through the model once per scoring forward --------------
 
 @pytest.fixture(scope="module")
 def three_kinds(tiny_model_dir, tokenizer, seed_bench_root):
@@ -165,11 +166,12 @@ def encoder_calls(model):
 
 @pytest.mark.parametrize("train_vision", [True, False])
 @pytest.mark.parametrize("kinds", [[0], [1], [2], [0, 1, 2]], ids=["video", "image", "video+image", "mixed-batch"])
-def test_shared_visuals_give_the_repeated_logprobs_loss_and_gradients(tiny_model_dir, tokenizer, three_kinds,
-                                                                       train_vision, kinds):
-    """Encoding each prompt's visuals once and handing the features to its G sequences is the
-    same computation as the public code's G encodings: log-probs, loss and every gradient (the
-    vision tower's included, summed over the G sequences) agree to float rounding."""
+def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(tiny_model_dir, tokenizer, three_kinds,
+                                                                      train_vision, kinds):
+    """Packing each prompt and its G completions into one row (the prompt and its visuals
+    through the model once) is the same computation as the public code's G full sequences:
+    log-probs, loss and every gradient (the vision tower's included, summed over the G
+    sequences) agree to float rounding."""
     import care
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).train()
     model.model.visual.requires_grad_(train_vision)
@@ -179,15 +181,15 @@ def test_shared_visuals_give_the_repeated_logprobs_loss_and_gradients(tiny_model
                             g, rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[5] * len(kinds))
     adv = torch.linspace(-1, 1, g * len(kinds))
     results = {}
-    for share in (True, False):
+    for packed in (True, False):
         model.zero_grad()
         calls = encoder_calls(model)
-        logp = rollout.completion_logprobs(model, roll, chunk_size=4, share_visuals=share)
+        logp = rollout.completion_logprobs(model, roll, chunk_size=4, packed=packed)
         loss, _ = care.policy_loss(logp, adv, roll.completion_mask)
         loss.backward()
         model.model.visual._forward_hooks.clear()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[share] = (logp.detach(), loss.detach(), grads, calls)
+        results[packed] = (logp.detach(), loss.detach(), grads, calls)
     (lp_s, loss_s, grads_s, calls_s), (lp_r, loss_r, grads_r, calls_r) = results[True], results[False]
     torch.testing.assert_close(lp_s, lp_r, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_s, loss_r, rtol=1e-5, atol=1e-7)
@@ -227,3 +229,41 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, to
     n_visuals = 1 + (kind == 2)
     assert (vision_s, prefill_s) == (n_visuals, 1)
     assert (vision_r, prefill_r) == (4 * n_visuals, 4)
+
+
+def test_a_prompts_packed_logprobs_do_not_depend_on_its_batch(model, tokenizer, three_kinds):
+    """Each prompt's group is scored in its own row, without padding: the same bits alone or
+    next to other prompts, so a 1-process run with P prompts per step computes what P processes
+    with one prompt each compute."""
+    torch.manual_seed(4)
+    kinds = [three_kinds[0], three_kinds[1], three_kinds[2]]
+    batch = data.collate_prompts(kinds, tokenizer)
+    assert (batch["attention_mask"] == 0).any()  # premise: the batch is padded
+    roll = rollout.generate(model, batch, tokenizer, 2, rollout.sampling_config(tokenizer, max_new_tokens=5),
+                            seeds=[1, 2, 3])
+    with torch.no_grad():
+        together = rollout.completion_logprobs(model, roll)
+        for i, enc in enumerate(kinds):
+            rows = slice(2 * i, 2 * i + 2)
+            alone = rollout.Rollout(data.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
+                                    roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], 2)
+            assert torch.equal(together[rows], rollout.completion_logprobs(model, alone))
+
+
+def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokenizer, three_kinds):
+    """A model loaded with another attention (eager here; flash-attention 2 on GPU) scores the
+    packed rows with sdpa, which takes their mask, and gets its own attention back after."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    torch.manual_seed(5)
+    roll = rollout.generate(model, data.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
+                            rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[3])
+    seen = []
+    layer = model.model.language_model.layers[0].self_attn
+    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.config._attn_implementation))
+    with torch.no_grad():
+        packed = rollout.completion_logprobs(model, roll)
+        repeated = rollout.completion_logprobs(model, roll, packed=False)
+    assert seen == ["sdpa", "eager"]
+    assert model.model.language_model.config._attn_implementation == "eager"
+    mask = roll.completion_mask.bool()
+    torch.testing.assert_close(packed[mask], repeated[mask], rtol=1e-5, atol=1e-5)
