@@ -4,9 +4,9 @@ checkpoints for exact resume, and a consolidated Hugging Face export of the poli
 
 Layout, with W processes: every parameter of both models is cut in W slices along its first
 dimension and process r keeps slice r in fp32 (with its gradient and AdamW state, for the
-policy). Each decoder layer and each vision block is one FSDP unit: its bf16 weights are
-all-gathered just before it runs and freed just after, so a GPU holds the full weights of
-about one layer at a time. Policy and reference are sharded by the same accelerate call over
+policy). Each decoder layer is one FSDP unit: its bf16 weights are all-gathered just before
+it runs and freed just after, so a GPU holds the full weights of about one layer at a time
+(plus the vision tower, the embeddings and the LM head, gathered for a whole forward). Policy and reference are sharded by the same accelerate call over
 the same process group, so process r holds the same slice of every parameter in both, and the
 EMA update (reference.ema_update) is a local lerp with no communication.
 
@@ -31,9 +31,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-# The FSDP units: one per decoder layer and one per vision block (plus accelerate's own units
-# for the embeddings, the final norm + LM head, and the root for what is left).
-WRAP_CLASSES = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+# The FSDP units: one per decoder layer (plus accelerate's own units for the embeddings, the
+# final norm + LM head, and the root for what is left, the vision tower included). The vision
+# blocks are deliberately not units of their own: every unit all-gathers each time it runs, and
+# the vision tower runs once per visual, so a process whose prompt has no video (a quarter of
+# SEED-Bench-R1's rows) would issue fewer all-gathers than one whose prompt has: the processes'
+# collectives fall out of step (a hang under NCCL, a crash under gloo). In the root the tower is
+# gathered once per forward on every process, whatever the prompts hold (0.68B parameters for
+# 7B: 1.4 GB in bf16 while a forward runs).
+WRAP_CLASSES = ["Qwen2_5_VLDecoderLayer"]
 
 
 def make_accelerator(mixed_precision):
@@ -98,8 +104,9 @@ def gathered(model):
     do not wait for each other. Costs the full bf16 weights on each GPU while it lasts."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if units:
-        # FSDP picks its root at the first forward. generate() runs the vision tower on its own
-        # before the first full forward, which would make a vision block the root; settle it now.
+        # FSDP picks its root at the first forward; a unit unsharded or run on its own before
+        # that (unshard() below, or generate() calling a submodule) would become the root.
+        # Settle it now.
         units[0]._get_fsdp_state()._lazy_init()
     # set_reshard_after_forward has no getter, so keep each group's setting to put it back
     # (accelerate keeps the root and the LM head unsharded after forward, the layers not).

@@ -96,7 +96,6 @@ class Shapes:
     vision_inter: int
     vision_heads: int
     vision_params: int
-    vision_block_params: int
     patch: int
     merge: int
     temporal: int
@@ -118,7 +117,7 @@ def shapes_of(config, train_vision=True):
                   layer_params=count(model.model.language_model.layers[0]), head_params=count(model.lm_head),
                   embed_params=count(model.model.language_model.embed_tokens), vision_depth=v.depth,
                   vision_hidden=v.hidden_size, vision_inter=v.intermediate_size, vision_heads=v.num_heads,
-                  vision_params=count(model.model.visual), vision_block_params=count(model.model.visual.blocks[0]),
+                  vision_params=count(model.model.visual),
                   patch=v.patch_size, merge=v.spatial_merge_size,
                   temporal=v.temporal_patch_size)
 
@@ -167,10 +166,9 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     static = sum(parts.values()) - parts["gradients (fp32 shards)"]  # grads are freed between steps
     # FSDP units gathered while a forward runs: the decoder layer running, the next one being
     # prefetched and the all-gather buffer of a third, plus the units accelerate keeps gathered
-    # through the forward (root: vision patch embedding and merger; final norm + LM head) and
-    # the embeddings.
-    root = (shapes.params - shapes.layers * shapes.layer_params - shapes.vision_depth * shapes.vision_block_params
-            - shapes.head_params - shapes.embed_params)
+    # through the forward (the root, which holds the whole vision tower (fsdp.WRAP_CLASSES);
+    # final norm + LM head) and the embeddings.
+    root = shapes.params - shapes.layers * shapes.layer_params - shapes.head_params - shapes.embed_params
     in_flight = (3 * shapes.layer_params + shapes.head_params + shapes.embed_params + root) * c if w > 1 else 0
 
     # Rollout: every weight gathered once, the KV cache, then the largest transient of prefill.
@@ -201,7 +199,9 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
                     copies * layer_bytes(patches, vh, vi, vheads, window, GRAD_LAYER, c, s.flash_attention)
                     if s.train_vision else 0,
                     min(s.chunk, m) * shapes.vocab * (c + 4 + 4 + 4))
-    unsharded_grads = 4 * max(shapes.layer_params, shapes.head_params) if w > 1 else 0
+    # A unit's unsharded gradients (compute dtype) and the fp32 reduce-scatter buffer FSDP
+    # copies them into; the largest unit is the root, with the vision tower.
+    unsharded_grads = (c + 4) * max(shapes.layer_params, shapes.head_params, root) if w > 1 else 0
     policy = (static + parts["gradients (fp32 shards)"] + in_flight + pixels + mask + saved + recompute
               + unsharded_grads)
 

@@ -118,6 +118,38 @@ def main(model_dir, out_path):
     torch.testing.assert_close(lp_sharded, lp_full, rtol=1e-5, atol=1e-5)
     results["logprobs"] = "sharded == unsharded"
 
+    # 3b. Different visuals on the two processes: an image-only prompt here, a video-and-image
+    # prompt there (a quarter of SEED-Bench-R1's rows have no progress video). The vision tower
+    # runs once on one process and twice on the other; the sharded forwards and the backward
+    # must still line up across processes, and give the unsharded log-probs and gradients.
+    import data
+    data_root = os.path.join(os.path.dirname(out_path), f"data-rank{rank}")
+    tiny.build_seed_bench(data_root, n_train=8, n_val=1, n_frames=4)
+    samples, _ = data.load_samples(f"{data_root}/annotations/training_6k.jsonl", data_root)
+    sample = next(s for s in samples if bool(s.video) == (rank == 1))
+    budget = data.budget_from_checkpoint(model_dir, max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56,
+                                         video_min_pixels=28 * 28, image_min_pixels=28 * 28)
+    prompts = data.collate_prompts([data.encode_prompt(sample, tokenizer, budget)], tokenizer)
+    with fsdp.gathered(policy):
+        roll = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5), seeds=[rank])
+    for packed in (True, False):
+        with torch.no_grad():
+            rollout.completion_logprobs(ref, roll, packed=packed)
+        fsdp.reshard(ref)
+        rollout.completion_logprobs(policy, roll, packed=packed).sum().backward()
+        full_policy.zero_grad()
+        lp_full = rollout.completion_logprobs(full_policy, roll, packed=packed)
+        lp_full.sum().backward()
+        # FSDP averages gradients over the processes: compare this process's slice of the mean.
+        for name in ("lm_head.weight", "model.visual.patch_embed.proj.weight"):
+            grad = fsdp.local(policy.get_parameter(name).grad)
+            dist.all_reduce(expected := full_policy.get_parameter(name).grad.clone())
+            rows = (expected.shape[0] + 1) // 2
+            torch.testing.assert_close(grad, expected[rank * rows:(rank + 1) * rows] / 2, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        optimizer.zero_grad(set_to_none=True)
+    results["mixed_visuals"] = "image-only and video+image prompts on different processes: forwards and backward line up"
+
     # 4. EMA on local shards: no communication, and the same numbers as on whole tensors.
     with CountAllGathers() as ema_gathers:
         reference.ema_update(ref, policy, 0.9)

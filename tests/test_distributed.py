@@ -144,10 +144,11 @@ def fsdp_checks(warm_model_dir, tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("check", ["same_slices", "generation", "logprobs", "ema", "nan_stops_all", "export"])
+@pytest.mark.parametrize("check", ["same_slices", "generation", "logprobs", "mixed_visuals", "ema", "nan_stops_all", "export"])
 def test_sharded_pieces(fsdp_checks, check):
     """tests/fsdp_checks.py: the same slices of policy and reference on each process; one
     all-gather per FSDP unit per rollout; sharded log-probs equal unsharded ones; the EMA on local
-    shards equals the unsharded EMA with no communication; a NaN on one process stops both;
-    the HF export equals the weights."""
+    shards equals the unsharded EMA with no communication; prompts with different visuals on the
+    two processes (image only; video and image) score and backpropagate in step; a NaN on one
+    process stops both; the HF export equals the weights."""
     assert check in fsdp_checks, f"{check} did not run"
