@@ -10,7 +10,7 @@ model once per group: generation prefills it once and the samples continue from 
 KV cache (prefilled); scoring packs it with its G completions into one row (packed_inputs).
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -94,19 +94,24 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
     g = num_generations
     rows = []
+
+    def sample(**inputs):
+        # Each process samples on its own. Under FSDP, call generate() inside fsdp.gathered (as
+        # train.py does), where the forwards need no collective. transformers would otherwise
+        # see FSDP and keep every process stepping until all are done (an all-reduce per token),
+        # which deadlocks when processes make different numbers of calls: --skip-bad-samples
+        # can leave them with different numbers of prompts.
+        return model.generate(**inputs, generation_config=gen_config, synced_gpus=False)
+
     with own_generation_config(model, gen_config):
         if seeds is None:
             gen_config.num_return_sequences = g
-            out = model.generate(**model_inputs(prompts), generation_config=gen_config)
-            rows.extend(out[:, prompts["input_ids"].shape[1]:])
+            rows.extend(sample(**model_inputs(prompts))[:, prompts["input_ids"].shape[1]:])
         for i, seed in enumerate(seeds or []):
             one = select_prompt(prompts, i)
             torch.manual_seed(seed)
             gen_config.num_return_sequences = 1
-            if share:
-                out = model.generate(**prefilled(model, one, g), generation_config=gen_config)
-            else:
-                out = model.generate(**model_inputs(repeat_prompts(one, g)), generation_config=gen_config)
+            out = sample(**prefilled(model, one, g)) if share else sample(**model_inputs(repeat_prompts(one, g)))
             rows.extend(out[:, one["input_ids"].shape[1]:])
     model.train(was_training)
     pad = gen_config.pad_token_id
@@ -205,42 +210,57 @@ def prompt_positions(model, prompts):
     return pos
 
 
-def packed_inputs(model, prompt, completion_ids, completion_mask):
-    """One prompt (a batch of one, without padding: select_prompt) and its G completions packed
-    into one row, [prompt | c_1 | c_2 | ... | c_G], with an attention mask under which c_i sees
-    the prompt and its own earlier tokens only, and positions under which every c_i starts
-    right after the prompt.
+def pack_group(model, prompt, completion_ids, completion_mask):
+    """One prompt (a batch of one, without padding: select_prompt) and its G completions as one
+    row [prompt | c_1 | ... | c_G]: (ids [L], positions [3, L], segment [L], cols).
+
+    segment is 0 on the prompt and i + 1 on completion i; every c_i is positioned right after
+    the prompt, as if it were the only continuation. cols[k] is the position whose output
+    predicts the k-th completion token under the mask (row-major); the first token of every
+    c_i is predicted by the prompt's last position."""
+    device, width = prompt["input_ids"].device, prompt["input_ids"].shape[1]
+    positions = [prompt_positions(model, prompt)[:, 0]]
+    after_prompt = positions[0].max() + 1  # the text continues here (Qwen2.5-VL's 3D RoPE)
+    ids, segment, cols = [prompt["input_ids"][0]], [torch.zeros(width, dtype=torch.long, device=device)], []
+    at = width
+    for i, n in enumerate(completion_mask.sum(1).long().tolist()):  # n: up to and including the end of turn
+        ids.append(completion_ids[i, :n])
+        segment.append(torch.full((n,), i + 1, device=device))
+        positions.append((after_prompt + torch.arange(n, device=device)).expand(3, n))
+        cols += [width - 1] + list(range(at, at + n - 1))
+        at += n
+    return torch.cat(ids), torch.cat(positions, dim=1), torch.cat(segment), cols
+
+
+def packed_inputs(model, rollout):
+    """Each prompt and its G completions packed into one row (pack_group), with an attention
+    mask under which c_i sees the prompt and its own earlier tokens only.
 
     Attention is causal, so the prompt's hidden states and keys/values are the same in all G
     sequences prompt + c_i: computing them once gives every completion token exactly what G
     separate sequences give it, but the prompt (thousands of video tokens) and its video go
     through the model once per group instead of G times, in forward and in backward, and the
-    G completions' gradients meet in that one prompt.
+    G completions' gradients meet in that one prompt. The P rows are right-padded to one
+    length and scored in one forward; nothing reads the padding's outputs.
 
-    Returns (inputs, cols): cols[k] is the row position whose output predicts the k-th
-    completion token under the mask (row-major); the first token of every c_i is predicted by
-    the prompt's last position."""
-    device, width = prompt["input_ids"].device, prompt["input_ids"].shape[1]
-    lengths = completion_mask.sum(1).long().tolist()  # up to and including the end of turn
-    positions = [prompt_positions(model, prompt)[:, 0]]
-    after_prompt = positions[0].max() + 1  # the text continues here (Qwen2.5-VL's 3D RoPE)
-    ids, segment, cols = [prompt["input_ids"][0]], [torch.zeros(width, dtype=torch.long, device=device)], []
-    at = width
-    for i, n in enumerate(lengths):
-        ids.append(completion_ids[i, :n])
-        segment.append(torch.full((n,), i + 1, device=device))  # 0: the prompt, i + 1: completion i
-        positions.append((after_prompt + torch.arange(n, device=device)).expand(3, n))
-        cols += [width - 1] + list(range(at, at + n - 1))
-        at += n
-    segment = torch.cat(segment)
-    q, k = segment[:, None], segment[None, :]
-    allowed = torch.ones(at, at, dtype=torch.bool, device=device).tril() & ((k == 0) | (k == q))
-    inputs = {key: prompt[key] for key in VISUAL_KEYS if key in prompt}
+    Returns (inputs, source) as repeated_inputs does."""
+    prompts, g = rollout.prompts, rollout.num_generations
+    groups = [pack_group(model, select_prompt(prompts, i), rollout.completion_ids[i * g:(i + 1) * g],
+                         rollout.completion_mask[i * g:(i + 1) * g]) for i in range(prompts["input_ids"].shape[0])]
+    pad = lambda xs, value: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=value)
+    ids = pad([x[0] for x in groups], 0)
+    positions = pad([x[1].T for x in groups], 0).permute(2, 0, 1)  # [3, P, L]
+    segment = pad([x[2] for x in groups], -1)
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+    allowed = causal & ((k == 0) | (k == q))  # the prompt, and earlier tokens of the same completion
+    rows = torch.cat([torch.full((len(x[3]),), r) for r, x in enumerate(groups)]).to(ids.device)
+    cols = torch.tensor([c for x in groups for c in x[3]], device=ids.device)
+    inputs = {key: prompts[key] for key in VISUAL_KEYS if key in prompts}
     # A ready-made mask per attention type goes to the layers as it is (transformers does not
     # build its causal mask then).
-    inputs.update(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions, dim=1)[:, None],
-                  attention_mask={"full_attention": allowed[None, None]})
-    return inputs, torch.tensor(cols, device=device)
+    inputs.update(input_ids=ids, position_ids=positions, attention_mask={"full_attention": allowed[:, None]})
+    return inputs, (rows, cols)
 
 
 @contextmanager
@@ -301,24 +321,14 @@ def lm_head_as_logprobs(model, source, targets, chunk_size):
 
 def completion_logprobs(model, rollout, chunk_size=1024, packed=True):
     """[P*G, T] log-prob of each sampled completion token under model, 0 after the end of turn
-    (grad flows if enabled).
-
-    packed: one forward per prompt, its group in one row (packed_inputs), so the prompt and
-    its video go through the model once. A row holds one group and no padding, so a prompt's
-    log-probs are the same bits whichever prompts share its batch or process. False: the P*G
-    sequences repeated in full, in one forward (the public code's way; the baseline)."""
+    (grad flows if enabled). packed: each group in one row (packed_inputs), so its prompt and
+    video go through the model once; False: the P*G sequences repeated in full (the public
+    code's way; the baseline). One forward either way, so under FSDP every process issues the
+    same collectives whatever its prompts hold, and however many were skipped."""
     mask = rollout.completion_mask.bool()
-    if packed:
-        g, flat = rollout.num_generations, []
-        for i in range(rollout.prompts["input_ids"].shape[0]):
-            ids, m = rollout.completion_ids[i * g:(i + 1) * g], mask[i * g:(i + 1) * g]
-            inputs, cols = packed_inputs(model, select_prompt(rollout.prompts, i), ids, m)
-            with sdpa_attention(model), lm_head_as_logprobs(model, (0, cols), ids[m], chunk_size):
-                flat.append(model(**inputs, use_cache=False).logits)
-        flat = torch.cat(flat)
-    else:
-        inputs, source = repeated_inputs(rollout)
-        with lm_head_as_logprobs(model, source, rollout.completion_ids[mask], chunk_size):
-            flat = model(**inputs, use_cache=False).logits
+    inputs, source = packed_inputs(model, rollout) if packed else repeated_inputs(rollout)
+    attention = sdpa_attention(model) if packed else nullcontext()
+    with attention, lm_head_as_logprobs(model, source, rollout.completion_ids[mask], chunk_size):
+        flat = model(**inputs, use_cache=False).logits
     out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
     return out.index_put((mask,), flat)

@@ -118,20 +118,22 @@ def main(model_dir, out_path):
     torch.testing.assert_close(lp_sharded, lp_full, rtol=1e-5, atol=1e-5)
     results["logprobs"] = "sharded == unsharded"
 
-    # 3b. Different visuals on the two processes: an image-only prompt here, a video-and-image
-    # prompt there (a quarter of SEED-Bench-R1's rows have no progress video). The vision tower
-    # runs once on one process and twice on the other; the sharded forwards and the backward
-    # must still line up across processes, and give the unsharded log-probs and gradients.
+    # 3b. Different prompts on the two processes: one image-only prompt here (a quarter of
+    # SEED-Bench-R1's rows have no progress video), two video-and-image prompts there (as after
+    # --skip-bad-samples dropped one here). The vision tower runs once here and four times
+    # there; the sharded forwards and the backward must still line up across processes, and
+    # give the unsharded gradients.
     import data
     data_root = os.path.join(os.path.dirname(out_path), f"data-rank{rank}")
     tiny.build_seed_bench(data_root, n_train=8, n_val=1, n_frames=4)
     samples, _ = data.load_samples(f"{data_root}/annotations/training_6k.jsonl", data_root)
-    sample = next(s for s in samples if bool(s.video) == (rank == 1))
+    mine = [s for s in samples if bool(s.video) == (rank == 1)][:1 + rank]
     budget = data.budget_from_checkpoint(model_dir, max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56,
                                          video_min_pixels=28 * 28, image_min_pixels=28 * 28)
-    prompts = data.collate_prompts([data.encode_prompt(sample, tokenizer, budget)], tokenizer)
+    prompts = data.collate_prompts([data.encode_prompt(s, tokenizer, budget) for s in mine], tokenizer)
     with fsdp.gathered(policy):
-        roll = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5), seeds=[rank])
+        roll = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5),
+                                seeds=list(range(len(mine))))
     for packed in (True, False):
         with torch.no_grad():
             rollout.completion_logprobs(ref, roll, packed=packed)
@@ -148,7 +150,8 @@ def main(model_dir, out_path):
             torch.testing.assert_close(grad, expected[rank * rows:(rank + 1) * rows] / 2, rtol=1e-4, atol=1e-6,
                                        msg=lambda m, name=name: f"{name}: {m}")
         optimizer.zero_grad(set_to_none=True)
-    results["mixed_visuals"] = "image-only and video+image prompts on different processes: forwards and backward line up"
+    results["mixed_visuals"] = ("1 image-only prompt here, 2 video+image prompts there: forwards and backward "
+                                "line up, gradients equal the unsharded ones")
 
     # 4. EMA on local shards: no communication, and the same numbers as on whole tensors.
     with CountAllGathers() as ema_gathers:

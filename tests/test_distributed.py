@@ -53,7 +53,17 @@ def policy_weights(ckpt):
     return load_file(os.path.join(ckpt, "policy", "model.safetensors"))
 
 
+# One process scores its 2 prompts' packed rows padded to one length, two processes one row
+# each: sums round differently, which AdamW can turn into up to half a step (lr 1e-3) on an
+# element whose gradient is at rounding level (see assert_same_weights).
+POLICY_ATOL = 5e-4
+
+
 def assert_same_weights(a, b, start, atol, min_move=1e-4):
+    """The same weights up to float rounding. Elementwise, AdamW can turn rounding into a
+    sizeable part of one step: its step is lr * m / (sqrt(v) + eps), and where a gradient is at
+    rounding level (|g| of order eps = 1e-8) the step follows the rounding. The update as a
+    whole must agree to 1%."""
     assert set(a) == set(b)
     moved = torch.cat([(a[k].float() - start[k].float()).flatten() for k in a])
     diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
@@ -76,11 +86,17 @@ def test_two_processes_match_one(care_run, two_process_run, warm_model_dir):
     assert any(r["adv_std"] > 0 for r in two), "no learning signal in the 2-process run"
     start = load_file(os.path.join(warm_model_dir, "model.safetensors"))
     ckpt = "checkpoint-000002"
-    assert_same_weights(policy_weights(care_run / ckpt), policy_weights(two_process_run / ckpt), start, 1e-4)
+    assert_same_weights(policy_weights(care_run / ckpt), policy_weights(two_process_run / ckpt), start, POLICY_ATOL)
+    # AdamW's moments are smooth in the gradients: they agree closely over the whole model.
+    moments = [read_state(run / ckpt, "optimizer")["state"] for run in (care_run, two_process_run)]
+    for m in ("exp_avg", "exp_avg_sq"):
+        one, two = (torch.cat([state[k][m].flatten() for k in sorted(state)]) for state in moments)
+        assert (one - two).norm() <= 1e-3 * one.norm(), f"{m} differs by {(one - two).norm() / one.norm():.2e}"
     ref_one, ref_two = read_state(care_run / ckpt, "reference"), read_state(two_process_run / ckpt, "reference")
     start_by_module = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
-    # The EMA moved the reference 0.5% of the way to the policy each step: ~1e-5.
-    assert_same_weights(ref_one, ref_two, start_by_module, 1e-6, min_move=1e-6)
+    # The EMA moved the reference 0.5% of the way to the policy each step: ~1e-5; elementwise,
+    # 0.5% of the policy's tolerance per step.
+    assert_same_weights(ref_one, ref_two, start_by_module, 2 * 0.005 * POLICY_ATOL, min_move=1e-6)
 
 
 def test_checkpoint_holds_one_shard_per_process(two_process_run):
@@ -117,7 +133,7 @@ def test_a_2_process_checkpoint_resumes_on_1_process(two_process_run, care_run, 
         assert resumed[0][key] == pytest.approx(one[1][key], rel=1e-5, abs=1e-7), key
     start = load_file(os.path.join(warm_model_dir, "model.safetensors"))
     assert_same_weights(policy_weights(care_run / "checkpoint-000002"),
-                        policy_weights(tmp_path / "checkpoint-000002"), start, 1e-4)
+                        policy_weights(tmp_path / "checkpoint-000002"), start, POLICY_ATOL)
 
 
 def test_ranks_deal_disjoint_shards_that_cover_the_data():

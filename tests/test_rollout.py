@@ -1,5 +1,6 @@
 """Group sampling and scoring on the tiny model, with real video and image prompts."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -116,9 +117,8 @@ def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeyp
     monkeypatch.setattr(rollout, "_chunk_logprobs", lambda h, w, y: seen.append(len(y)) or real(h, w, y))
     with torch.no_grad():
         rollout.completion_logprobs(model, roll, chunk_size=4)
-    per_prompt = roll.completion_mask.view(2, -1).sum(1).long().tolist()  # one forward per prompt's group
-    assert sum(seen) == sum(per_prompt) and max(seen) == 4
-    assert len(seen) == sum(-(-n // 4) for n in per_prompt)
+    n = int(roll.completion_mask.sum())
+    assert sum(seen) == n and max(seen) == 4 and len(seen) == -(-n // 4)
 
 
 def test_select_prompt_is_the_prompt_alone(prompts, tokenizer):
@@ -231,23 +231,24 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, to
     assert (vision_r, prefill_r) == (4 * n_visuals, 4)
 
 
-def test_a_prompts_packed_logprobs_do_not_depend_on_its_batch(model, tokenizer, three_kinds):
-    """Each prompt's group is scored in its own row, without padding: the same bits alone or
-    next to other prompts, so a 1-process run with P prompts per step computes what P processes
-    with one prompt each compute."""
+@pytest.mark.parametrize("kernel", ["default", "math"])
+def test_padded_packed_rows_score_like_each_row_alone(model, tokenizer, three_kinds, kernel):
+    """P packed rows of different lengths go through one forward, right-padded: each prompt
+    gets the log-probs it gets alone, on the default sdpa kernel and on the math one (which
+    GPUs fall back to when the fused kernels decline a mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(4)
-    kinds = [three_kinds[0], three_kinds[1], three_kinds[2]]
-    batch = data.collate_prompts(kinds, tokenizer)
-    assert (batch["attention_mask"] == 0).any()  # premise: the batch is padded
-    roll = rollout.generate(model, batch, tokenizer, 2, rollout.sampling_config(tokenizer, max_new_tokens=5),
-                            seeds=[1, 2, 3])
-    with torch.no_grad():
+    roll = rollout.generate(model, data.collate_prompts(three_kinds, tokenizer), tokenizer, 2,
+                            rollout.sampling_config(tokenizer, max_new_tokens=5), seeds=[1, 2, 3])
+    lengths = [three_kinds[i]["input_ids"].shape[0] + int(roll.completion_mask[2 * i:2 * i + 2].sum()) for i in range(3)]
+    assert len(set(lengths)) > 1  # premise: the rows are padded
+    with torch.no_grad(), (sdpa_kernel(SDPBackend.MATH) if kernel == "math" else contextlib.nullcontext()):
         together = rollout.completion_logprobs(model, roll)
-        for i, enc in enumerate(kinds):
+        for i, enc in enumerate(three_kinds):
             rows = slice(2 * i, 2 * i + 2)
             alone = rollout.Rollout(data.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
                                     roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], 2)
-            assert torch.equal(together[rows], rollout.completion_logprobs(model, alone))
+            torch.testing.assert_close(together[rows], rollout.completion_logprobs(model, alone), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokenizer, three_kinds):
