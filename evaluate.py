@@ -1,25 +1,231 @@
-"""Evaluate a checkpoint on SEED-Bench-R1 validation files (or Video-R1-style eval files).
+"""Evaluate a checkpoint: accuracy per benchmark, level, domain and question type, and the
+consistency rate (how often the reasoning leads to the answer the model gives).
 
-Near-greedy decoding (SPEC section 4), one answer per question, scored from the last <answer>
-tag. Writes predictions.jsonl (one row per sample) and summary.json to --output-dir and
-prints accuracy per level and per L3 domain.
-
-    python evaluate.py --model runs/care/checkpoint-001500/policy --data-root SEED-Bench-R1 \
+    # SEED-Bench-R1 validation, L1/L2/L3 (16 frames)
+    python evaluate.py --model runs/care/checkpoint-001500/policy --data-root SEED-Bench-R1 \\
         --data SEED-Bench-R1/annotations/validation_L{1,2,3}.jsonl --output-dir runs/care/eval
+    # general video benchmarks in Video-R1's eval format (32 frames), data-parallel on 4 GPUs
+    torchrun --nproc_per_node 4 evaluate.py --model runs/care/checkpoint-001500/policy \\
+        --data-root Video-R1-eval --data eval_mvbench.json eval_videomme.json --output-dir runs/care/eval-general
+    # GRPO versus GRPO-CARE
+    python evaluate.py compare runs/grpo/eval/summary.json runs/care/eval/summary.json
+
+Decoding is near-greedy (SPEC section 4). Each answer is scored by its problem type: the
+option letter, a number, OCR word error rate, ROUGE, and mean relative accuracy for
+regression. Consistency: a judge model (--judge, by default the evaluated model) reads each
+multiple-choice question, its options and the sample's reasoning with the final answer
+removed, and names the option the reasoning leads to; the sample is consistent when that is
+the option it answered. A judge reply we cannot parse is counted as undecided (and as not
+consistent), never dropped.
+
+Work is dealt in batches of --batch-size consecutive samples, batch k to process k mod W, each
+generated under a seed fixed by k: W processes write what one process writes. Every process
+appends its finished rows to predictions.part<rank>.jsonl as it goes; a re-run skips every
+sample already in predictions.jsonl or a part file. At the end the new rows are gathered once
+and predictions.jsonl, summary.json and summary.md are written.
 """
 
 import argparse
+import glob
 import json
 import os
+import re
+import sys
 from collections import defaultdict
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig
 
 import data
 import rewards
 import rollout
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score(sample, completion):
+    """Score one completion. Like the paper's evaluation code, a completion with no <answer> tag
+    is compared as a whole (so a bare "B" still counts); format validity is reported apart."""
+    answer = rewards.extract_answer(completion)
+    scored = completion if answer is not None else f"<answer>{completion.strip()}</answer>"
+    return {"answer": answer,
+            "score": rewards.accuracy_reward(scored, sample.solution, sample.problem_type, rewards.EVAL_SCORERS),
+            "format_ok": bool(rewards.format_reward(completion))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency: does the reasoning lead to the stated answer?
+
+JUDGE_PROMPT = """Below are a multiple-choice question and the reasoning someone wrote while answering it. \
+Their final answer has been removed.
+
+{question}
+Reasoning:
+{reasoning}
+
+Which option does this reasoning lead to? Reply with the option letter only, as <answer>X</answer>, \
+or <answer>none</answer> if it does not settle on one option."""
+
+OPTION_RE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?\.?")
+
+
+def option_letters(sample):
+    """The option letters of a multiple-choice question ("A. ..." lines), in order."""
+    return OPTION_RE.findall(sample.question)
+
+
+def reasoning_of(completion):
+    """The reasoning with the final answer removed: the <think> part when there is one, else
+    the completion with every <answer>...</answer> cut out."""
+    think = THINK_RE.findall(completion)
+    text = think[-1] if think else rewards.ANSWER_RE.sub("", completion)
+    return text.strip()
+
+
+def as_letter(text, letters):
+    """"B", "b", "(B)", "B." -> "B" when B is one of the letters; "none" -> "none"; else None."""
+    text = (text or "").strip()
+    if text.lower() == "none":
+        return "none"
+    m = LETTER_RE.fullmatch(text)
+    return m.group(1).upper() if m and m.group(1).upper() in letters else None
+
+
+def parse_verdict(reply, letters):
+    """The judge's verdict: an option letter, "none", or None (undecided: malformed, or a
+    letter that is not an option). Read from the last <answer> tag, else the bare reply."""
+    tagged = rewards.extract_answer(reply)
+    return as_letter(tagged if tagged is not None else reply, letters)
+
+
+def judge_text(tokenizer, question, reasoning):
+    """The judge's prompt as text, in its own chat format (ChatML when it has no template)."""
+    content = JUDGE_PROMPT.format(question=question, reasoning=reasoning or "(no reasoning given)")
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@torch.no_grad()
+def judge_replies(judge, tokenizer, texts, max_new_tokens):
+    """Greedy replies of the judge model to a batch of text prompts."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop),
+                              pad_token_id=tokenizer.pad_token_id, num_beams=1)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(judge.device)
+    with rollout.own_generation_config(judge, config):
+        out = judge.generate(**enc, generation_config=config)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
+    """Add a verdict to each answered multiple-choice row: judge_reply, verdict (letter, "none"
+    or None when undecided) and consistent (True/False; None when the row is not judged)."""
+    todo = []
+    for s, row in zip(samples, rows):
+        row.update(judge_reply=None, verdict=None, consistent=None)
+        letters = option_letters(s) if s.problem_type == "multiple choice" else []
+        row["stated"] = as_letter(row["answer"], letters) if letters else None
+        if row["stated"] not in (None, "none"):  # answered with an option: judged
+            todo.append((s, row, letters))
+    if not todo or judge is None:
+        return
+    texts = [judge_text(tokenizer, s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
+    for (s, row, letters), reply in zip(todo, judge_replies(judge, tokenizer, texts, max_new_tokens)):
+        row["judge_reply"] = reply
+        row["verdict"] = parse_verdict(reply, letters)
+        row["consistent"] = row["verdict"] == row["stated"]
+
+
+def load_judge(path, model, tokenizer, device, dtype):
+    """"self": the evaluated model; "none": no judge; else any local Hugging Face chat model."""
+    if path == "self":
+        return model, tokenizer
+    if path == "none":
+        return None, tokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    try:
+        judge = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except ValueError:  # a vision-language model (Qwen2.5-VL has no causal-LM class)
+        judge = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return judge.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and comparison
+
+
+def group_names(row):
+    """The table rows a prediction counts in."""
+    names = ["all", row["benchmark"]]
+    if row["domain"]:
+        names.append(f"{row['benchmark']}/{row['domain']}")
+    if row["level"] is None:  # Video-R1-style file: also per question type
+        names.append(f"{row['benchmark']}/{row['problem_type']}")
+    return names
+
+
+def summarize(rows, judged=True):
+    groups = defaultdict(list)
+    for r in rows:
+        for name in group_names(r):
+            groups[name].append(r)
+    summary = {}
+    for name in ["all"] + sorted(n for n in groups if n != "all"):
+        rs = groups[name]
+        s = {"n": len(rs), "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
+             "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
+        if judged:
+            judged_rows = [r for r in rs if r["consistent"] is not None]
+            s.update(judged=len(judged_rows), consistent=sum(r["consistent"] for r in judged_rows),
+                     undecided=sum(r["verdict"] is None for r in judged_rows),
+                     consistency=(100.0 * sum(r["consistent"] for r in judged_rows) / len(judged_rows)
+                                  if judged_rows else None))
+        summary[name] = s
+    return summary
+
+
+def pct(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def format_table(summary):
+    lines = ["| split | n | accuracy (%) | format (%) | consistency (%) | judged | undecided |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['n']} | {s['accuracy']:.1f} | {s['format']:.1f} | "
+                     f"{pct(s.get('consistency'))} | {s.get('judged', '-')} | {s.get('undecided', '-')} |")
+    return "\n".join(lines)
+
+
+def compare(path_a, path_b):
+    """Side-by-side accuracy and consistency of two runs, with B - A."""
+    a, b = (json.load(open(p)) for p in (path_a, path_b))
+    names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
+
+    def cells(name, key):
+        x, y = (run["results"].get(name, {}).get(key) for run in (a, b))
+        delta = "-" if x is None or y is None else f"{y - x:+.1f}"
+        return f"{pct(x)} | {pct(y)} | {delta}"
+
+    lines = [f"A: {a['model']}", f"B: {b['model']}", "",
+             "| split | n (A / B) | accuracy A | accuracy B | delta | consistency A | consistency B | delta |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        n = " / ".join(str(run["results"].get(name, {}).get("n", "-")) for run in (a, b))
+        lines.append(f"| {name} | {n} | {cells(name, 'accuracy')} | {cells(name, 'consistency')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The work: which samples, in which batches, on which process
 
 
 def parse_args(argv=None):
@@ -28,13 +234,17 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="annotation files (JSONL or JSON)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--judge", default="self", help='"self" (the evaluated model), "none", or a chat model path')
+    p.add_argument("--judge-max-new-tokens", type=int, default=512,
+                   help="room for a judge that reasons before it answers (its last <answer> counts)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--top-p", type=float, default=0.001)
     p.add_argument("--fps", type=float, default=2.0)
     p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=16, help="16 for SEED-Bench-R1, 32 for general video benchmarks")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files")
     p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28)
     p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples of each file")
@@ -43,90 +253,147 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def judge(sample, completion):
-    """Score one completion. Like the paper's evaluation code, a completion with no <answer> tag
-    is compared as a whole (so a bare "B" still counts); format validity is reported apart."""
-    answer = rewards.extract_answer(completion)
-    scored = completion if answer is not None else f"<answer>{completion.strip()}</answer>"
-    return {
-        "answer": answer,
-        "correct": rewards.accuracy_reward(scored, sample.solution, sample.problem_type),
-        "format_ok": bool(rewards.format_reward(completion)),
-    }
+def load_work(args):
+    """[(key, sample, benchmark, max_frames)] over all files, in file order. The key is
+    benchmark/sample_id (#2, #3, ... on repeats within a file: some files reuse ids)."""
+    work, skipped = [], []
+    for path in args.data:
+        samples, skips = data.load_samples(path, args.data_root, seed=args.seed, skip_bad=args.skip_bad_samples)
+        skipped += skips
+        samples = samples[: args.limit] if args.limit else samples
+        seed_bench = bool(samples) and samples[0].level is not None
+        bench = samples[0].level if seed_bench else os.path.splitext(os.path.basename(path))[0]
+        frames = args.max_frames or (16 if seed_bench else 32)
+        seen = defaultdict(int)
+        for s in samples:
+            seen[s.sample_id] += 1
+            key = f"{bench}/{s.sample_id}" + (f"#{seen[s.sample_id]}" if seen[s.sample_id] > 1 else "")
+            work.append((key, s, bench, frames))
+    return work, skipped
 
 
-def summarize(rows):
-    """Accuracy and format rate overall, per level, and per (level, domain)."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups["all"].append(r)
-        groups[r["level"] or "-"].append(r)
-        if r["domain"]:
-            groups[f"{r['level'] or '-'}/{r['domain']}"].append(r)
-    return {name: {"n": len(rs), "accuracy": 100.0 * sum(r["correct"] for r in rs) / len(rs),
-                   "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
-            for name, rs in sorted(groups.items())}
+def read_rows(path):
+    """Rows of a predictions file. A last line cut short by a crash is left out (that sample is
+    evaluated again); a bad line anywhere else is an error."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise data.DataError(f"{path}:{i + 1}: not a JSON row; remove the file to start over") from None
+            print(f"{path}:{i + 1}: incomplete last row left out; that sample is evaluated again", file=sys.stderr)
+    return rows
 
 
-def format_table(summary):
-    lines = ["| split | n | accuracy (%) | format (%) |", "| --- | ---: | ---: | ---: |"]
-    for name, s in summary.items():
-        lines.append(f"| {name} | {s['n']} | {s['accuracy']:.1f} | {s['format']:.1f} |")
-    return "\n".join(lines)
+def finished_rows(output_dir):
+    """Rows already written by earlier runs (the merged file and any part files), by key."""
+    done = {}
+    paths = [os.path.join(output_dir, "predictions.jsonl")] + sorted(
+        glob.glob(os.path.join(output_dir, "predictions.part*.jsonl")))
+    for path in paths:
+        if os.path.exists(path):
+            for row in read_rows(path):
+                done[row["key"]] = row
+    return done
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        if len(argv) != 3:
+            raise SystemExit("usage: evaluate.py compare A/summary.json B/summary.json")
+        table = compare(argv[1], argv[2])
+        print(table)
+        return table
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun forms a gloo group
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    budget = data.budget_from_checkpoint(args.model, fps=args.fps, min_frames=args.min_frames,
-                                         max_frames=args.max_frames, video_max_pixels=args.video_max_pixels,
-                                         image_max_pixels=args.image_max_pixels)
+    judge, judge_tokenizer = load_judge(args.judge, model, tokenizer, device, dtype)
     gen_config = rollout.sampling_config(tokenizer, args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, top_k=0, repetition_penalty=1.0)
+    budgets = {}
 
-    samples, skipped = [], []
-    for path in args.data:
-        file_samples, file_skips = data.load_samples(path, args.data_root, seed=args.seed,
-                                                     skip_bad=args.skip_bad_samples)
-        samples += file_samples[: args.limit] if args.limit else file_samples
-        skipped += file_skips
+    def budget(frames):
+        if frames not in budgets:
+            budgets[frames] = data.budget_from_checkpoint(
+                args.model, fps=args.fps, min_frames=min(args.min_frames, frames), max_frames=frames,
+                video_max_pixels=args.video_max_pixels, image_max_pixels=args.image_max_pixels)
+        return budgets[frames]
 
     os.makedirs(args.output_dir, exist_ok=True)
-    rows = []
-    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as out:
-        for start in tqdm(range(0, len(samples), args.batch_size), desc="eval"):
-            batch, encoded = [], []
-            for s in samples[start:start + args.batch_size]:
+    work, skipped = load_work(args)
+    done = finished_rows(args.output_dir)
+    accelerator.wait_for_everyone()  # everyone has read the part files before anyone appends
+    todo = [w for w in work if w[0] not in done]
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    mine = [(k, b) for k, b in enumerate(batches) if k % world == rank]
+    accelerator.print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to evaluate "
+                      f"on {world} process(es)")
+
+    new_rows = []
+    with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
+        for k, batch in tqdm(mine, desc="eval", disable=not accelerator.is_main_process):
+            kept, encoded = [], []
+            for item in batch:
                 try:
-                    encoded.append(data.encode_prompt(s, tokenizer, budget))
-                    batch.append(s)
+                    encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
+                    kept.append(item)
                 except data.DataError as e:
                     if not args.skip_bad_samples:
                         raise
                     skipped.append(str(e))
-            if not encoded:
+            if not kept:
                 continue
-            prompts = {k: (v.to(device) if torch.is_tensor(v) else v)
-                       for k, v in data.collate_prompts(encoded, tokenizer).items()}
-            roll = rollout.generate(model, prompts, tokenizer, 1, gen_config)
-            for s, text in zip(batch, roll.texts):
-                row = {"sample_id": s.sample_id, "level": s.level, "domain": s.domain,
-                       "problem_type": s.problem_type, "solution": s.solution, "completion": text,
-                       **judge(s, text)}
-                rows.append(row)
-                out.write(json.dumps(row) + "\n")
+            prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
+                       for key, v in data.collate_prompts(encoded, tokenizer).items()}
+            torch.manual_seed(args.seed * 1_000_003 + k)  # the batch's own seed, whatever the process
+            texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
+            rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
+                     "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
+                     "completion": text, **score(s, text)} for (key, s, bench, _), text in zip(kept, texts)]
+            judge_rows(judge, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
+            for row in rows:
+                part.write(json.dumps(row) + "\n")
+            part.flush()
+            new_rows += rows
 
-    summary = summarize(rows)
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"model": args.model, "data": args.data, "skipped": len(skipped),
-                   "skipped_messages": skipped, "results": summary}, f, indent=2)
-    print(format_table(summary))
-    if skipped:
-        print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
+    gathered = gather_object(new_rows) if world > 1 else new_rows
+    skipped = sorted(set(sum(gather_object([skipped]), []) if world > 1 else skipped))
+    order = {w[0]: i for i, w in enumerate(work)}
+    summary = None
+    if accelerator.is_main_process:
+        by_key = dict(done)
+        for row in gathered:
+            assert row["key"] not in by_key, f"{row['key']} evaluated twice"
+            by_key[row["key"]] = row
+        rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
+        tmp = os.path.join(args.output_dir, "predictions.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, os.path.join(args.output_dir, "predictions.jsonl"))
+        summary = summarize(rows, judged=args.judge != "none")
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump({"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows),
+                       "skipped": len(skipped), "skipped_messages": skipped, "results": summary}, f, indent=2)
+        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
+            f.write(f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
+        print(format_table(summary))
+        if skipped:
+            print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
+    accelerator.wait_for_everyone()  # predictions.jsonl holds every row: the part files can go
+    if accelerator.is_main_process:
+        for path in glob.glob(os.path.join(args.output_dir, "predictions.part*.jsonl")):
+            os.remove(path)
     return summary
 
 

@@ -116,6 +116,19 @@ def regression_score(pred, gt):
     return 1.0 - min(1.0, err)  # err may be inf when p - g overflows; min() handles it
 
 
+def mean_relative_accuracy(pred, gt):
+    """Evaluation metric for regression answers (VSI-Bench's): the share of the thresholds
+    0.50, 0.55, ..., 0.95 at which the relative error |pred - gt| / |gt| is below 1 - threshold.
+    A 7% error passes 9 of the 10 (not 0.95) and scores 0.9; 50% or more scores 0. At gt == 0
+    the absolute error stands in, as in regression_score."""
+    p, g = parse_number(pred), parse_number(gt)
+    if p is None or g is None:
+        return 0.0
+    err = abs(p - g) / abs(g) if g != 0 else abs(p - g)
+    # (100 - t) / 100 is the float nearest to 1 - t / 100 (1 - 0.95 is 0.050000000000000044)
+    return sum(err < (100 - t) / 100 for t in range(50, 100, 5)) / 10
+
+
 SCORERS = {
     "multiple choice": multiple_choice_score,
     "numerical": numerical_score,
@@ -124,14 +137,18 @@ SCORERS = {
     "regression": regression_score,
 }
 assert tuple(SCORERS) == PROBLEM_TYPES
+# Evaluation scores regression answers by mean relative accuracy; training keeps the smooth
+# 1 - relative error as its reward (SPEC 1.3).
+EVAL_SCORERS = {**SCORERS, "regression": mean_relative_accuracy}
 
 # -----------------------------------------------------------------------------
 # public entry points
 
 
-def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
-    """Score the last <answer> of `completion` against `solution`, in [0, 1]."""
-    if problem_type not in SCORERS:
+def accuracy_reward(completion: str, solution: str, problem_type: str, scorers=SCORERS) -> float:
+    """Score the last <answer> of `completion` against `solution`, in [0, 1] (scorers:
+    EVAL_SCORERS for evaluation)."""
+    if problem_type not in scorers:
         raise ValueError(f"unknown problem_type {problem_type!r}; known: {', '.join(PROBLEM_TYPES)}")
     pred = extract_answer(completion)
     # A missing or empty answer scores 0 for every type, even against an empty ground truth:
@@ -141,7 +158,7 @@ def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
     gt = ground_truth(solution)
     if not gt:
         return 0.0
-    return float(SCORERS[problem_type](pred, gt))
+    return float(scorers[problem_type](pred, gt))
 
 
 def score(completions: list[str], solutions: list[str],

@@ -7,6 +7,7 @@ Nothing here downloads anything. Tests and the demo use these so that every real
 
     python tiny.py seed-bench out/tiny-seed-bench --train 32 --val 8
     python tiny.py model out/tiny-model [--warm-up out/tiny-seed-bench]
+    python tiny.py video-r1-eval out/tiny-video-r1 --n 10
 """
 
 import argparse
@@ -202,6 +203,39 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
     return root
 
 
+def build_video_r1_eval(root, n=10, seed=0, n_frames=8):
+    """A Video-R1-style evaluation file, DIR/eval_tiny.json (the shape of VSI-Bench, MVBench,
+    VideoMME, ... eval files): every problem type in turn, videos and images alternating."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour = rng.choice(list(COLOURS))
+        clip = moving_square_clip(colour, n_frames=n_frames, seed=rng.randint(0, 10**6))
+        kind = "video" if i % 2 == 0 else "image"
+        path = f"{kind}s/{i:04d}." + ("mp4" if kind == "video" else "jpg")
+        if kind == "video":
+            write_video(os.path.join(root, path), clip)
+        else:
+            write_image(os.path.join(root, path), clip[-1])
+        ptype = ("multiple choice", "numerical", "OCR", "free-form", "regression")[i % 5]
+        row = {"problem_id": i, "data_type": kind, "problem_type": ptype, "path": path, "data_source": "tiny"}
+        if ptype == "multiple choice":
+            options = [colour] + [c for c in COLOURS if c != colour][:3]
+            rng.shuffle(options)
+            row.update(problem="What colour is the square?", options=[f"{'ABCD'[k]}. {o}" for k, o in enumerate(options)],
+                       solution=f"<answer>{'ABCD'[options.index(colour)]}</answer>")
+        else:
+            question, answer = {"numerical": ("How many squares are there?", "1"),
+                                "OCR": ("What text is written on the square?", "no text"),
+                                "free-form": ("Describe what the square does.", f"the {colour} square moves"),
+                                "regression": ("How many pixels wide is the square?", "12")}[ptype]
+            row.update(problem=question, options=[], solution=f"<answer>{answer}</answer>")
+        rows.append(row)
+    with open(os.path.join(root, "eval_tiny.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return root
+
+
 def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, **budget):
     """Teach a random tiny checkpoint the output format, in place, with a few supervised steps.
 
@@ -256,6 +290,9 @@ def main():
     d.add_argument("--train", type=int, default=16)
     d.add_argument("--val", type=int, default=4)
     d.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("video-r1-eval", help="write a synthetic Video-R1-style evaluation file with its media")
+    v.add_argument("out")
+    v.add_argument("--n", type=int, default=10)
     args = parser.parse_args()
     if args.what == "model":
         build_model(args.out, seed=args.seed)
@@ -264,8 +301,10 @@ def main():
             warm_up(args.out, ann, args.warm_up, seed=args.seed, max_frames=4, video_max_pixels=56 * 56,
                     image_max_pixels=56 * 56, video_min_pixels=28 * 28, image_min_pixels=28 * 28)
         print("wrote", args.out)
-    else:
+    elif args.what == "seed-bench":
         print("wrote", build_seed_bench(args.out, n_train=args.train, n_val=args.val, seed=args.seed))
+    else:
+        print("wrote", build_video_r1_eval(args.out, n=args.n))
 
 
 if __name__ == "__main__":

@@ -92,17 +92,18 @@ def test_evaluate_checkpoint(care_run, seed_bench_root, tmp_path):
     summary = evaluate.main(["--model", os.path.join(care_run, "checkpoint-000002", "policy"),
                              "--data", *files, "--data-root", seed_bench_root, "--output-dir", str(tmp_path),
                              "--max-new-tokens", "20", "--max-frames", "4", "--video-max-pixels", "3136",
-                             "--image-max-pixels", "3136"])
+                             "--image-max-pixels", "3136", "--judge", "none"])
     rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(rows) == 12 and {r["level"] for r in rows} == {"L1", "L2", "L3"}
     for r in rows:
-        assert set(r) >= {"sample_id", "level", "domain", "completion", "answer", "correct", "format_ok"}
+        assert set(r) >= {"sample_id", "level", "domain", "completion", "answer", "score", "format_ok"}
     assert summary["all"]["n"] == 12 and summary["L3"]["n"] == 4
     assert sum(v["n"] for k, v in summary.items() if k.startswith("L3/")) == 4
-    expected = 100.0 * sum(r["correct"] for r in rows) / 12
+    expected = 100.0 * sum(r["score"] for r in rows) / 12
     assert summary["all"]["accuracy"] == pytest.approx(expected)
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["results"]["L1"]["n"] == 4
+    assert "consistency" not in saved["results"]["all"] and all(r["consistent"] is None for r in rows)
 
 
 # --- failures that say what happened ---------------------------------------------------------

@@ -1,0 +1,242 @@
+"""evaluate.py: scoring per problem type, the consistency judge, resume, data-parallel runs and
+the comparison table, on the tiny model and hand-made cases."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import evaluate
+import rewards
+import tiny
+from data import Sample
+
+SMALL = ["--max-new-tokens", "24", "--max-frames", "4", "--video-max-pixels", "3136", "--image-max-pixels", "3136",
+         "--judge-max-new-tokens", "6"]
+MC = Sample("q1", "multiple choice", "What colour is the square?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n", "B")
+
+
+def seed_files(root):
+    return [f"{root}/annotations/validation_{lv}.jsonl" for lv in ("L1", "L2", "L3")]
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, gt, expected", [
+    ("100", "100", 1.0),
+    ("107", "100", 0.9),   # 7% error: below 1 - t for t = 0.50 ... 0.90, not 0.95
+    ("105", "100", 0.9),   # 5% is not below 5%: strict
+    ("95", "100", 0.9),
+    ("80", "100", 0.6),    # 20% < 0.50, 0.45, ..., 0.25 (t = 0.50 ... 0.75), not < 0.20: 6 thresholds
+    ("149", "100", 0.1),
+    ("150", "100", 0.0),
+    ("-100", "100", 0.0),
+    ("0.3", "0", 0.4),     # gt 0: absolute error 0.3 < 0.50, 0.45, 0.40, 0.35
+    ("12 m", "12", 0.0),   # not a number
+])
+def test_mean_relative_accuracy_hand_computed(pred, gt, expected):
+    assert rewards.mean_relative_accuracy(pred, gt) == pytest.approx(expected)
+
+
+def test_evaluation_scores_each_problem_type():
+    def s(ptype, solution, completion):
+        return evaluate.score(Sample("x", ptype, "Q?", solution), completion)
+
+    assert s("multiple choice", "B", "<think>green</think><answer>B.</answer>") == {
+        "answer": "B.", "score": 1.0, "format_ok": True}
+    bare = s("multiple choice", "B", " B ")  # no tag: the whole output is the answer, format fails
+    assert bare["score"] == 1.0 and not bare["format_ok"] and bare["answer"] is None
+    assert s("multiple choice", "B", "<answer>C</answer>")["score"] == 0.0
+    assert s("numerical", "3", "<answer>3.001</answer>")["score"] == 1.0   # equal after rounding to 2 decimals
+    assert s("numerical", "3", "<answer>3.01</answer>")["score"] == 0.0
+    assert s("OCR", "no text here", "<answer>no text</answer>")["score"] == pytest.approx(2 / 3)  # WER 1/3
+    assert s("free-form", "the red square moves", "<answer>the red square moves</answer>")["score"] == pytest.approx(1.0)
+    # Regression: mean relative accuracy in evaluation (training's reward would give 0.93).
+    assert s("regression", "100", "<answer>107</answer>")["score"] == pytest.approx(0.9)
+    assert rewards.accuracy_reward("<answer>107</answer>", "100", "regression") == pytest.approx(0.93)
+
+
+# --- consistency -----------------------------------------------------------------------------
+
+def test_reasoning_is_read_without_the_answer():
+    assert evaluate.reasoning_of("<think> the square is green </think>\n<answer>B</answer>") == "the square is green"
+    assert evaluate.reasoning_of("The square is green, so <answer>B</answer> it is.") == "The square is green, so  it is."
+    assert evaluate.reasoning_of("<answer>B</answer>") == ""
+    assert evaluate.option_letters(MC) == ["A", "B", "C", "D"]
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("<answer>B</answer>", "B"),
+    ("B", "B"),
+    (" (c) ", "C"),
+    ("D.", "D"),
+    ("<think>A or maybe D</think><answer>D</answer>", "D"),  # a judge that reasons first: last tag
+    ("<answer>none</answer>", "none"),
+    ("none", "none"),
+    ("I think B", None),                  # malformed: undecided
+    ("", None),
+    ("<answer>E</answer>", None),         # not an option
+    ("<answer>A or B</answer>", None),
+    ("<answer></answer>", None),
+])
+def test_judge_replies_parse_to_a_verdict_or_undecided(reply, verdict):
+    assert evaluate.parse_verdict(reply, ["A", "B", "C", "D"]) == verdict
+
+
+def test_judged_rows_and_consistency_rate(monkeypatch, tokenizer):
+    """Five multiple-choice answers and an unanswered one: the judge (canned replies) agrees
+    twice, names another option once, says none once and is unreadable once. Consistency
+    2 / 5 = 40%, one undecided; the unanswered sample and the numerical one are not judged."""
+    seen = []
+
+    def replies(judge, tok, texts, max_new_tokens):
+        seen.extend(texts)
+        return ["<answer>B</answer>", "A", "<answer>C</answer>", "none", "I cannot tell"]
+
+    monkeypatch.setattr(evaluate, "judge_replies", replies)
+    completions = ["<think>it is green</think><answer>B</answer>", "<think>red</think><answer>A</answer>",
+                   "<think>blue?</think><answer>D</answer>", "<think>hmm</think><answer>B</answer>",
+                   "<think>green</think><answer>B</answer>", "<think>no idea</think>"]
+    samples = [MC] * 6 + [Sample("n", "numerical", "How many?", "3")]
+    completions.append("<answer>3</answer>")
+    rows = [{"key": f"L1/{i}", "benchmark": "L1", "level": "L1", "domain": None, "problem_type": s.problem_type,
+             "completion": c, **evaluate.score(s, c)} for i, (s, c) in enumerate(zip(samples, completions))]
+    evaluate.judge_rows(object(), tokenizer, samples, rows, 8)
+    assert [r["verdict"] for r in rows] == ["B", "A", "C", "none", None, None, None]
+    assert [r["consistent"] for r in rows] == [True, True, False, False, False, None, None]
+    assert len(seen) == 5
+    for text, completion in zip(seen, completions):
+        assert "What colour is the square?" in text and "C. blue" in text  # question and options
+        assert evaluate.reasoning_of(completion) in text
+        assert "<answer>" not in text.split("Reasoning:")[1].split("Which option")[0]  # the answer is gone
+    s = evaluate.summarize(rows)["all"]
+    assert (s["n"], s["judged"], s["consistent"], s["undecided"]) == (7, 5, 2, 1)
+    assert s["consistency"] == pytest.approx(40.0)
+    assert s["accuracy"] == pytest.approx(100 * 4 / 7)  # B, B, B and the number
+
+
+def test_compare_prints_deltas(tmp_path):
+    def run(name, acc, cons):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"model": name, "results": {
+            "all": {"n": 8, "accuracy": acc, "consistency": cons},
+            "L3": {"n": 4, "accuracy": acc - 10, "consistency": None}}}))
+        return str(path)
+    table = evaluate.main(["compare", run("grpo", 50.0, 58.0), run("care", 62.5, 82.0)])
+    assert "A: grpo" in table and "B: care" in table
+    assert "| all | 8 / 8 | 50.0 | 62.5 | +12.5 | 58.0 | 82.0 | +24.0 |" in table
+    assert "| L3 | 4 / 4 | 40.0 | 52.5 | +12.5 | - | - | - |" in table
+
+
+# --- end to end on the tiny model ------------------------------------------------------------
+
+def test_seed_bench_evaluation_end_to_end(warm_model_dir, seed_bench_root, tmp_path):
+    """A tiny checkpoint on L1/L2/L3, judged by itself: every row carries its verdict, and the
+    summary's counts follow from the rows."""
+    summary = evaluate.main(["--model", warm_model_dir, "--data", *seed_files(seed_bench_root),
+                             "--data-root", seed_bench_root, "--output-dir", str(tmp_path), *SMALL])
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert len(rows) == 12 and len({r["key"] for r in rows}) == 12
+    assert {r["level"] for r in rows} == {"L1", "L2", "L3"}
+    for r in rows:
+        assert set(r) >= {"sample_id", "level", "domain", "completion", "answer", "score", "format_ok",
+                          "stated", "judge_reply", "verdict", "consistent"}
+        assert (r["consistent"] is None) == (r["stated"] is None)  # every answered sample is judged
+    assert summary["all"]["n"] == 12 and summary["L3"]["n"] == 4
+    assert sum(v["n"] for k, v in summary.items() if k.startswith("L3/")) == 4
+    assert summary["all"]["accuracy"] == pytest.approx(100.0 * sum(r["score"] for r in rows) / 12)
+    judged = [r for r in rows if r["consistent"] is not None]
+    assert judged, "the warm model answers with a letter; nothing was judged"
+    assert summary["all"]["judged"] == len(judged)
+    assert summary["all"]["undecided"] == sum(r["verdict"] is None for r in judged)
+    saved = json.load(open(tmp_path / "summary.json"))
+    assert saved["results"] == json.loads(json.dumps(summary))
+    assert "| L1 | 4 |" in open(tmp_path / "summary.md").read()
+    assert not list(tmp_path.glob("predictions.part*"))  # merged and removed
+
+
+def test_video_r1_files_with_a_separate_text_judge(warm_model_dir, tmp_path, tokenizer):
+    """A Video-R1-style file (every problem type, videos and images) at its 32-frame default,
+    judged by a different, text-only chat model loaded from its own path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    root = tiny.build_video_r1_eval(str(tmp_path / "data"), n=10)
+    judge_dir = str(tmp_path / "judge")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    work, _ = evaluate.load_work(evaluate.parse_args(["--model", "m", "--data", f"{root}/eval_tiny.json",
+                                                      "--data-root", root, "--output-dir", "o"]))
+    assert {w[3] for w in work} == {32} and {w[2] for w in work} == {"eval_tiny"}
+
+    flags = [f for f in SMALL if f not in ("--max-frames", "4")]  # the file's own 32-frame default
+    evaluate.main(["--model", warm_model_dir, "--data", f"{root}/eval_tiny.json", "--data-root", root,
+                   "--output-dir", str(tmp_path / "out"), "--judge", judge_dir, *flags])
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert sorted(r["problem_type"] for r in rows) == sorted(rewards.PROBLEM_TYPES * 2)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["judge"] == judge_dir
+    assert {f"eval_tiny/{t}" for t in rewards.PROBLEM_TYPES} <= set(summary["results"])
+    for r in rows:
+        assert r["score"] == evaluate.score(Sample("x", r["problem_type"], "", r["solution"]), r["completion"])["score"]
+
+
+def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """A second run evaluates only what is missing; a crash that left a part file (with a last
+    row cut short) loses nothing and duplicates nothing."""
+    import rollout
+    generated = []
+    real = rollout.generate
+
+    def counting(model, prompts, *args, **kwargs):
+        generated.append(prompts["input_ids"].shape[0])
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", counting)
+    common = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL]
+    base = common + ["--output-dir", str(tmp_path)]
+    evaluate.main(base + ["--limit", "2"])
+    first = {json.loads(line)["key"]: json.loads(line) for line in open(tmp_path / "predictions.jsonl")}
+    assert len(first) == 6 and sum(generated) == 6
+
+    generated.clear()
+    evaluate.main(base + ["--limit", "3"])
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert sum(generated) == 3 and len(rows) == 9 and len({r["key"] for r in rows}) == 9
+    assert all(r == first[r["key"]] for r in rows if r["key"] in first)  # earlier rows kept as they were
+
+    # A crash mid-run: predictions.jsonl has 9 rows, a part file 2 more and half of a third.
+    full = tmp_path / "full"
+    evaluate.main(common + ["--output-dir", str(full)])
+    all_rows = [json.loads(line) for line in open(full / "predictions.jsonl")]
+    extra = [r for r in all_rows if r["key"] not in {x["key"] for x in rows}]
+    with open(tmp_path / "predictions.part1.jsonl", "w") as f:
+        f.write(json.dumps(extra[0]) + "\n" + json.dumps(extra[1]) + "\n" + json.dumps(extra[2])[:40])
+    generated.clear()
+    summary = evaluate.main(base)
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert sum(generated) == 1  # only the row cut short is evaluated again
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in all_rows)
+    assert summary["all"]["n"] == 12 and not list(tmp_path.glob("predictions.part*"))
+
+
+def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_root, tmp_path):
+    """9 samples (not a multiple of 2) in batches of 2 over 2 processes: the same predictions and
+    summary as one process, no sample lost or evaluated twice."""
+    args = ["evaluate.py", "--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root",
+            seed_bench_root, "--limit", "3", "--batch-size", "2", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n, out in ((1, "one"), (2, "two")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args,
+               "--output-dir", str(tmp_path / out)]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    one, two = (json.load(open(tmp_path / out / "summary.json")) for out in ("one", "two"))
+    assert one["results"] == two["results"] and one["samples"] == two["samples"] == 9
+    rows = {out: [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl")] for out in ("one", "two")}
+    assert rows["one"] == rows["two"]
+    assert len({r["key"] for r in rows["two"]}) == 9
