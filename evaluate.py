@@ -137,19 +137,33 @@ def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
             todo.append((s, row, letters))
     if not todo or judge is None:
         return
-    texts = [judge_text(tokenizer, s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
-    for (s, row, letters), reply in zip(todo, judge_replies(judge, tokenizer, texts, max_new_tokens)):
+    if callable(judge) and not isinstance(judge, torch.nn.Module):  # a rule: (question, reasoning) -> reply
+        replies = [judge(s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
+    else:
+        texts = [judge_text(tokenizer, s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
+        replies = judge_replies(judge, tokenizer, texts, max_new_tokens)
+    for (s, row, letters), reply in zip(todo, replies):
         row["judge_reply"] = reply
         row["verdict"] = parse_verdict(reply, letters)
         row["consistent"] = row["verdict"] == row["stated"]
 
 
 def load_judge(path, model, tokenizer, device, dtype):
-    """"self": the evaluated model; "none": no judge; else any local Hugging Face chat model."""
+    """"self": the evaluated model; "none": no judge; FILE.py:FUNCTION: a rule, called with
+    (question, reasoning) and returning a reply (experiments/synthetic/benchmark.py:rule_verdict
+    checks consistency exactly on the synthetic benchmark); else any local Hugging Face chat
+    model."""
     if path == "self":
         return model, tokenizer
     if path == "none":
         return None, tokenizer
+    if re.fullmatch(r".+\.py:\w+", path):
+        import importlib.util
+        file, function = path.rsplit(":", 1)
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0], file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, function), tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     try:
         judge = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -234,7 +248,8 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", required=True, help="annotation files (JSONL or JSON)")
     p.add_argument("--data-root", required=True)
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--judge", default="self", help='"self" (the evaluated model), "none", or a chat model path')
+    p.add_argument("--judge", default="self",
+                   help='"self" (the evaluated model), "none", a chat model path, or FILE.py:FUNCTION (a rule)')
     p.add_argument("--judge-max-new-tokens", type=int, default=512,
                    help="room for a judge that reasons before it answers (its last <answer> counts)")
     p.add_argument("--batch-size", type=int, default=4)

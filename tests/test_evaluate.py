@@ -240,3 +240,25 @@ def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_r
     rows = {out: [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl")] for out in ("one", "two")}
     assert rows["one"] == rows["two"]
     assert len({r["key"] for r in rows["two"]}) == 9
+
+
+def test_a_rule_as_judge(warm_model_dir, tmp_path):
+    """--judge FILE.py:FUNCTION calls a rule with (question, reasoning): here the synthetic
+    benchmark's, which reads the fact a reasoning states (experiments/synthetic)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments", "synthetic"))
+    import benchmark
+    root = benchmark.build(str(tmp_path / "data"), n_train=0, n_val=6, seed=1)
+    rule = os.path.join(ROOT, "experiments", "synthetic", "benchmark.py") + ":rule_verdict"
+    evaluate.main(["--model", warm_model_dir, "--data", f"{root}/annotations/validation_L1.jsonl", "--data-root", root,
+                   "--output-dir", str(tmp_path / "out"), "--judge", rule, *SMALL])
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    questions = {json.loads(line)["sample_id"]: json.loads(line) for line in open(f"{root}/annotations/validation_L1.jsonl")}
+    judged = [r for r in rows if r["consistent"] is not None]
+    assert judged, "the warm model answers with a letter; nothing was judged"
+    for r in judged:
+        q = questions[r["sample_id"]]
+        question = q["question"] + "Options:\n" + "".join(f"{'ABCD'[i]}. {q['choice_' + k]}\n" for i, k in enumerate("abcd"))
+        assert r["judge_reply"] == benchmark.rule_verdict(question, evaluate.reasoning_of(r["completion"]))
+        assert r["consistent"] == (r["verdict"] == r["stated"])
+    summary = json.load(open(tmp_path / "out" / "summary.json"))["results"]["all"]
+    assert summary["consistent"] == sum(r["consistent"] for r in judged)
