@@ -154,6 +154,17 @@ def moving_square_clip(colour, n_frames=8, height=56, width=84, seed=0):
     return frames
 
 
+def seed_bench_options(split, answer, others, rng):
+    """A row's answer fields in SEED-Bench-R1's layout: training rows list the wrong answers
+    (negative_answers; the loader shuffles them in), validation rows carry the four lettered
+    choices, shuffled with rng, and the right letter."""
+    if split == "train":
+        return {"negative_answers": others}
+    options = [answer] + others
+    rng.shuffle(options)
+    return {**{f"choice_{k}": o for k, o in zip("abcd", options)}, "golden_choice_idx": "ABCD"[options.index(answer)]}
+
+
 def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
     """A SEED-Bench-R1-shaped dataset: training_6k.jsonl, validation_L{1,2,3}.jsonl, videos/, images/.
 
@@ -182,16 +193,10 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
                "answer": colour, "task_progress_metadata": [{"step": 0}] if has_video else [],
                "video_source": source, "video_basename": video_name if has_video else "",
                "current_observation_basename": image_name}
-        if split == "train":
-            row["negative_answers"] = others
-        else:
-            options = [colour] + others
-            rng.shuffle(options)
-            row.update({f"choice_{k}": o for k, o in zip("abcd", options)})
-            row["golden_choice_idx"] = "ABCD"[options.index(colour)]
-            if split == "L3":
-                row["domain"] = domains[i % len(domains)]
-                row["task_goal"] = "find the moving square"
+        row.update(seed_bench_options(split, colour, others, rng))
+        if split == "L3":
+            row["domain"] = domains[i % len(domains)]
+            row["task_goal"] = "find the moving square"
         return row
 
     splits = {"training_6k.jsonl": ("train", n_train)}

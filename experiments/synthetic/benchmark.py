@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tiny import write_image, write_video  # noqa: E402
+from tiny import seed_bench_options, write_image, write_video  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle", "cross")
@@ -115,15 +115,9 @@ def make_row(split, i, rng, media_root, n_frames, size):
     row = {"sample_id": sid, "question": QUESTIONS[kind] + "\n", "answer": answer, "task_progress_metadata": [{"step": 0}],
            "video_source": source, "video_basename": f"{sid}.mp4", "current_observation_basename": f"{sid}.jpg",
            "kind": kind, "background": bg, **{f"true_{k}": v for k, v in truth.items()}}
-    if split == "train":
-        row["negative_answers"] = others
-    else:
-        options = [answer] + others
-        rng.shuffle(options)
-        row.update({f"choice_{k}": o for k, o in zip("abcd", options)})
-        row["golden_choice_idx"] = "ABCD"[options.index(answer)]
-        if split == "L3":
-            row["domain"] = "horizontal" if truth["direction"] in ("left", "right") else "vertical"
+    row.update(seed_bench_options(split, answer, others, rng))
+    if split == "L3":
+        row["domain"] = "horizontal" if truth["direction"] in ("left", "right") else "vertical"
     return row
 
 
