@@ -116,7 +116,7 @@ def _existing(where, sid, kind, path):
     return path
 
 
-def _with_options(question, options):
+def with_options(question, options):
     """`question` + "Options:\\nA. ...\\nB. ...\\n": one layout for both datasets."""
     if not question.endswith("\n"):
         question += "\n"
@@ -167,7 +167,7 @@ def _seed_bench_sample(where, row, root, seed, level):
         _existing(where, sid, "video", video)
     image = os.path.abspath(os.path.join(root, "images", row["video_source"], row["current_observation_basename"]))
     _existing(where, sid, "image", image)
-    return Sample(sample_id=sid, problem_type="multiple choice", question=_with_options(row["question"], lettered),
+    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(row["question"], lettered),
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
 
@@ -191,7 +191,7 @@ def _video_r1_sample(where, row, root):
     if ptype == "multiple choice":
         if not row.get("options"):
             raise DataError(f"{where} (sample {sid}): multiple choice row without options")
-        question = _with_options(question, row["options"])   # options are already "A. ..."
+        question = with_options(question, row["options"])   # options are already "A. ..."
     solution = ground_truth(str(row["solution"]))  # "<answer>X</answer>" -> "X"; bare "X" as is
     path = _existing(where, sid, dtype, os.path.abspath(os.path.join(root, row["path"])))
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,

@@ -241,6 +241,30 @@ def build_video_r1_eval(root, n=10, seed=0, n_frames=8):
     return root
 
 
+def supervised_loss(model, tokenizer, encoded, targets):
+    """Mean cross-entropy of each target text after its prompt (prompt tokens are not learned).
+    Prompts are left-padded as for generation, targets right-padded, so one batch holds both."""
+    import torch
+
+    import data
+
+    batch = data.collate_prompts(encoded, tokenizer)
+    batch.pop("sample_ids")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+    tail = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_token_id, dtype=torch.long)
+    tail_mask = torch.zeros_like(tail)
+    for i, t in enumerate(ids):
+        tail[i, :len(t)] = torch.tensor(t)
+        tail_mask[i, :len(t)] = 1
+    n = batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.cat([batch["input_ids"], tail], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], tail_mask], dim=1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tail)], dim=1)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :n] = -100  # learn the completion only
+    return model(**batch, labels=labels).loss
+
+
 def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, **budget):
     """Teach a random tiny checkpoint the output format, in place, with a few supervised steps.
 
@@ -266,16 +290,7 @@ def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, *
         enc = rng.choice(encoded)
         target = (f"<think>the square is {rng.choice(list(COLOURS))}</think>"
                   f"<answer>{rng.choice('ABCD')}</answer><|im_end|>")
-        target_ids = torch.tensor([tokenizer(target, add_special_tokens=False)["input_ids"]])
-        batch = data.collate_prompts([enc], tokenizer)
-        n = batch["input_ids"].shape[1]
-        batch["input_ids"] = torch.cat([batch["input_ids"], target_ids], dim=1)
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(target_ids)], dim=1)
-        batch.pop("sample_ids", None)
-        labels = batch["input_ids"].clone()
-        labels[:, :n] = -100  # learn the completion only
-        model(**batch, labels=labels).loss.backward()
+        supervised_loss(model, tokenizer, [enc], [target]).backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(model_dir)
