@@ -96,6 +96,7 @@ class Config:
     save_every: int = 500
     resume: str = ""                     # a checkpoint dir, or "auto" for the latest in output_dir
     skip_bad_samples: bool = False       # skip (and count) unreadable samples instead of stopping
+    log_completions: bool = False        # also write every completion and its rewards to completions.jsonl
 
 
 def parse_config(argv=None):
@@ -314,6 +315,36 @@ def policy_update(cfg, accelerator, model, optimizer, scheduler, roll, advantage
     return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0], **stats}
 
 
+def completion_rows(step, samples, roll, parts):
+    """One completions.jsonl row per sampled completion: what was said and how it was scored.
+    ref_p is the reference's confidence in the stated answer (CARE; null without an answer span)."""
+    g = len(roll.texts) // len(samples)
+    rows = []
+    for i, s in enumerate(samples):
+        for j in range(g):
+            rows.append({"step": step, "sample_id": s.sample_id, "completion": roll.texts[i * g + j],
+                         "accuracy": parts["acc"][i, j].item(), "format": parts["fmt"][i, j].item(),
+                         "bonus": parts["bonus"][i, j].item(), "advantage": parts["advantages"][i, j].item(),
+                         "ref_p": parts["p"][i, j].item() if parts["has_span"][i, j] else None})
+    return rows
+
+
+def append_jsonl(path, rows):
+    with open(path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
+        for row in rows:
+            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+
+
+def trim_jsonl(path, step):
+    """Drop the rows of steps after `step`: a resumed run logs them again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (fsdp.py): sharded state for exact resume, plus a Hugging Face export of the policy.
 
@@ -400,6 +431,10 @@ def train(cfg):
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
+    completions_path = os.path.join(cfg.output_dir, "completions.jsonl")
+    if accelerator.is_main_process:  # steps after the checkpoint we resume from will run again
+        for path in (log_path, completions_path):
+            trim_jsonl(path, state["step"])
     bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc=cfg.algo)
     policy = accelerator.unwrap_model(model)
     while state["step"] < total_steps:
@@ -440,10 +475,13 @@ def train(cfg):
         values = accelerator.reduce(values, reduction="mean")
         metrics = {"step": step, **dict(zip(keys, values.tolist())), "skipped": state["skipped"],
                    "step_time": time.time() - t0, "samples": step_ids}
+        if cfg.log_completions:
+            rows = completion_rows(step, batch_samples, roll, parts)
+            rows = gather_object(rows) if world > 1 else rows
         if accelerator.is_main_process:
-            with open(log_path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
-                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in metrics.items()}) + "\n")
+            append_jsonl(log_path, [metrics])
+            if cfg.log_completions:
+                append_jsonl(completions_path, rows)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward']:.2f}",
                             acc=f"{metrics['reward_acc']:.2f}", bonus=f"{metrics['bonus_rate']:.2f}")
             bar.update(1)

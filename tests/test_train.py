@@ -42,6 +42,23 @@ def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     assert moved > 0 and 0 < ref_moved < moved
 
 
+def test_completions_are_logged_with_their_rewards(care_run):
+    """--log-completions: one row per sampled completion (2 steps x 2 prompts x G=4), whose
+    rewards average to the step's logged means."""
+    log = read_log(care_run)
+    rows = [json.loads(line) for line in open(os.path.join(care_run, "completions.jsonl"))]
+    assert [r["step"] for r in rows] == [1] * 8 + [2] * 8
+    for step in (1, 2):
+        mine = [r for r in rows if r["step"] == step]
+        assert {r["sample_id"] for r in mine} == set(log[step - 1]["samples"][0])
+        assert sum(r["accuracy"] for r in mine) / 8 == pytest.approx(log[step - 1]["reward_acc"])
+        assert sum(r["bonus"] > 0 for r in mine) / 8 == pytest.approx(log[step - 1]["bonus_rate"])
+        with_p = [r["ref_p"] for r in mine if r["ref_p"] is not None]
+        if with_p:
+            assert sum(with_p) / len(with_p) == pytest.approx(log[step - 1]["ref_confidence"])
+    assert all(isinstance(r["completion"], str) and 0 <= r["format"] <= 1 for r in rows)
+
+
 def test_grpo_step(warm_model_dir, seed_bench_root, tmp_path):
     run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo", "--max-steps", "1", "--save-every", "1")
     log = read_log(tmp_path)
@@ -52,15 +69,24 @@ def test_grpo_step(warm_model_dir, seed_bench_root, tmp_path):
 
 
 def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root, tmp_path):
-    """Stop after step 1, resume from its checkpoint: step 2 matches the uninterrupted run."""
+    """Crash after step 2 was logged but before its checkpoint; resume from step 1's checkpoint:
+    step 2 runs again, matches the uninterrupted run, and is logged once."""
     shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "checkpoint-000001")
+    for name in ("log.jsonl", "completions.jsonl"):
+        shutil.copy(os.path.join(care_run, name), tmp_path / name)
     run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
-        "--resume", "auto")
+        "--resume", "auto", "--log-completions")
     resumed, full = read_log(tmp_path), read_log(care_run)
-    assert [r["step"] for r in resumed] == [2]
-    assert resumed[0]["loss"] != 0.0 or resumed[0]["adv_std"] > 0  # a step that did something
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert resumed[1]["loss"] != 0.0 or resumed[1]["adv_std"] > 0  # a step that did something
     for key in ("loss", "reward", "reward_bonus", "grad_norm", "completion_len"):
-        assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
+        assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
+    a, b = ([json.loads(line) for line in open(os.path.join(d, "completions.jsonl"))] for d in (care_run, tmp_path))
+    assert len(a) == len(b) == 16  # each step once
+    for x, y in zip(a, b):  # the same sampled texts, scored the same
+        assert {k: x[k] for k in ("step", "sample_id", "completion", "accuracy", "format")} == \
+               {k: y[k] for k in ("step", "sample_id", "completion", "accuracy", "format")}
+        assert y["advantage"] == pytest.approx(x["advantage"], rel=1e-5, abs=1e-6)
     a = load_file(os.path.join(care_run, "checkpoint-000002", "policy", "model.safetensors"))
     b = load_file(os.path.join(tmp_path, "checkpoint-000002", "policy", "model.safetensors"))
     for k in a:
