@@ -260,7 +260,9 @@ def parse_args(argv=None):
     p.add_argument("--min-frames", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=None,
                    help="default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files")
+    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28)
     p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28)
+    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28)
     p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples of each file")
     p.add_argument("--seed", type=int, default=0)
@@ -342,7 +344,8 @@ def main(argv=None):
         if frames not in budgets:
             budgets[frames] = data.budget_from_checkpoint(
                 args.model, fps=args.fps, min_frames=min(args.min_frames, frames), max_frames=frames,
-                video_max_pixels=args.video_max_pixels, image_max_pixels=args.image_max_pixels)
+                video_min_pixels=args.video_min_pixels, video_max_pixels=args.video_max_pixels,
+                image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels)
         return budgets[frames]
 
     os.makedirs(args.output_dir, exist_ok=True)
