@@ -100,3 +100,89 @@ def test_the_reasoning_template_leads_to_its_own_option(kind):
     question = benchmark.QUESTIONS[kind] + "\nOptions:\n" + "".join(f"{'ABCD'[i]}. {v}\n" for i, v in enumerate(values))
     for i, value in enumerate(values):
         assert benchmark.rule_verdict(question, benchmark.reasoning(kind, value)) == "ABCD"[i]
+
+
+# --- the experiment: experiments/synthetic/run.py ------------------------------------------
+
+import run  # noqa: E402  (experiments/synthetic is on sys.path above)
+
+COLOUR_Q = "What colour is the moving shape?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
+
+
+@pytest.mark.parametrize("completion, stated, verdict", [
+    ("<think>The shape is green.</think><answer>B</answer>", "B", "B"),             # consistent
+    ("<think>The shape is green.</think><answer>D</answer>", "D", "B"),             # answer contradicts the fact
+    ("<think>The shape moves left.</think><answer>A</answer>", "A", "none"),        # a fact about something else
+    ("<think>The shape is blue.</think><answer>E</answer>", None, "C"),             # no option answered
+    ("<think>The shape is red.</think>", None, "A"),                                # no answer at all
+])
+def test_rollouts_are_checked_by_the_rule(completion, stated, verdict):
+    assert run.stated_and_verdict(COLOUR_Q, completion, list("ABCD")) == (stated, verdict)
+
+
+def test_warm_up_targets_agree_with_their_options_but_not_the_video():
+    """The warm-up teaches stated fact and answer together (the rule finds them consistent)
+    with the fact drawn at random: every value turns up, whatever the clip shows."""
+    import random
+    rng = random.Random(0)
+    samples = [data.Sample("s", "multiple choice", "?", "A")] * 400
+    seen = {}
+    for sample, kind, options in run.warm_up_pool(samples, rng):
+        target = run.warm_up_target(kind, options, rng)
+        stated, verdict = run.stated_and_verdict(sample.question, target.replace("<|im_end|>", ""), list("ABCD"))
+        assert stated == verdict and stated is not None, target
+        seen.setdefault(kind, set()).add(stated)
+    assert {k: len(v) for k, v in seen.items()} == {"colour": 4, "shape": 4, "direction": 4}
+
+
+def test_results_table_mean_and_spread():
+    summary = lambda acc, cons: {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
+    evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
+             (0, "grpo"): summary(40.0, 80.0), (1, "grpo"): summary(50.0, 60.0),
+             (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0)}
+    table = run.results_table(evals, [0, 1])
+    assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
+    md = run.markdown(table, [0, 1], run.Settings())
+    assert "| L2 | consistency (%) | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 25.0 ± 21.2 |" in md  # per seed +10, +40
+
+
+def test_the_experiment_runs_end_to_end(tmp_path):
+    """--smoke: the whole experiment (benchmark, warm-up, GRPO and CARE, evaluation with the
+    rule, table and plot) on a handful of questions and steps."""
+    out = tmp_path / "exp"
+    run.main(["--smoke", "--out", str(out)])
+    results = json.load(open(out / "results.json"))
+    for model in ("warm", "grpo", "care"):
+        for level in ("L1", "L2", "L3"):
+            row = results["results"][model][level]
+            assert 0 <= row["accuracy"]["mean"] <= 100 and len(row["accuracy"]["per_seed"]) == 1
+    for algo in ("grpo", "care"):
+        curve = results["curves"][f"seed0/{algo}"]
+        assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"])
+    assert all(x == 0 for x in results["curves"]["seed0/grpo"]["bonus_rate"])
+    predictions = [json.loads(line) for line in open(out / "seed0" / "care" / "eval" / "predictions.jsonl")]
+    assert len(predictions) == 12 and all(p["judge_reply"] is not None for p in predictions if p["stated"] in list("ABCD"))
+    assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| L3 | consistency (%) |" in open(out / "results.md").read()
+
+
+def test_supervised_loss_pads_prompts_and_targets_without_changing_them(tiny_model_dir, tokenizer, seed_bench_root):
+    """tiny.supervised_loss on a batch of two (different prompt and target lengths) is the
+    token-weighted mean of the two alone: padding changes nothing."""
+    import torch
+    from conftest import SMALL_BUDGET
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import tiny
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
+    short = data.Sample(**{**samples[3].__dict__, "question": "Colour?\nOptions:\nA. red\nB. blue\n"})
+    encoded = [data.encode_prompt(s, tokenizer, budget) for s in (samples[0], short)]
+    assert len(encoded[0]["input_ids"]) != len(encoded[1]["input_ids"])
+    targets = ["<think>The shape is red.</think><answer>A</answer><|im_end|>", "<answer>B</answer><|im_end|>"]
+    with torch.no_grad():
+        alone = [tiny.supervised_loss(model, tokenizer, [e], [t]).item() for e, t in zip(encoded, targets)]
+        both = tiny.supervised_loss(model, tokenizer, encoded, targets).item()
+    n = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets]  # every target token is learned
+    assert both == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)

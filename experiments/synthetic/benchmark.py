@@ -11,6 +11,13 @@ yellow) sliding across a background in one direction (left, right, up, down). Qu
   L2      colour, shape           stripes and checks + pixel noise (new environments)
   L3      direction of motion     plain                            (a question type not trained on)
 
+Options are listed in one fixed order per question kind (VALUES), in training rows too (as
+choice_a..d + golden_choice_idx, which the SEED-Bench-R1 loader takes as given), so the step
+from a stated value to its option letter is a fixed map a tiny model learns in a short warm-up.
+With --option-order shuffled (SEED-Bench-R1's own practice) that step is a lookup in the prompt,
+which a 2- or 4-layer model did not learn in 1,500 warm-up steps: its consistency stayed at
+chance, leaving nothing for the consistency bonus to keep.
+
 The reasoning template states the one fact the question turns on ("The shape is red.", "The
 shape is a circle.", "The shape moves left."), so rule_verdict can read which option a
 reasoning leads to, and evaluate.py's consistency can be checked exactly instead of by a judge
@@ -99,7 +106,16 @@ def clip(shape, colour, direction, bg, rng, n_frames=8, height=56, width=56, noi
     return frames
 
 
-def make_row(split, i, rng, media_root, n_frames, size):
+def answer_fields(split, kind, answer, rng, option_order):
+    """The row's options: VALUES' fixed order, or SEED-Bench-R1's (training negatives, which the
+    loader shuffles in; validation choices shuffled here)."""
+    if option_order == "shuffled":
+        return seed_bench_options(split, answer, [v for v in VALUES[kind] if v != answer], rng)
+    values = VALUES[kind]
+    return {**{f"choice_{k}": v for k, v in zip("abcd", values)}, "golden_choice_idx": "ABCD"[values.index(answer)]}
+
+
+def make_row(split, i, rng, media_root, n_frames, size, option_order="fixed"):
     kind = LEVELS[split][i % len(LEVELS[split])]
     truth = {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES), "direction": rng.choice(list(DIRECTIONS))}
     bg = rng.choice(NEW_ENVIRONMENTS) if split == "L2" else rng.choice(list(PLAIN))
@@ -111,17 +127,16 @@ def make_row(split, i, rng, media_root, n_frames, size):
     write_video(os.path.join(media_root, "videos", source, f"{sid}.mp4"), frames)
     write_image(os.path.join(media_root, "images", source, f"{sid}.jpg"), frames[-1])
     answer = truth[kind]
-    others = [v for v in VALUES[kind] if v != answer]
     row = {"sample_id": sid, "question": QUESTIONS[kind] + "\n", "answer": answer, "task_progress_metadata": [{"step": 0}],
            "video_source": source, "video_basename": f"{sid}.mp4", "current_observation_basename": f"{sid}.jpg",
            "kind": kind, "background": bg, **{f"true_{k}": v for k, v in truth.items()}}
-    row.update(seed_bench_options(split, answer, others, rng))
+    row.update(answer_fields(split, kind, answer, rng, option_order))
     if split == "L3":
         row["domain"] = "horizontal" if truth["direction"] in ("left", "right") else "vertical"
     return row
 
 
-def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56):
+def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56, option_order="fixed"):
     """Write annotations/training_6k.jsonl and validation_L{1,2,3}.jsonl with their videos and
     current-observation images (the last frame) under root; return root."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
@@ -130,7 +145,7 @@ def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56):
         rng = random.Random(f"{seed}/{split}")
         with open(os.path.join(root, "annotations", filename), "w") as f:
             for i in range(n):
-                f.write(json.dumps(make_row(split, i, rng, root, n_frames, size)) + "\n")
+                f.write(json.dumps(make_row(split, i, rng, root, n_frames, size, option_order)) + "\n")
     return root
 
 
@@ -142,8 +157,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=56, help="frame height and width, a multiple of 28")
+    p.add_argument("--option-order", choices=("fixed", "shuffled"), default="fixed")
     args = p.parse_args()
-    print("wrote", build(args.out, args.train, args.val, args.seed, args.frames, args.size))
+    print("wrote", build(args.out, args.train, args.val, args.seed, args.frames, args.size, args.option_order))
 
 
 if __name__ == "__main__":
