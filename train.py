@@ -319,14 +319,11 @@ def completion_rows(step, samples, roll, parts):
     """One completions.jsonl row per sampled completion: what was said and how it was scored.
     ref_p is the reference's confidence in the stated answer (CARE; null without an answer span)."""
     g = len(roll.texts) // len(samples)
-    rows = []
-    for i, s in enumerate(samples):
-        for j in range(g):
-            rows.append({"step": step, "sample_id": s.sample_id, "completion": roll.texts[i * g + j],
-                         "accuracy": parts["acc"][i, j].item(), "format": parts["fmt"][i, j].item(),
-                         "bonus": parts["bonus"][i, j].item(), "advantage": parts["advantages"][i, j].item(),
-                         "ref_p": parts["p"][i, j].item() if parts["has_span"][i, j] else None})
-    return rows
+    return [{"step": step, "sample_id": s.sample_id, "completion": roll.texts[i * g + j],
+             **{name: parts[key][i, j].item() for name, key in (("accuracy", "acc"), ("format", "fmt"),
+                                                                  ("bonus", "bonus"), ("advantage", "advantages"))},
+             "ref_p": parts["p"][i, j].item() if parts["has_span"][i, j] else None}
+            for i, s in enumerate(samples) for j in range(g)]
 
 
 def append_jsonl(path, rows):

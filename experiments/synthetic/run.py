@@ -87,18 +87,16 @@ def budget_flags(size):
 # Warm-up: the format and the template, never the answer
 
 
-def warm_up_pool(samples, rng, shuffle=False):
+def warm_up_pool(samples, rng):
     """One warm-up prompt per training clip, each asking about a kind drawn from all three
     (direction included: the warm model knows the template for L3's question, as a pretrained
-    model would, though RL never trains on it), options in a random order."""
+    model would, though RL never trains on it), options in the benchmark's fixed order."""
     import data
 
     pool = []
     for s in samples:
         kind = rng.choice(list(benchmark.QUESTIONS))
         options = list(benchmark.VALUES[kind])
-        if shuffle:
-            rng.shuffle(options)
         question = data.with_options(benchmark.QUESTIONS[kind] + "\n", [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)])
         pool.append((dataclasses.replace(s, question=question), kind, options))
     return pool
