@@ -1,24 +1,24 @@
-"""Train a Qwen2.5-VL policy with GRPO-CARE (or plain GRPO, for comparison).
+r"""Train a Qwen2.5-VL policy with GRPO-CARE, or with plain GRPO for comparison.
 
-One step, per process: take P prompts, sample G completions each, reward them (accuracy +
-format, plus CARE's consistency bonus scored by the EMA reference), normalise rewards within
-each prompt's group, take one policy-gradient step, and every ema_every steps move the
-reference towards the policy. ../SPEC.md section 1 is this loop in formulas.
+For each prompt, sample a group of G completions. Reward = accuracy + format, plus (CARE) a
+consistency bonus for the high-accuracy completions whose reasoning leaves the slowly moving
+EMA reference at least as confident in their stated answer as their high-accuracy peers.
+Advantages are the rewards normalised within each group; one policy-gradient step (no KL for
+CARE); every ema_every steps the reference moves towards the policy. Plain GRPO: no bonus, a
+frozen reference and a KL penalty. care.py holds the formulas; this file is the loop.
 
     torchrun --nproc_per_node 4 train.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --data SEED-Bench-R1/annotations/training_6k.jsonl --data-root SEED-Bench-R1 --algo care
 
-Every default below is the SPEC's official setting; every field is a --flag. With more than one
-process the policy and the reference are sharded with FSDP2 (fsdp.py); nothing else changes.
+The defaults are the official GRPO-CARE settings. With more than one process the policy and the
+reference are sharded with FSDP2 (fsdp.py); nothing else changes. checkpoint.py keeps runs
+apart and resumable.
 """
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from transformers import (
 )
 
 import care
+import checkpoint
 import data
 import fsdp
 import reference
@@ -41,75 +42,171 @@ import rewards
 import rollout
 
 
+def setting(default, help):
+    """A Config field with its --help line (the default is appended by argparse)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # local path or hub id of the initial policy
-    data: str = "SEED-Bench-R1/annotations/training_6k.jsonl"
-    data_root: str = "SEED-Bench-R1"
-    output_dir: str = "runs/care"
-    algo: str = "care"                   # care | grpo
-    seed: int = 42
+    model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", "initial policy: a local checkpoint directory or a hub id")
+    data: str = setting("SEED-Bench-R1/annotations/training_6k.jsonl", "training annotations (JSONL or JSON list)")
+    data_root: str = setting("SEED-Bench-R1", "directory the videos and images in --data are relative to")
+    output_dir: str = setting("runs/care", "where log.jsonl and the checkpoints go (one run per directory)")
+    algo: str = setting("care", "care (accuracy + format + consistency bonus, EMA reference) or grpo (KL to a frozen reference)")
+    seed: int = setting(42, "fixes the data order, every group's sampling seed and the initial RNG state")
     # batch: P prompts per process, G completions per prompt
-    prompts_per_device: int = 1
-    num_generations: int = 8
-    epochs: int = 1
-    max_steps: int = -1                  # > 0 stops early (counts optimizer steps)
-    # rollout (SPEC 1.2)
-    max_prompt_length: int = 16384
-    max_completion_length: int = 768
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    # reward and CARE (SPEC 1.3-1.5)
-    bonus_coef: float = 0.5
-    conf_cap: float = 0.95
-    consistency_margin: float = 0.0      # 0.01 when targeting general video benchmarks
-    ema_decay: float = 0.995
-    ema_every: int = 10
-    # loss (SPEC 1.7); beta < 0 means "the algorithm's default": 0 for care, 0.04 for grpo
-    num_iterations: int = 1
-    epsilon: float = 0.2
-    beta: float = -1.0
-    # optimizer (SPEC 1.8)
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    max_grad_norm: float = 5.0
-    freeze_vision: bool = False
-    gradient_checkpointing: bool = True
-    logprob_chunk_size: int = 1024       # completion tokens per LM-head chunk when scoring (bounds logits memory)
-    mixed_precision: str = "auto"        # auto (bf16 on GPU, no on CPU) | bf16 | no
-    attn_implementation: str = "auto"    # auto (flash_attention_2 if installed, else sdpa) | sdpa | eager
-    # visual budgets (SPEC section 3)
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 16
-    video_min_pixels: int = 4 * 28 * 28
-    video_max_pixels: int = 128 * 28 * 28
-    image_min_pixels: int = 4 * 28 * 28
-    image_max_pixels: int = 256 * 28 * 28
+    prompts_per_device: int = setting(1, "P: prompts per process per step (global batch = processes x P)")
+    num_generations: int = setting(8, "G: completions sampled per prompt (a group)")
+    epochs: int = setting(1, "passes over the training data")
+    max_steps: int = setting(-1, "stop after this many steps if > 0 (also sets the cosine schedule's length)")
+    # rollout
+    max_prompt_length: int = setting(16384, "a longer prompt (text + visual tokens) is a data error")
+    max_completion_length: int = setting(768, "new tokens per completion; longer ones are cut and marked truncated")
+    temperature: float = setting(1.0, "sampling temperature of the rollouts")
+    top_p: float = setting(0.95, "nucleus sampling of the rollouts")
+    top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
+    repetition_penalty: float = setting(1.0, "1.0 = off")
+    # reward and CARE
+    bonus_coef: float = setting(0.5, "CARE: consistency bonus = bonus_coef x accuracy")
+    conf_cap: float = setting(0.95, "CARE: the reference confidence is capped at this value")
+    consistency_margin: float = setting(0.0, "CARE: consistent if confidence >= mean over high-accuracy peers - margin "
+                                             "(0.01 when targeting general video benchmarks)")
+    ema_decay: float = setting(0.995, "CARE: reference <- decay x reference + (1 - decay) x policy; 1.0 = frozen")
+    ema_every: int = setting(10, "CARE: steps between reference updates")
+    # loss; beta < 0 means "the algorithm's default": 0 for care, 0.04 for grpo
+    num_iterations: int = setting(1, "policy updates per rollout (> 1 uses the PPO clipped ratio)")
+    epsilon: float = setting(0.2, "PPO clip range (only with --num-iterations > 1)")
+    beta: float = setting(-1.0, "KL coefficient to the reference; < 0 = the algorithm's default (care 0, grpo 0.04)")
+    # optimizer
+    lr: float = setting(1e-6, "peak learning rate (AdamW, cosine decay)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on norms and biases)")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    warmup_steps: int = setting(0, "linear warmup steps before the cosine decay")
+    max_grad_norm: float = setting(5.0, "gradient-norm clip")
+    freeze_vision: bool = setting(False, "do not train the vision tower (the official recipe trains it)")
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
+    logprob_chunk_size: int = setting(1024, "completion tokens per LM-head chunk when scoring (bounds logits memory)")
+    mixed_precision: str = setting("auto", "auto (bf16 on GPU, no on CPU) | bf16 | no")
+    attn_implementation: str = setting("auto", "auto (flash_attention_2 if installed on GPU, else sdpa) | sdpa | eager")
+    # visual budgets
+    fps: float = setting(2.0, "video frames sampled per second")
+    min_frames: int = setting(4, "fewest video frames")
+    max_frames: int = setting(16, "most video frames")
+    video_min_pixels: int = setting(4 * 28 * 28, "fewest pixels per video frame after resizing")
+    video_max_pixels: int = setting(128 * 28 * 28, "most pixels per video frame after resizing")
+    image_min_pixels: int = setting(4 * 28 * 28, "fewest pixels of the observation image after resizing")
+    image_max_pixels: int = setting(256 * 28 * 28, "most pixels of the observation image after resizing")
+    second_per_grid: float = setting(0.0, "seconds per temporal patch in the video positions: 0 = measured from the "
+                                          "sampled fps; 1.0 = the public code's fixed value")
+    frame_rounding: str = setting("nearest", "frame count: nearest (round to the temporal patch, then clamp) | "
+                                             "floor (the public code: clamp, then round down to even)")
+    reproduce_official: bool = setting(False, "the public code's effective behaviour: frozen reference "
+                                              "(--ema-decay 1.0), --second-per-grid 1.0, --top-k 50, "
+                                              "--frame-rounding floor; flags given explicitly win")
+    # data checks
+    skip_bad_samples: bool = setting(False, "skip (and count) unreadable samples instead of stopping")
+    check_data: bool = setting(False, "decode every video and image before step 1")
+    allow_outside_data_root: bool = setting(False, "allow media paths that lead outside --data-root")
     # bookkeeping
-    save_every: int = 500
-    resume: str = ""                     # a checkpoint dir, or "auto" for the latest in output_dir
-    skip_bad_samples: bool = False       # skip (and count) unreadable samples instead of stopping
-    log_completions: bool = False        # also write every completion and its rewards to completions.jsonl
+    save_every: int = setting(500, "steps between checkpoints (the last step is always saved)")
+    keep_last: int = setting(0, "keep only the newest N checkpoints; 0 = keep all")
+    resume: str = setting("", "a checkpoint directory, or auto for the newest complete one in --output-dir")
+    overwrite: bool = setting(False, "delete the run already in --output-dir and start a new one")
+    allow_config_change: bool = setting(False, "resume even if the run-defining settings differ from the checkpoint's")
+    log_completions: bool = setting(False, "also write every completion and its rewards to completions.jsonl")
+
+
+# What --reproduce-official sets (unless the flag is given explicitly): the public code's
+# effective behaviour. Its EMA write is discarded under ZeRO-3, so its reference stays frozen;
+# it never passes the sampled fps (1.0 s per temporal patch); it inherits transformers' top-k 50;
+# qwen_vl_utils clamps the frame count and then rounds it down to even.
+OFFICIAL = {"ema_decay": 1.0, "second_per_grid": 1.0, "top_k": 50, "frame_rounding": "floor"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(defaults=True):
+    """One --flag per Config field, with its help line. defaults=False leaves a flag that is not
+    given out of the result, which tells what the user set explicitly."""
+    parser = Parser(description=__doc__, formatter_class=HelpFormatter, usage="%(prog)s [--flag value ...]")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if defaults else argparse.SUPPRESS
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+    return parser
+
+
+def check_settings(cfg):
+    """Every setting with a valid range, as (condition, message); the first false one is reported."""
+    return [
+        (cfg.algo in ("care", "grpo"), f"--algo must be care or grpo, got {cfg.algo!r}"),
+        (cfg.num_generations >= 2, f"--num-generations must be >= 2 (group statistics need two samples), "
+                                   f"got {cfg.num_generations}"),
+        (cfg.prompts_per_device >= 1, f"--prompts-per-device must be >= 1, got {cfg.prompts_per_device}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.max_steps != 0, "--max-steps must be > 0, or < 0 for whole epochs"),
+        (cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}"),
+        (cfg.ema_every >= 1, f"--ema-every must be >= 1, got {cfg.ema_every}"),
+        (cfg.keep_last >= 0, f"--keep-last must be >= 0, got {cfg.keep_last}"),
+        (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
+        (cfg.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1, got {cfg.logprob_chunk_size}"),
+        (cfg.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {cfg.max_prompt_length}"),
+        (cfg.max_completion_length >= 1, f"--max-completion-length must be >= 1, got {cfg.max_completion_length}"),
+        (0 < cfg.ema_decay <= 1, f"--ema-decay must be in (0, 1], got {cfg.ema_decay}"),
+        (cfg.bonus_coef >= 0, f"--bonus-coef must be >= 0, got {cfg.bonus_coef}"),
+        (cfg.consistency_margin >= 0, f"--consistency-margin must be >= 0, got {cfg.consistency_margin}"),
+        (0 < cfg.conf_cap <= 1, f"--conf-cap must be in (0, 1], got {cfg.conf_cap}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+        (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
+        (cfg.epsilon > 0, f"--epsilon must be > 0, got {cfg.epsilon}"),
+        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
+        (cfg.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {cfg.repetition_penalty}"),
+        (cfg.fps > 0, f"--fps must be > 0, got {cfg.fps}"),
+        (1 <= cfg.min_frames <= cfg.max_frames, f"need 1 <= --min-frames <= --max-frames, got "
+                                                f"{cfg.min_frames} and {cfg.max_frames}"),
+        (1 <= cfg.video_min_pixels <= cfg.video_max_pixels, f"need 1 <= --video-min-pixels <= --video-max-pixels, "
+                                                            f"got {cfg.video_min_pixels} and {cfg.video_max_pixels}"),
+        (1 <= cfg.image_min_pixels <= cfg.image_max_pixels, f"need 1 <= --image-min-pixels <= --image-max-pixels, "
+                                                            f"got {cfg.image_min_pixels} and {cfg.image_max_pixels}"),
+        (cfg.second_per_grid >= 0, f"--second-per-grid must be >= 0 (0 = measured), got {cfg.second_per_grid}"),
+        (cfg.frame_rounding in ("nearest", "floor"), f"--frame-rounding must be nearest or floor, "
+                                                      f"got {cfg.frame_rounding!r}"),
+        (cfg.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be auto, bf16 or no, "
+                                                         f"got {cfg.mixed_precision!r}"),
+        (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
+         f"--attn-implementation must be auto, flash_attention_2, sdpa or eager, got {cfg.attn_implementation!r}"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: pick one"),
+    ]
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+    parser = build_parser()
     cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.algo not in ("care", "grpo"):
-        parser.error(f"--algo must be care or grpo, got {cfg.algo!r}")
+    if cfg.reproduce_official:
+        given = vars(build_parser(defaults=False).parse_args(argv))
+        for name, value in OFFICIAL.items():
+            if name not in given:
+                setattr(cfg, name, value)
+    for ok, message in check_settings(cfg):
+        if not ok:
+            parser.error(message)
     if cfg.beta < 0:
         cfg.beta = 0.0 if cfg.algo == "care" else 0.04
     if cfg.algo == "grpo":
@@ -326,65 +423,70 @@ def completion_rows(step, samples, roll, parts):
             for i, s in enumerate(samples) for j in range(g)]
 
 
-def append_jsonl(path, rows):
-    with open(path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
-        for row in rows:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
-
-
-def trim_jsonl(path, step):
-    """Drop the rows of steps after `step`: a resumed run logs them again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (fsdp.py): sharded state for exact resume, plus a Hugging Face export of the policy.
-
-
-def save_checkpoint(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state):
-    tmp, commit = fsdp.atomic_dir(os.path.join(cfg.output_dir, f"checkpoint-{state['step']:06d}"), accelerator)
-    fsdp.save_sharded(tmp, model, optimizer, ref_model)
-    policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(policy_dir)
-        preproc = os.path.join(cfg.model, "preprocessor_config.json")
-        if os.path.exists(preproc):
-            shutil.copy(preproc, policy_dir)
-        # The step fixes the data position and every sampling seed, so with the shards and the
-        # scheduler it is all a resume needs.
-        torch.save({"scheduler": scheduler.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return commit()
-
-
-def latest_checkpoint(output_dir):
-    names = sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and not n.endswith(".tmp")) \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, names[-1]) if names else None
-
-
-def load_checkpoint(path, model, ref_model, optimizer, scheduler):
-    fsdp.load_sharded(path, model, optimizer, ref_model)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(state.pop("scheduler"))
-    return state
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
+def check_inputs(cfg):
+    """Name a missing --model, --data or --data-root before anything is loaded. A --model that
+    looks like a hub id (org/name, no such local directory) is left to from_pretrained."""
+    first = cfg.model.split("/")[0]
+    local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1 \
+        or os.path.isdir(first)
+    if local and not os.path.isdir(cfg.model):
+        raise checkpoint.RunError(f"--model {cfg.model}: no such directory")
+    if not os.path.isfile(cfg.data):
+        raise checkpoint.RunError(f"--data {cfg.data}: no such file")
+    if not os.path.isdir(cfg.data_root):
+        raise checkpoint.RunError(f"--data-root {cfg.data_root}: no such directory")
+
+
+def resolved(cfg):
+    """The settings as this machine will really use them, as checkpoints record them: 'auto'
+    choices made, paths absolute (a hub id stays as it is)."""
+    local = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    return dataclasses.replace(
+        cfg, model=local(cfg.model), data=os.path.abspath(cfg.data), data_root=os.path.abspath(cfg.data_root),
+        mixed_precision=(("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto"
+                         else cfg.mixed_precision),
+        attn_implementation=pick_attn_implementation(cfg.attn_implementation))
+
+
+def check_media(cfg, accelerator, samples, budget):
+    """--check-data: decode every video and image now, each process a share, so that a corrupt
+    file deep in the epoch does not stop the run hours in. Returns (samples kept, skip messages)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bad = []
+    for i in tqdm(range(rank, len(samples), world), desc="check data", disable=not accelerator.is_main_process):
+        try:
+            data.check_media(samples[i], budget)
+        except data.DataError as e:
+            bad.append((i, str(e)))
+    bad = sorted(gather_object(bad) if world > 1 else bad)
+    if bad and not cfg.skip_bad_samples:
+        raise data.DataError(f"--check-data: {len(bad)} of {len(samples)} samples cannot be read "
+                             f"(--skip-bad-samples skips them); the first: {bad[0][1]}")
+    dropped = {i for i, _ in bad}
+    return [s for i, s in enumerate(samples) if i not in dropped], [msg for _, msg in bad]
+
+
 def train(cfg):
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = fsdp.make_accelerator(mixed)  # FSDP2 when there is more than one process
+    """Check the inputs and the output directory, then run (see run)."""
+    check_inputs(cfg)
+    resume = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+    cfg = resolved(cfg)
+    accelerator = fsdp.make_accelerator(cfg.mixed_precision)  # FSDP2 when there is more than one process
+    if resume:
+        changes = checkpoint.check_resume_config(resume, cfg, accelerator.num_processes, cfg.allow_config_change)
+        for change in changes:
+            accelerator.print(f"changed on resume (--allow-config-change): {change}")
+    with checkpoint.locked(cfg.output_dir, accelerator.is_main_process):
+        checkpoint.claim(cfg.output_dir, bool(cfg.resume), cfg.overwrite, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        return run(cfg, accelerator, resume)
+
+
+def run(cfg, accelerator, resume):
     random.seed(cfg.seed + accelerator.process_index)
     np.random.seed(cfg.seed + accelerator.process_index)
     torch.manual_seed(cfg.seed + accelerator.process_index)
@@ -393,15 +495,20 @@ def train(cfg):
     budget = data.budget_from_checkpoint(
         cfg.model, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
         video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
-        image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
-    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples)
+        image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
+        second_per_grid=cfg.second_per_grid, frame_rounding=cfg.frame_rounding)
+    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+                                            allow_outside_root=cfg.allow_outside_data_root)
+    if cfg.check_data:
+        samples, check_skips = check_media(cfg, accelerator, samples, budget)
+        load_skips += check_skips
     for msg in load_skips:
         accelerator.print(f"skipped: {msg}")
 
     world, p = accelerator.num_processes, cfg.prompts_per_device
     steps_per_epoch = len(samples) // (world * p)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(samples)} samples cannot fill one step of {world} x {p} prompts")
+        raise data.DataError(f"{cfg.data}: {len(samples)} samples cannot fill one step of {world} x {p} prompts")
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
@@ -421,17 +528,17 @@ def train(cfg):
                                          cfg.top_k, cfg.repetition_penalty)
 
     state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
-    resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
     if resume:
-        state = load_checkpoint(resume, model, ref_model, optimizer, scheduler)
+        state = checkpoint.load(resume, model, ref_model, optimizer, scheduler)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
+    elif cfg.resume == "auto":
+        accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     completions_path = os.path.join(cfg.output_dir, "completions.jsonl")
     if accelerator.is_main_process:  # steps after the checkpoint we resume from will run again
         for path in (log_path, completions_path):
-            trim_jsonl(path, state["step"])
+            checkpoint.trim_jsonl(path, state["step"])
     bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc=cfg.algo)
     policy = accelerator.unwrap_model(model)
     while state["step"] < total_steps:
@@ -443,10 +550,13 @@ def train(cfg):
         kept, encoded = encode_batch(cfg, samples, indices, tokenizer, budget, skipped)
         batch_samples = [samples[i] for i in kept]
         sample_ids = [s.sample_id for s in batch_samples]
-        step_ids = gather_object([sample_ids]) if world > 1 else [sample_ids]
+        # What every process kept and skipped: the log and the skip count cover the global batch.
+        per_process = gather_object([(sample_ids, skipped)]) if world > 1 else [(sample_ids, skipped)]
+        step_ids = [ids for ids, _ in per_process]
+        skipped = [msg for _, msgs in per_process for msg in msgs]
         if not all(step_ids):  # every prompt of some rank was skipped; all ranks must stop together
             raise data.DataError(f"step {step + 1}: a process has no readable sample left "
-                                 f"(prompts per process: {step_ids}); skipped here: {skipped}")
+                                 f"(prompts per process: {step_ids}); skipped: {skipped}")
         prompts = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
                    for k, v in data.collate_prompts(encoded, tokenizer).items()}
 
@@ -476,16 +586,16 @@ def train(cfg):
             rows = completion_rows(step, batch_samples, roll, parts)
             rows = gather_object(rows) if world > 1 else rows
         if accelerator.is_main_process:
-            append_jsonl(log_path, [metrics])
+            checkpoint.append_jsonl(log_path, [metrics])
             if cfg.log_completions:
-                append_jsonl(completions_path, rows)
+                checkpoint.append_jsonl(completions_path, rows)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward']:.2f}",
                             acc=f"{metrics['reward_acc']:.2f}", bonus=f"{metrics['bonus_rate']:.2f}")
             bar.update(1)
         for msg in skipped:
             accelerator.print(f"skipped: {msg}")
         if step % cfg.save_every == 0 or step == total_steps:
-            path = save_checkpoint(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state)
+            path = checkpoint.save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state)
             accelerator.print(f"saved {path}")
     bar.close()
     if state["skipped"]:
@@ -495,4 +605,7 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    try:
+        train(parse_config())
+    except (checkpoint.RunError, data.DataError) as e:  # the user's input: one line, no traceback
+        raise SystemExit(f"train.py: error: {e}") from None

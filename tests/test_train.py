@@ -69,11 +69,14 @@ def test_grpo_step(warm_model_dir, seed_bench_root, tmp_path):
 
 
 def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root, tmp_path):
-    """Crash after step 2 was logged but before its checkpoint; resume from step 1's checkpoint:
-    step 2 runs again, matches the uninterrupted run, and is logged once."""
+    """Crash after step 2 was logged but before its checkpoint, in the middle of writing a log
+    line; resume from step 1's checkpoint: step 2 runs again, matches the uninterrupted run, and
+    is logged once."""
     shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "checkpoint-000001")
     for name in ("log.jsonl", "completions.jsonl"):
         shutil.copy(os.path.join(care_run, name), tmp_path / name)
+    with open(tmp_path / "log.jsonl", "a") as f:  # and the kill cut the next line short
+        f.write('{"step": 3, "loss": 0.')
     run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
         "--resume", "auto", "--log-completions")
     resumed, full = read_log(tmp_path), read_log(care_run)

@@ -1,0 +1,244 @@
+"""A run directory: one run per directory, its logs, and its checkpoints.
+
+    runs/care/
+      .lock                  held (flock) by the run writing here: two runs never mix
+      log.jsonl              one row per step; completions.jsonl with --log-completions
+      checkpoint-000500/
+        state/               sharded policy, AdamW state and reference (fsdp.save_sharded)
+        policy/              a Hugging Face export of the policy, for evaluate.py
+        trainer_state.pt     step, skip counts, scheduler: plain data, loaded with weights_only=True
+        config.json          the settings really used (defaults resolved, process count)
+
+A new run refuses a directory that already holds one (unless --overwrite); a resumed run
+refuses a checkpoint made with other run-defining settings (unless --allow-config-change).
+Everything is written to <dir>.tmp and renamed, so a crash never leaves a half checkpoint.
+
+The sharded state (torch.distributed.checkpoint) keeps its metadata in a pickle, by torch's
+design: resume only from checkpoints you made yourself.
+"""
+
+import dataclasses
+import errno
+import fcntl
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+from contextlib import contextmanager
+
+import torch
+
+import fsdp
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked: the message says why and what to do instead."""
+
+
+CHECKPOINT_RE = re.compile(r"checkpoint-\d{6}")
+RUN_FILES = ("log.jsonl", "completions.jsonl")
+
+# Settings that may change when a run is resumed: where and how often it writes, memory knobs
+# that do not change the maths, and data checks. Every other setting defines the run; the
+# prompts per process may change as long as the global batch does not.
+FREE_ON_RESUME = {"output_dir", "resume", "overwrite", "allow_config_change", "save_every", "keep_last",
+                  "log_completions", "check_data", "skip_bad_samples", "allow_outside_data_root",
+                  "logprob_chunk_size", "gradient_checkpointing", "attn_implementation", "prompts_per_device",
+                  "reproduce_official"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The directory: one run at a time
+
+
+@contextmanager
+def locked(output_dir, is_main):
+    """Hold output_dir/.lock for the block (main process), or say which process holds it.
+    The lock dies with the process, so a killed run never leaves the directory locked."""
+    if not is_main:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    f = open(os.path.join(output_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise RunError(f"{output_dir} is in use by another run (process {holder}); wait for it to finish "
+                       f"or pick another --output-dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def run_files(output_dir):
+    """What an earlier run left in output_dir: logs and checkpoints (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or n.startswith("checkpoint-"))
+
+
+def claim(output_dir, resume, overwrite, is_main):
+    """Refuse to start a new run where one already is, unless told to resume or overwrite it."""
+    found = run_files(output_dir)
+    if not found or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise RunError(f"{output_dir} already holds a run ({shown}): pass --resume auto to continue it, "
+                       f"--overwrite to replace it, or another --output-dir")
+    if is_main:
+        for name in found:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+
+
+def append_jsonl(path, rows):
+    with open(path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
+        for row in rows:
+            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+
+
+def trim_jsonl(path, step):
+    """Drop the rows of steps after `step` (a resumed run logs them again), and a last line cut
+    short by a kill. A bad line anywhere else is an error: the log is not ours to guess at."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"{path}:{i + 1}: dropped a last line cut short (the run was killed while writing it)")
+                continue
+            raise RunError(f"{path}:{i + 1}: not a JSON row; move the file away to resume") from None
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def is_complete(path):
+    return os.path.isfile(os.path.join(path, "trainer_state.pt")) and os.path.isdir(os.path.join(path, "state"))
+
+
+def complete_checkpoints(output_dir):
+    """checkpoint-NNNNNN directories that were fully written, oldest first. Anything else in the
+    directory (a .tmp left by a crash, a checkpoint-best copied in by hand) is not a candidate."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir))
+            if CHECKPOINT_RE.fullmatch(n) and is_complete(os.path.join(output_dir, n))]
+
+
+def resolve_resume(resume, output_dir):
+    """The checkpoint to resume from: --resume auto picks the newest complete one in output_dir
+    (none: a fresh start); a named directory must be a complete checkpoint."""
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not resume:
+        return None
+    if not os.path.isdir(resume):
+        raise RunError(f"--resume {resume}: no such checkpoint directory")
+    if not is_complete(resume):
+        raise RunError(f"--resume {resume}: not a complete checkpoint (needs trainer_state.pt and state/)")
+    return resume
+
+
+def saved_config(cfg, num_processes):
+    """The settings as really used: the Config (defaults already resolved) and the process count."""
+    return {**dataclasses.asdict(cfg), "num_processes": num_processes}
+
+
+def config_changes(saved, cfg, num_processes):
+    """['name: old -> new', ...] for every run-defining setting that differs from the checkpoint's."""
+    changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in FREE_ON_RESUME and k in saved and saved[k] != v]
+    old = (saved.get("num_processes", 1), saved.get("prompts_per_device", cfg.prompts_per_device))
+    new = (num_processes, cfg.prompts_per_device)
+    if old[0] * old[1] != new[0] * new[1]:
+        changes.append(f"global batch (processes x prompts per device): {old[0]} x {old[1]} -> {new[0]} x {new[1]}")
+    return changes
+
+
+def check_resume_config(path, cfg, num_processes, allow_change):
+    """Refuse to continue a checkpoint with other run-defining settings, naming each change;
+    with allow_change, say what changed and go on (the data position follows the step count,
+    so a changed global batch repeats or skips samples)."""
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    changes = config_changes(saved, cfg, num_processes)
+    if changes and not allow_change:
+        raise RunError(f"resuming {path} with other settings than it was made with: {'; '.join(changes)} "
+                       f"(pass --allow-config-change to resume anyway)")
+    return changes
+
+
+def save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state):
+    """Write checkpoint-<step> atomically; a full disk is named as such and leaves no .tmp."""
+    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']:06d}")
+    tmp, commit = fsdp.atomic_dir(final, accelerator)
+    try:
+        fsdp.save_sharded(tmp, model, optimizer, ref_model)
+        policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(policy_dir)
+            preproc = os.path.join(cfg.model, "preprocessor_config.json")
+            if os.path.exists(preproc):
+                shutil.copy(preproc, policy_dir)
+            # The step fixes the data position and every sampling seed, so with the shards and the
+            # scheduler it is all a resume needs. Plain data only: it loads with weights_only=True.
+            torch.save({"scheduler": scheduler.state_dict(), **state}, os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(saved_config(cfg, accelerator.num_processes), f, indent=2)
+    except Exception as e:
+        if not out_of_space(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"no space left on device while writing the checkpoint {final} "
+                                    f"(free some space, or keep fewer with --keep-last)") from e
+    path = commit()
+    if accelerator.is_main_process and cfg.keep_last > 0:
+        for old in complete_checkpoints(cfg.output_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    return path
+
+
+def out_of_space(error):
+    """A full disk, however deep the writer wrapped it (torch.distributed.checkpoint collects
+    the processes' exceptions into one)."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def load(path, model, ref_model, optimizer, scheduler):
+    """Restore the shards and the trainer state. trainer_state.pt is read with weights_only=True:
+    a file that holds anything but plain data (code, in a pickle) is refused, never run."""
+    try:
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RunError(f"{path}/trainer_state.pt holds more than plain data and was not loaded "
+                       f"({str(e).splitlines()[0]})") from None
+    fsdp.load_sharded(path, model, optimizer, ref_model)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state

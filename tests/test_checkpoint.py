@@ -1,0 +1,204 @@
+"""Runs that cannot mix or silently change: settings checked before anything loads, one run per
+output directory, resume only into the same run, checkpoints that cannot run code."""
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import read_log, train_argv
+
+import checkpoint
+import train
+
+
+def run(model_dir, root, out, *extra):
+    return train.train(train.parse_config(train_argv(model_dir, root, out, *extra)))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model gets loaded: these refusals must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+    monkeypatch.setattr(train, "load_model", refuse)
+
+
+def copy_checkpoint(care_run, out, step=1):
+    name = f"checkpoint-{step:06d}"
+    shutil.copytree(os.path.join(care_run, name), os.path.join(out, name))
+    return os.path.join(out, name)
+
+
+# --- settings --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-generations", "1"], "--num-generations must be >= 2"),
+    (["--prompts-per-device", "0"], "--prompts-per-device must be >= 1"),
+    (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--ema-every", "0"], "--ema-every must be >= 1"),
+    (["--ema-decay", "0"], "--ema-decay must be in (0, 1]"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in (0, 1]"),
+    (["--bonus-coef", "-0.1"], "--bonus-coef must be >= 0"),
+    (["--consistency-margin", "-0.01"], "--consistency-margin must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--logprob-chunk-size", "0"], "--logprob-chunk-size must be >= 1"),
+    (["--max-frames", "2", "--min-frames", "4"], "need 1 <= --min-frames <= --max-frames"),
+    (["--algo", "ppo"], "--algo must be care or grpo"),
+    (["--frame-rounding", "up"], "--frame-rounding must be nearest or floor"),
+    (["--resume", "auto", "--overwrite"], "--resume and --overwrite contradict"),
+    (["--lr", "fast"], "invalid float value"),
+])
+def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_config(flags)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err
+    assert err.strip().count("\n") == 0, err
+
+
+def test_help_explains_every_setting_with_its_default():
+    text = " ".join(train.build_parser().format_help().split())  # unwrapped
+    for f in dataclasses.fields(train.Config):
+        assert f.metadata.get("help"), f"{f.name} has no help line"
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default: ") == len(dataclasses.fields(train.Config))
+
+
+def test_reproduce_official_sets_the_public_behaviour_and_explicit_flags_win():
+    cfg = train.parse_config(["--reproduce-official"])
+    assert (cfg.ema_decay, cfg.second_per_grid, cfg.top_k, cfg.frame_rounding) == (1.0, 1.0, 50, "floor")
+    cfg = train.parse_config(["--reproduce-official", "--top-k", "0", "--ema-decay", "0.99"])
+    assert (cfg.ema_decay, cfg.second_per_grid, cfg.top_k, cfg.frame_rounding) == (0.99, 1.0, 0, "floor")
+    ours = train.parse_config([])
+    assert (ours.ema_decay, ours.second_per_grid, ours.top_k, ours.frame_rounding) == (0.995, 0.0, 0, "nearest")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model", "missing/dir/model", "--model missing/dir/model: no such directory"),
+    ("--data", "missing.jsonl", "--data missing.jsonl: no such file"),
+    ("--data-root", "/no/such/root", "--data-root /no/such/root: no such directory"),
+    ("--resume", "/no/such/checkpoint-000001", "--resume /no/such/checkpoint-000001: no such checkpoint directory"),
+])
+def test_missing_inputs_are_named_before_anything_loads(warm_model_dir, seed_bench_root, tmp_path, no_model,
+                                                        flag, value, message):
+    argv = train_argv(warm_model_dir, seed_bench_root, tmp_path / "out")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    with pytest.raises(checkpoint.RunError, match=message):
+        train.train(train.parse_config(argv))
+
+
+# --- one run per directory ---------------------------------------------------------------------
+
+def test_a_new_run_refuses_a_directory_that_holds_one(care_run, warm_model_dir, seed_bench_root, tmp_path, no_model):
+    copy_checkpoint(care_run, tmp_path)
+    shutil.copy(os.path.join(care_run, "log.jsonl"), tmp_path / "log.jsonl")
+    with pytest.raises(checkpoint.RunError, match="already holds a run .*--resume auto.*--overwrite"):
+        run(warm_model_dir, seed_bench_root, tmp_path)
+    assert len(read_log(tmp_path)) == 2  # nothing was touched
+
+
+def test_overwrite_replaces_the_old_run(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    copy_checkpoint(care_run, tmp_path, step=2)
+    shutil.copy(os.path.join(care_run, "log.jsonl"), tmp_path / "log.jsonl")
+    run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1", "--max-completion-length", "4", "--overwrite")
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-000001"]
+
+
+def test_two_runs_cannot_write_one_directory(warm_model_dir, seed_bench_root, tmp_path, no_model):
+    with checkpoint.locked(str(tmp_path), is_main=True):
+        with pytest.raises(checkpoint.RunError, match=f"{tmp_path} is in use by another run \\(process {os.getpid()}\\)"):
+            run(warm_model_dir, seed_bench_root, tmp_path)
+    with checkpoint.locked(str(tmp_path), is_main=True):  # released when the holder is done
+        pass
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, change", [
+    (["--lr", "5e-4"], "lr: 0.001 -> 0.0005"),
+    (["--algo", "grpo"], "algo: 'care' -> 'grpo'"),
+    (["--seed", "1"], "seed: 0 -> 1"),
+    (["--max-steps", "3"], "max_steps: 2 -> 3"),
+    (["--prompts-per-device", "1"], "global batch (processes x prompts per device): 1 x 2 -> 1 x 1"),
+])
+def test_resume_refuses_other_run_defining_settings(care_run, warm_model_dir, seed_bench_root, tmp_path, no_model,
+                                                    flags, change):
+    copy_checkpoint(care_run, tmp_path)
+    with pytest.raises(checkpoint.RunError, match="pass --allow-config-change") as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto", *flags)
+    assert change in str(err.value)
+
+
+def test_resume_with_allowed_changes_records_what_was_used(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    copy_checkpoint(care_run, tmp_path)
+    shutil.copy(os.path.join(care_run, "log.jsonl"), tmp_path / "log.jsonl")
+    # Bookkeeping may change freely; the lr only with the override.
+    run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto", "--save-every", "7",
+        "--lr", "5e-4", "--allow-config-change", "--max-completion-length", "20")
+    saved = json.load(open(tmp_path / "checkpoint-000002" / "config.json"))
+    assert saved["lr"] == 5e-4 and saved["save_every"] == 7 and saved["num_processes"] == 1
+    assert saved["data"] == os.path.abspath(f"{seed_bench_root}/annotations/training_6k.jsonl")
+
+
+def test_resume_auto_takes_only_complete_checkpoints(care_run, tmp_path):
+    copy_checkpoint(care_run, tmp_path, step=1)
+    shutil.copytree(os.path.join(care_run, "checkpoint-000002"), tmp_path / "checkpoint-best")
+    shutil.copytree(os.path.join(care_run, "checkpoint-000002"), tmp_path / "checkpoint-000003.tmp")
+    os.makedirs(tmp_path / "checkpoint-000004" / "state")  # cut short: no trainer_state.pt
+    assert checkpoint.resolve_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    with pytest.raises(checkpoint.RunError, match="not a complete checkpoint"):
+        checkpoint.resolve_resume(str(tmp_path / "checkpoint-000004"), str(tmp_path))
+    assert checkpoint.resolve_resume("auto", str(tmp_path / "empty")) is None
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_cannot_run_code(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    ckpt = copy_checkpoint(care_run, tmp_path)
+    marker = str(tmp_path / "ran.txt")
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    torch.save({**state, "payload": RunsCode(marker)}, os.path.join(ckpt, "trainer_state.pt"))
+    with pytest.raises(checkpoint.RunError, match="holds more than plain data and was not loaded"):
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert not os.path.exists(marker)
+
+
+def test_keep_last_keeps_the_newest_checkpoints(warm_model_dir, seed_bench_root, tmp_path):
+    run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "3", "--save-every", "1", "--keep-last", "2",
+        "--max-completion-length", "4", "--prompts-per-device", "1")
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == \
+        ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_a_full_disk_is_named_with_the_checkpoint(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.fsdp, "save_sharded", full)
+    with pytest.raises(OSError, match=f"no space left on device while writing the checkpoint {tmp_path}/checkpoint-000001"):
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "1", "--max-completion-length", "4")
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    checkpoint.trim_jsonl(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(checkpoint.RunError, match="log.jsonl:2: not a JSON row"):
+        checkpoint.trim_jsonl(str(path), 2)
