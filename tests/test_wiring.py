@@ -1,0 +1,285 @@
+"""The wires between the formulas in train.py's step: each setting reaches the formula that
+uses it, the reference (not the policy) scores the answers, the advantages the loss uses are
+those of accuracy + format + bonus, and the reference moves every --ema-every steps by the
+EMA's closed form. care.py's formulas themselves are pinned in test_care.py."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import read_state, train_argv
+
+import care
+import data
+import reference
+import rollout
+import train
+
+MC = "multiple choice"
+
+
+def fake_rollout(texts, g):
+    return SimpleNamespace(texts=texts, num_generations=g)
+
+
+def spy(monkeypatch, module, name, calls, result=None):
+    """Replace module.name by a function that records its arguments and returns result (or,
+    without result, what the real function returns)."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs) if result is None else result(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+# --- score_rollout: settings, samples and the reference reach the formulas -------------------
+
+ANSWERS = [  # prompt 0 (solution A) and prompt 1 (solution B), G = 4 each
+    "<think>x</think><answer>A</answer>", "<think>y</think><answer>A</answer>", "<answer>A</answer>",
+    "<think>z</think><answer>C</answer>",
+    "<think>x</think><answer>B</answer>", "<think>y</think><answer>B</answer>", "<think>w</think><answer>B</answer>",
+    "no answer",
+]
+SAMPLES = [data.Sample("s0", MC, "Q0", "A"), data.Sample("s1", MC, "Q1", "B")]
+# The reference's mean answer log-probs: chosen so that the margin, the cap and the coefficient
+# each change who gets a bonus or how much (checked below, so the test cannot go blind).
+LOGP = torch.log(torch.tensor([0.99, 0.8, 0.42, 0.3, 0.97, 0.6, 0.45, 0.5]))
+HAS_SPAN = torch.tensor([True] * 7 + [False])
+
+
+def score(monkeypatch, *flags):
+    cfg = train.parse_config(["--algo", "care", "--num-generations", "4", *flags])
+    ref = torch.nn.Linear(1, 1)  # stands in for the reference model: only its identity matters
+    calls = []
+    spy(monkeypatch, reference, "answer_logprob", calls, result=lambda *a, **k: (LOGP, HAS_SPAN))
+    parts = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, ref, tokenizer=None)
+    return cfg, parts, calls, ref
+
+
+def expected(margin, coef, cap):
+    acc = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0]])
+    fmt = torch.tensor([[1.0, 1, 0, 1], [1, 1, 1, 0]])
+    parts = care.care_rewards(acc, fmt, LOGP.view(2, 4), HAS_SPAN.view(2, 4), margin=margin, bonus_coef=coef,
+                              conf_cap=cap)
+    return acc, fmt, parts
+
+
+def test_score_rollout_passes_every_care_setting(monkeypatch):
+    cfg, parts, _, _ = score(monkeypatch, "--consistency-margin", "0.3", "--bonus-coef", "0.7", "--conf-cap", "0.9")
+    acc, fmt, want = expected(0.3, 0.7, 0.9)
+    torch.testing.assert_close(parts["acc"], acc)   # each prompt scored against its own solution
+    torch.testing.assert_close(parts["fmt"], fmt)
+    torch.testing.assert_close(parts["bonus"], want["bonus"])
+    torch.testing.assert_close(parts["p"], want["p"])
+    torch.testing.assert_close(parts["reward"], acc + fmt + want["bonus"])
+    # Each setting matters for these inputs: a wire cut to its default would change the bonus.
+    for default in (expected(0.0, 0.7, 0.9), expected(0.3, 0.5, 0.9), expected(0.3, 0.7, 0.95)):
+        assert not torch.equal(default[2]["bonus"], want["bonus"])
+
+
+def test_advantages_are_those_of_the_whole_reward(monkeypatch):
+    _, parts, _, _ = score(monkeypatch, "--consistency-margin", "0.3")
+    acc, fmt, want = expected(0.3, 0.5, 0.95)
+    assert want["bonus"].sum() > 0
+    torch.testing.assert_close(parts["advantages"], care.group_advantages(acc + fmt + want["bonus"]))
+    assert not torch.allclose(parts["advantages"], care.group_advantages(acc + fmt))
+
+
+def test_the_reference_scores_the_answers(monkeypatch):
+    _, _, calls, ref = score(monkeypatch)
+    assert len(calls) == 1 and calls[0][0][0] is ref
+
+
+def test_grpo_has_no_bonus_and_asks_no_reference(monkeypatch):
+    cfg = train.parse_config(["--algo", "grpo", "--num-generations", "4"])
+    calls = []
+    spy(monkeypatch, reference, "answer_logprob", calls)
+    parts = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, None, tokenizer=None)
+    acc, fmt, _ = expected(0.0, 0.5, 0.95)
+    assert not calls
+    torch.testing.assert_close(parts["reward"], acc + fmt)
+    torch.testing.assert_close(parts["advantages"], care.group_advantages(acc + fmt))
+    assert not parts["bonus"].any() and not parts["has_span"].any()
+
+
+# --- a real run: what the loss used, which model scored, when the reference moved -------------
+
+@pytest.fixture(scope="module")
+def spied_run(warm_model_dir, seed_bench_root, tmp_path_factory):
+    """Three CARE steps, EMA every 2 steps, a margin, checkpoints after each step, with spies on
+    the policy loss (the advantages it gets), the answer scorer (which model) and the models."""
+    out = tmp_path_factory.mktemp("spied")
+    mp = pytest.MonkeyPatch()
+    calls = {"loss": [], "scorer": [], "policy": [], "reference": [], "ema": []}
+    spy(mp, care, "policy_loss", calls["loss"])
+    spy(mp, reference, "answer_logprob", calls["scorer"])
+    spy(mp, reference, "ema_update", calls["ema"])
+    real_policy, real_ref = train.load_policy, train.fsdp.prepare_reference
+    mp.setattr(train, "load_policy", lambda cfg: calls["policy"].append(real_policy(cfg)) or calls["policy"][-1])
+    mp.setattr(train.fsdp, "prepare_reference",
+               lambda acc, ref: calls["reference"].append(real_ref(acc, ref)) or calls["reference"][-1])
+    try:
+        train.train(train.parse_config(train_argv(
+            warm_model_dir, seed_bench_root, out, "--algo", "care", "--max-steps", "3", "--save-every", "1",
+            "--ema-every", "2", "--ema-decay", "0.9", "--consistency-margin", "0.05", "--log-completions")))
+    finally:
+        mp.undo()
+    rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+    return out, calls, rows
+
+
+def test_the_loss_gets_the_advantages_of_accuracy_format_and_bonus(spied_run):
+    """Recompute every step's advantages from the logged accuracy, format and bonus, and the
+    bonus from the logged accuracy and reference confidence under the run's margin."""
+    _, calls, rows = spied_run
+    assert len(calls["loss"]) == 3
+    for step, (args, kwargs) in enumerate(calls["loss"], 1):
+        mine = [r for r in rows if r["step"] == step]
+        field = lambda k: torch.tensor([float(r[k]) for r in mine]).view(-1, 4)
+        acc, fmt, bonus = field("accuracy"), field("format"), field("bonus")
+        torch.testing.assert_close(args[1].cpu().view(-1, 4), care.group_advantages(acc + fmt + bonus))
+        has_span = torch.tensor([r["ref_p"] is not None for r in mine]).view(-1, 4)
+        p = torch.tensor([r["ref_p"] or 0.0 for r in mine]).view(-1, 4)
+        recomputed, _ = care.consistency_bonus(acc, p, has_span, margin=0.05, bonus_coef=0.5)
+        torch.testing.assert_close(bonus, recomputed)
+    assert any(r["bonus"] > 0 for r in rows), "no bonus in the run: the check above would be blind to it"
+
+
+def test_the_reference_not_the_policy_scores_in_a_run(spied_run):
+    _, calls, _ = spied_run
+    (policy,), (ref,) = calls["policy"], calls["reference"]
+    assert len(calls["scorer"]) == 3 and all(args[0] is ref for args, _ in calls["scorer"])
+    assert ref is not policy
+
+
+def test_the_reference_moves_every_ema_every_steps_by_the_closed_form(spied_run, warm_model_dir):
+    """--ema-every 2, decay 0.9: the reference is the start after step 1, decay * start +
+    (1 - decay) * policy_2 after step 2, and unchanged after step 3."""
+    out, calls, _ = spied_run
+    assert len(calls["ema"]) == 1
+    refs = [read_state(out / f"checkpoint-00000{k}", "reference") for k in (1, 2, 3)]
+    policy_2 = read_state(out / "checkpoint-000002", "policy")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    moved = 0
+    for name in refs[0]:
+        torch.testing.assert_close(refs[0][name], start[name], rtol=0, atol=0)
+        torch.testing.assert_close(refs[1][name], 0.9 * start[name] + 0.1 * policy_2[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(refs[2][name], refs[1][name], rtol=0, atol=0)
+        moved += (refs[1][name] - start[name]).abs().sum()
+    assert moved > 0
+
+
+def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video(
+        warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """--reproduce-official: frozen reference, top-k 50, 1.0 s per temporal patch, frames
+    rounded down; each reaches the piece that uses it."""
+    sampling, budgets, ema = [], [], []
+    spy(monkeypatch, rollout, "sampling_config", sampling)
+    spy(monkeypatch, data, "encode_prompt", budgets)
+    spy(monkeypatch, reference, "ema_update", ema)
+    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
+                                              "--max-steps", "2", "--reproduce-official")))
+    assert sampling[0][0][4] == 50  # top_k
+    budget = budgets[0][0][2]
+    assert budget.second_per_grid == 1.0 and budget.frame_rounding == "floor"
+    assert [args[2] for args, _ in ema] == [1.0, 1.0]  # called (ema every step) with a frozen decay
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    ref = read_state(tmp_path / "checkpoint-000002", "reference")
+    assert all(torch.equal(ref[k], start[k]) for k in ref)
+    saved = json.load(open(os.path.join(tmp_path, "checkpoint-000002", "config.json")))
+    assert (saved["ema_decay"], saved["top_k"], saved["second_per_grid"], saved["frame_rounding"]) == \
+        (1.0, 50, 1.0, "floor")
+
+
+# --- a GRPO run with every loss, sampling and optimizer setting away from its default ---------
+
+GRPO_FLAGS = ["--algo", "grpo", "--max-steps", "2", "--num-iterations", "2", "--epsilon", "0.3", "--beta", "0.07",
+              "--temperature", "0.9", "--top-p", "0.8", "--repetition-penalty", "1.1", "--max-grad-norm", "0.5",
+              "--warmup-steps", "1", "--weight-decay", "0.05", "--adam-beta1", "0.8", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(warm_model_dir, seed_bench_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo-spied")
+    mp = pytest.MonkeyPatch()
+    calls = {"loss": [], "generate": [], "clip": [], "ema": [], "optimizer": []}
+    spy(mp, care, "policy_loss", calls["loss"])
+    spy(mp, rollout, "generate", calls["generate"])
+    spy(mp, torch.nn.utils, "clip_grad_norm_", calls["clip"])
+    spy(mp, reference, "ema_update", calls["ema"])
+    real_build = train.build_optimizer
+    mp.setattr(train, "build_optimizer", lambda *a: calls["optimizer"].append(real_build(*a)) or calls["optimizer"][-1])
+    try:
+        cfg = train.parse_config(train_argv(warm_model_dir, seed_bench_root, out, *GRPO_FLAGS))
+        train.train(cfg)
+    finally:
+        mp.undo()
+    return cfg, calls, out
+
+
+def test_grpo_loss_gets_its_settings_the_frozen_reference_and_the_rollout_logprobs(grpo_run):
+    cfg, calls, _ = grpo_run
+    loss_calls = calls["loss"]
+    assert len(loss_calls) == 4  # 2 steps x 2 iterations
+    for k, (args, kwargs) in enumerate(loss_calls):
+        assert kwargs["epsilon"] == 0.3 and kwargs["beta"] == 0.07
+        assert kwargs["ref_logp"] is not None and kwargs["old_logp"] is not None
+        if k % 2 == 0:  # first iteration: the old log-probs are the current ones
+            torch.testing.assert_close(kwargs["old_logp"], args[0].detach(), rtol=1e-5, atol=1e-5)
+    # Step 1: the reference is the starting policy; step 2: the policy has moved away from it.
+    torch.testing.assert_close(loss_calls[0][1]["ref_logp"], loss_calls[0][0][0].detach(), rtol=1e-5, atol=1e-5)
+    assert (loss_calls[2][1]["ref_logp"] - loss_calls[2][0][0].detach()).abs().max() > 1e-5
+    assert all(args[2] == 1.0 for args, _ in calls["ema"])  # GRPO never moves its reference
+
+
+def test_sampling_gets_its_settings_and_one_seed_per_group(grpo_run, seed_bench_root):
+    cfg, calls, out = grpo_run
+    samples, _ = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed)
+    for step, (args, _) in enumerate(calls["generate"]):
+        gen_config, seeds = args[4], args[5]
+        assert (gen_config.temperature, gen_config.top_p, gen_config.top_k, gen_config.repetition_penalty,
+                gen_config.max_new_tokens) == (0.9, 0.8, 0, 1.1, 20)
+        assert args[3] == 4  # G
+        indices = train.shard_order(len(samples), 0, 3, 0, 1, 2)[step]
+        assert seeds == [train.rollout_seed(3, step, i) for i in indices]
+    assert calls["generate"][0][0][5] != calls["generate"][1][0][5]
+
+
+def test_the_optimizer_gets_its_settings(grpo_run):
+    from transformers import get_cosine_schedule_with_warmup
+    cfg, calls, out = grpo_run
+    assert all(kwargs.get("max_norm", args[1] if len(args) > 1 else None) == 0.5 for args, kwargs in calls["clip"])
+    assert len(calls["clip"]) == 4
+    (optimizer, scheduler), = calls["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert decay["betas"] == (0.8, 0.999)
+    # 1 warmup update, then cosine over 2 steps x 2 iterations: the lr after each step.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = get_cosine_schedule_with_warmup(probe, 1, 4)
+    expected = []
+    for _ in range(2):
+        sched.step(), sched.step()
+        expected.append(sched.get_last_lr()[0])
+    from conftest import read_log
+    assert [r["lr"] for r in read_log(out)] == pytest.approx(expected)
+
+
+def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_bench_root, tmp_path):
+    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo",
+                                              "--beta", "0", "--epochs", "2", "--max-completion-length", "2",
+                                              "--save-every", "100")))
+    from conftest import read_log
+    log = read_log(tmp_path)
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    per_epoch = len(samples) // 2
+    assert len(log) == 2 * per_epoch
+    epochs = [[sid for row in log[e * per_epoch:(e + 1) * per_epoch] for sid in row["samples"][0]] for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(s.sample_id for s in samples)
+    assert epochs[0] != epochs[1]
