@@ -137,18 +137,28 @@ def _load(rows, make_sample, skip_bad):
     return samples, skipped
 
 
+def _training_options(where, sid, answer, negatives, rng):
+    """The official training task: the right answer and 3 of the row's wrong answers, drawn and
+    shuffled with rng, so always 4 options A-D, as the answer line "(A, B, C, D)" and the
+    validation levels have. Listing all of a real row's ~7 negatives would train on a harder
+    task than the one evaluated. Returns (options, solution letter)."""
+    pool = list(dict.fromkeys(negatives))   # distinct, in file order, so a seed draws the same
+    if len(pool) < 3:
+        raise DataError(f"{where} (sample {sid}): needs at least 3 distinct negative_answers, got {len(pool)}")
+    options = [answer] + rng.sample(pool, 3)
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(answer)]
+
+
 def _seed_bench_sample(where, row, root, seed, level):
     _require(where, row, ["sample_id", "question", "answer", "task_progress_metadata",
                           "video_source", "current_observation_basename"])
     sid = str(row["sample_id"])
-    if "negative_answers" in row:   # training row: shuffle right answer + negatives, per sample
-        options = [row["answer"]] + list(row["negative_answers"])
-        order = list(range(len(options)))
+    if "negative_answers" in row:   # training row
         # Seeded by the sample id, not by file position, so reordering or filtering the file
-        # never changes a sample's letters.
-        random.Random(f"{seed}-{sid}").shuffle(order)
-        options = [options[i] for i in order]
-        solution = "ABCDEFGHIJ"[order.index(0)]
+        # never changes a sample's options or letters.
+        options, solution = _training_options(where, sid, row["answer"], row["negative_answers"],
+                                              random.Random(f"{seed}-{sid}"))
     elif all(f"choice_{k}" in row for k in "abcd") and "golden_choice_idx" in row:
         options = [row[f"choice_{k}"] for k in "abcd"]
         solution = str(row["golden_choice_idx"]).strip()
@@ -157,9 +167,7 @@ def _seed_bench_sample(where, row, root, seed, level):
     else:
         raise DataError(f"{where} (sample {sid}): neither negative_answers (train) nor "
                         f"choice_a..d + golden_choice_idx (validation)")
-    if not 2 <= len(options) <= 10:
-        raise DataError(f"{where} (sample {sid}): expected 2-10 options, got {len(options)}")
-    lettered = [f"{'ABCDEFGHIJ'[i]}. {o}" for i, o in enumerate(options)]
+    lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
     video = None
     if row["task_progress_metadata"]:   # empty metadata: the task has no progress video yet
         _require(where, row, ["video_basename"])

@@ -45,8 +45,8 @@ def test_seed_bench_train_rows(seed_bench_root):
         assert s.sample_id == r["sample_id"] and s.problem_type == "multiple choice" and s.level == "train"
         head, options = parse_options(s.question)
         assert head == r["question"]                     # already ends with "\n"
-        assert sorted(options) == sorted([r["answer"]] + r["negative_answers"])
         assert options["ABCD".index(s.solution)] == r["answer"]
+        assert set(options) - {r["answer"]} <= set(r["negative_answers"])
         assert s.question == head + "Options:\n" + "".join(f"{L}. {o}\n" for L, o in zip("ABCD", options))
         if r["task_progress_metadata"]:
             assert s.video == os.path.join(seed_bench_root, "videos", r["video_source"], r["video_basename"])
@@ -66,6 +66,27 @@ def test_seed_bench_train_rows(seed_bench_root):
     other, _ = load_seed_bench_r1(path, seed_bench_root, seed=1)
     assert [s.question for s in other] != [s.question for s in samples]
     assert len({s.solution for s in samples}) > 1   # each sample gets its own shuffle
+
+
+def test_seed_bench_training_task_has_four_options(seed_bench_root):
+    """Each training row becomes its answer and 3 distinct negatives drawn per sample and seed,
+    however many negatives the row lists (tiny rows list 7, as real ones do)."""
+    path = os.path.join(seed_bench_root, "annotations", "training_6k.jsonl")
+    raw = {r["sample_id"]: r for r in rows(path)}
+    assert all(len(r["negative_answers"]) > 3 for r in raw.values())
+    drawn = {}
+    for seed in range(4):
+        samples, _ = load_seed_bench_r1(path, seed_bench_root, seed=seed)
+        for s in samples:
+            r = raw[s.sample_id]
+            _, options = parse_options(s.question)   # exactly A. B. C. D.
+            assert options["ABCD".index(s.solution)] == r["answer"] and options.count(r["answer"]) == 1
+            wrong = [o for o in options if o != r["answer"]]
+            assert len(set(wrong)) == 3 and set(wrong) <= set(r["negative_answers"])
+            drawn.setdefault(s.sample_id, set()).add(frozenset(wrong))
+        again, _ = load_seed_bench_r1(path, seed_bench_root, seed=seed)
+        assert again == samples
+    assert any(len(sets) > 1 for sets in drawn.values())   # another seed, other negatives
 
 
 def test_seed_bench_question_without_newline(tmp_path, seed_bench_root):
@@ -296,6 +317,29 @@ def test_video_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match="vid-8") as e:
         read_video(str(corrupt), VisualBudget(), sample_id="vid-8")
     assert str(corrupt) in str(e.value)
+
+
+def refused(path, load, sample_id, problem, **kw):
+    """`load` on a file with one bad row between two good ones raises a DataError that names the
+    row's line, its sample and the problem; with skip_bad the row is one counted skip."""
+    with pytest.raises(DataError) as e:
+        load(str(path), **kw)
+    message = str(e.value)
+    assert f"{path}:2 (sample {sample_id})" in message and problem in message, message
+    samples, skipped = load(str(path), skip_bad=True, **kw)
+    assert len(samples) == 2 and skipped == [message]
+    return message
+
+
+@pytest.mark.parametrize("split, change, problem", [
+    ("train", {"negative_answers": ["purple", "orange", "purple", "orange"]}, "at least 3 distinct negative_answers"),
+])
+def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
+    name = "training_6k.jsonl" if split == "train" else "validation_L1.jsonl"
+    raw = rows(os.path.join(seed_bench_root, "annotations", name))
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], {**raw[2], "sample_id": "bad-1", **change}, raw[1]]))
+    refused(path, lambda p, **kw: load_samples(p, seed_bench_root, **kw), "bad-1", problem)
 
 
 def test_missing_file_at_load(tmp_path, seed_bench_root):
