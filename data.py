@@ -224,9 +224,12 @@ def load_samples(path, root, seed=0, skip_bad=False):
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-THINKING = ("Think the question through step by step before you answer, the way a careful person would: "
-            "reflect on what you see, question your first impression and verify your reasoning. "
-            "Put your reasoning between <think> and </think> and your final answer between <answer> and </answer>.")
+# The one thinking instruction, asking for what the public GRPO-CARE prompt asks (in our words):
+# an inner dialogue with hesitation and self-checks, self-verification, then both tag pairs.
+THINKING = ("Think about this question the way a person would when pondering it deeply: reason it out as an "
+            "inner dialogue, with natural thinking expressions such as 'let me think', 'wait', 'hmm', "
+            "'oh, I see' or 'let me break it down'. Reflect on your reasoning and verify it before you settle. "
+            "Put your reasoning inside <think> </think>, then your final answer inside <answer> </answer>.")
 ANSWER_LINE = {
     "multiple choice": "Inside <answer> </answer> give only the single option letter (A, B, C, D).",
     "numerical": "Inside <answer> </answer> give only the number.",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tiny
-from data import (DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, collate_prompts,
+from data import (THINKING, DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, collate_prompts,
                   encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames, prompt_text,
                   read_video)
 
@@ -163,6 +163,17 @@ def test_video_r1_rows(video_r1_root):
     last = [t.rsplit("\n", 1)[1] for t in texts]
     assert "letter" in last[0] and "number" in last[1] and "transcribed" in last[2] and "text" in last[3]
     assert last[4] == last[1] and len({last[0], last[1], last[2], last[3]}) == 4
+
+
+def test_thinking_instruction():
+    """Every prompt asks for reasoning as an inner dialogue that checks itself, in <think> </think>,
+    then the answer in <answer> </answer>."""
+    for phrase in ("inner dialogue", "'let me think'", "'wait'", "'hmm'", "'oh, I see'", "verify",
+                   "<think> </think>", "<answer> </answer>"):
+        assert phrase in THINKING, phrase
+    assert THINKING.index("<think>") < THINKING.index("<answer>")
+    for ptype in ("multiple choice", "numerical", "OCR", "free-form", "regression"):
+        assert THINKING in prompt_text(Sample("x", ptype, "Q?", "1"))
 
 
 def test_chat_prompt_video_and_image():
