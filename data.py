@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards import PROBLEM_TYPES, ground_truth
+from rewards import PROBLEM_TYPES, ground_truth, parse_number
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,6 +116,25 @@ def _existing(where, sid, kind, path):
     return path
 
 
+def _text(where, sid, label, value):
+    """`value`, which must be non-empty text: an empty question, answer or option would train
+    (or score) on nothing."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where} (sample {sid}): {label} must be non-empty text, got {value!r}")
+    return value
+
+
+def _distinct(where, sid, labelled):
+    """[(label, option text)]: each text non-empty and no two alike (whitespace aside), or the
+    question would have two right answers or a right answer scored as wrong."""
+    seen = {}
+    for label, text in labelled:
+        key = _text(where, sid, label, text).strip()
+        if key in seen:
+            raise DataError(f"{where} (sample {sid}): {seen[key]} and {label} are the same option {key!r}")
+        seen[key] = label
+
+
 def with_options(question, options):
     """`question` + "Options:\\nA. ...\\nB. ...\\n": one layout for both datasets."""
     if not question.endswith("\n"):
@@ -142,6 +161,12 @@ def _training_options(where, sid, answer, negatives, rng):
     shuffled with rng, so always 4 options A-D, as the answer line "(A, B, C, D)" and the
     validation levels have. Listing all of a real row's ~7 negatives would train on a harder
     task than the one evaluated. Returns (options, solution letter)."""
+    if not isinstance(negatives, list):
+        raise DataError(f"{where} (sample {sid}): negative_answers must be a list, got {type(negatives).__name__}")
+    negatives = [_text(where, sid, f"negative_answers[{i}]", n).strip() for i, n in enumerate(negatives)]
+    answer = answer.strip()
+    if answer in negatives:
+        raise DataError(f"{where} (sample {sid}): the answer {answer!r} is also among the negative_answers")
     pool = list(dict.fromkeys(negatives))   # distinct, in file order, so a seed draws the same
     if len(pool) < 3:
         raise DataError(f"{where} (sample {sid}): needs at least 3 distinct negative_answers, got {len(pool)}")
@@ -154,13 +179,16 @@ def _seed_bench_sample(where, row, root, seed, level):
     _require(where, row, ["sample_id", "question", "answer", "task_progress_metadata",
                           "video_source", "current_observation_basename"])
     sid = str(row["sample_id"])
+    question = _text(where, sid, "question", row["question"])
+    answer = _text(where, sid, "answer", row["answer"])
     if "negative_answers" in row:   # training row
         # Seeded by the sample id, not by file position, so reordering or filtering the file
         # never changes a sample's options or letters.
-        options, solution = _training_options(where, sid, row["answer"], row["negative_answers"],
+        options, solution = _training_options(where, sid, answer, row["negative_answers"],
                                               random.Random(f"{seed}-{sid}"))
     elif all(f"choice_{k}" in row for k in "abcd") and "golden_choice_idx" in row:
         options = [row[f"choice_{k}"] for k in "abcd"]
+        _distinct(where, sid, [(f"choice_{k}", o) for k, o in zip("abcd", options)])
         solution = str(row["golden_choice_idx"]).strip()
         if solution not in ("A", "B", "C", "D"):
             raise DataError(f"{where} (sample {sid}): golden_choice_idx must be A-D, got {solution!r}")
@@ -175,7 +203,7 @@ def _seed_bench_sample(where, row, root, seed, level):
         _existing(where, sid, "video", video)
     image = os.path.abspath(os.path.join(root, "images", row["video_source"], row["current_observation_basename"]))
     _existing(where, sid, "image", image)
-    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(row["question"], lettered),
+    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(question, lettered),
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
 
@@ -187,6 +215,44 @@ def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False):
                  lambda where, row: _seed_bench_sample(where, row, root, seed, level), skip_bad)
 
 
+LETTERED_OPTION_RE = re.compile(r"([A-Z])\.(\s.*|)", re.DOTALL)   # "A. text"; "A." alone is an empty option
+
+
+def _option_letters(where, sid, options):
+    """The letters of a Video-R1 row's options, which come lettered ("A. text"). They must run
+    A, B, C... in order, because the solution, the answer line and evaluate.py name options by
+    these letters, and their texts must be distinct."""
+    if not isinstance(options, list) or not options:
+        raise DataError(f"{where} (sample {sid}): multiple choice row without options")
+    letters, texts = [chr(ord("A") + i) for i in range(len(options))], []
+    for letter, option in zip(letters, options):
+        m = LETTERED_OPTION_RE.fullmatch(option) if isinstance(option, str) else None
+        if not m or m.group(1) != letter:
+            raise DataError(f"{where} (sample {sid}): option {option!r} does not look like '{letter}. text'")
+        texts.append((f"option {letter}", m.group(2)))
+    _distinct(where, sid, texts)
+    return letters
+
+
+def _video_r1_solution(where, sid, row):
+    """The row's ground truth ("<answer>X</answer>" -> "X"; bare "X" as is), checked against its
+    problem type: an option letter (upper-cased: "b" names option B) or a number where the
+    reward parses one, so a bad row fails here and not as a silent zero reward."""
+    solution = ground_truth(str(row["solution"]))
+    ptype = row["problem_type"]
+    if not solution:
+        raise DataError(f"{where} (sample {sid}): empty solution {row['solution']!r}")
+    if ptype == "multiple choice":
+        letters = _option_letters(where, sid, row.get("options"))
+        if solution.upper() not in letters:
+            raise DataError(f"{where} (sample {sid}): solution {solution!r} is not one of the option letters "
+                            f"{', '.join(letters)}")
+        return solution.upper()
+    if ptype in ("numerical", "regression") and parse_number(solution) is None:
+        raise DataError(f"{where} (sample {sid}): {ptype} solution {solution!r} is not a number")
+    return solution
+
+
 def _video_r1_sample(where, row, root):
     _require(where, row, ["problem_id", "problem", "data_type", "problem_type", "solution", "path"])
     sid = str(row["problem_id"])
@@ -195,12 +261,10 @@ def _video_r1_sample(where, row, root):
         raise DataError(f"{where} (sample {sid}): unknown problem_type {ptype!r}, expected one of {PROBLEM_TYPES}")
     if dtype not in ("image", "video"):
         raise DataError(f"{where} (sample {sid}): unknown data_type {dtype!r}, expected 'image' or 'video'")
-    question = row["problem"]
+    question = _text(where, sid, "problem (the question)", row["problem"])
+    solution = _video_r1_solution(where, sid, row)
     if ptype == "multiple choice":
-        if not row.get("options"):
-            raise DataError(f"{where} (sample {sid}): multiple choice row without options")
         question = with_options(question, row["options"])   # options are already "A. ..."
-    solution = ground_truth(str(row["solution"]))  # "<answer>X</answer>" -> "X"; bare "X" as is
     path = _existing(where, sid, dtype, os.path.abspath(os.path.join(root, row["path"])))
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,

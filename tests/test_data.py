@@ -343,7 +343,15 @@ def refused(path, load, sample_id, problem, **kw):
 
 
 @pytest.mark.parametrize("split, change, problem", [
+    ("train", {"question": " \n"}, "question must be non-empty text"),
+    ("train", {"answer": ""}, "answer must be non-empty text"),
+    ("train", {"answer": "purple"}, "the answer 'purple' is also among the negative_answers"),
+    ("train", {"negative_answers": ["purple", "", "orange", "white"]}, "negative_answers[1] must be non-empty text"),
+    ("train", {"negative_answers": "purple"}, "negative_answers must be a list"),
     ("train", {"negative_answers": ["purple", "orange", "purple", "orange"]}, "at least 3 distinct negative_answers"),
+    ("L1", {"question": ""}, "question must be non-empty text"),
+    ("L1", {"choice_b": " "}, "choice_b must be non-empty text"),
+    ("L1", {"choice_a": "mauve", "choice_c": "mauve "}, "choice_a and choice_c are the same option 'mauve'"),
 ])
 def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
     name = "training_6k.jsonl" if split == "train" else "validation_L1.jsonl"
@@ -351,6 +359,34 @@ def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], {**raw[2], "sample_id": "bad-1", **change}, raw[1]]))
     refused(path, lambda p, **kw: load_samples(p, seed_bench_root, **kw), "bad-1", problem)
+
+
+@pytest.mark.parametrize("good, change, problem", [
+    (0, {"solution": "<answer>E</answer>"}, "solution 'E' is not one of the option letters A, B, C, D"),
+    (0, {"solution": "a square"}, "solution 'a square' is not one of the option letters"),
+    (0, {"options": ["a square", "a circle"]}, "option 'a square' does not look like 'A. text'"),
+    (0, {"options": ["A. a square", "C. a circle"]}, "option 'C. a circle' does not look like 'B. text'"),
+    (0, {"options": ["A. a square", "B."]}, "option B must be non-empty text"),
+    (0, {"options": ["A. red", "B. blue", "C. red"]}, "option A and option C are the same option 'red'"),
+    (0, {"options": []}, "multiple choice row without options"),
+    (0, {"solution": "<answer> </answer>"}, "empty solution"),
+    (3, {"solution": ""}, "empty solution"),
+    (1, {"solution": "<answer>one</answer>"}, "numerical solution 'one' is not a number"),
+    (4, {"solution": "<answer>far</answer>"}, "regression solution 'far' is not a number"),
+    (1, {"problem": ""}, "problem (the question) must be non-empty text"),
+])
+def test_bad_video_r1_rows(video_r1_root, good, change, problem):
+    raw = video_r1_rows()
+    path = video_r1_root / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], {**raw[good], "problem_id": "bad-1", **change}, raw[1]]))
+    refused(path, lambda p, **kw: load_samples(p, str(video_r1_root), **kw), "bad-1", problem)
+
+
+def test_lower_case_solution_letter(video_r1_root):
+    path = video_r1_root / "train.json"
+    path.write_text(json.dumps([dict(video_r1_rows()[0], solution="<answer>b</answer>")]))
+    [s], _ = load_samples(str(path), str(video_r1_root))
+    assert s.solution == "B"
 
 
 def test_missing_file_at_load(tmp_path, seed_bench_root):
