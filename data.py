@@ -110,7 +110,15 @@ def _require(where, row, fields):
         raise DataError(f"{where}{f' (sample {sid})' if sid is not None else ''}: missing field(s) {missing}")
 
 
-def _existing(where, sid, kind, path):
+def _media(where, sid, kind, path, base, allow_outside_root):
+    """The absolute path of a sample's video or image, which must exist and, unless
+    allow_outside_root, resolve (os.path.realpath: after "..", symlinks) to a file under `base`:
+    an annotation file should not be able to make training read files anywhere on the disk."""
+    path = os.path.abspath(path)
+    real, real_base = os.path.realpath(path), os.path.realpath(base)
+    if not allow_outside_root and os.path.commonpath([real, real_base]) != real_base:
+        raise DataError(f"{where} (sample {sid}): {kind} {path} resolves to {real}, outside {real_base}; "
+                        f"--allow-outside-data-root allows it")
     if not os.path.isfile(path):
         raise DataError(f"{where} (sample {sid}): {kind} file not found: {path}")
     return path
@@ -175,7 +183,7 @@ def _training_options(where, sid, answer, negatives, rng):
     return options, "ABCD"[options.index(answer)]
 
 
-def _seed_bench_sample(where, row, root, seed, level):
+def _seed_bench_sample(where, row, root, seed, level, allow_outside_root):
     _require(where, row, ["sample_id", "question", "answer", "task_progress_metadata",
                           "video_source", "current_observation_basename"])
     sid = str(row["sample_id"])
@@ -196,23 +204,27 @@ def _seed_bench_sample(where, row, root, seed, level):
         raise DataError(f"{where} (sample {sid}): neither negative_answers (train) nor "
                         f"choice_a..d + golden_choice_idx (validation)")
     lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
+    # Media live in the layout's videos/ and images/ folders: a video_source like "../x" leaves
+    # them, even where it stays under the root.
     video = None
     if row["task_progress_metadata"]:   # empty metadata: the task has no progress video yet
         _require(where, row, ["video_basename"])
-        video = os.path.abspath(os.path.join(root, "videos", row["video_source"], row["video_basename"]))
-        _existing(where, sid, "video", video)
-    image = os.path.abspath(os.path.join(root, "images", row["video_source"], row["current_observation_basename"]))
-    _existing(where, sid, "image", image)
+        videos = os.path.join(root, "videos")
+        video = _media(where, sid, "video", os.path.join(videos, row["video_source"], row["video_basename"]),
+                       videos, allow_outside_root)
+    images = os.path.join(root, "images")
+    image = _media(where, sid, "image", os.path.join(images, row["video_source"], row["current_observation_basename"]),
+                   images, allow_outside_root)
     return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(question, lettered),
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
 
 
-def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False):
+def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False, allow_outside_root=False):
     m = re.search(r"validation_(L[123])", os.path.basename(annotation_file))
     level = m.group(1) if m else "train"
     return _load(_read_rows(annotation_file),
-                 lambda where, row: _seed_bench_sample(where, row, root, seed, level), skip_bad)
+                 lambda where, row: _seed_bench_sample(where, row, root, seed, level, allow_outside_root), skip_bad)
 
 
 LETTERED_OPTION_RE = re.compile(r"([A-Z])\.(\s.*|)", re.DOTALL)   # "A. text"; "A." alone is an empty option
@@ -253,7 +265,7 @@ def _video_r1_solution(where, sid, row):
     return solution
 
 
-def _video_r1_sample(where, row, root):
+def _video_r1_sample(where, row, root, allow_outside_root):
     _require(where, row, ["problem_id", "problem", "data_type", "problem_type", "solution", "path"])
     sid = str(row["problem_id"])
     ptype, dtype = row["problem_type"], row["data_type"]
@@ -265,23 +277,25 @@ def _video_r1_sample(where, row, root):
     solution = _video_r1_solution(where, sid, row)
     if ptype == "multiple choice":
         question = with_options(question, row["options"])   # options are already "A. ..."
-    path = _existing(where, sid, dtype, os.path.abspath(os.path.join(root, row["path"])))
+    path = _media(where, sid, dtype, os.path.join(root, row["path"]), root, allow_outside_root)
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,
                   source=row.get("data_source"))
 
 
-def load_video_r1(json_file, root, skip_bad=False):
-    return _load(_read_rows(json_file), lambda where, row: _video_r1_sample(where, row, root), skip_bad)
+def load_video_r1(json_file, root, skip_bad=False, allow_outside_root=False):
+    return _load(_read_rows(json_file),
+                 lambda where, row: _video_r1_sample(where, row, root, allow_outside_root), skip_bad)
 
 
-def load_samples(path, root, seed=0, skip_bad=False):
-    """Dispatch on the first good row: Video-R1 rows have problem_id, SEED-Bench-R1 rows sample_id."""
+def load_samples(path, root, seed=0, skip_bad=False, allow_outside_root=False):
+    """Dispatch on the first good row: Video-R1 rows have problem_id, SEED-Bench-R1 rows sample_id.
+    Media that resolve outside `root` are refused unless allow_outside_root."""
     first = next((row for _, row in _read_rows(path) if isinstance(row, dict)), None)
     if first is not None and "problem_id" in first:
-        return load_video_r1(path, root, skip_bad=skip_bad)
+        return load_video_r1(path, root, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
     if first is not None and "sample_id" in first:
-        return load_seed_bench_r1(path, root, seed=seed, skip_bad=skip_bad)
+        return load_seed_bench_r1(path, root, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
     raise DataError(f"{path}: cannot tell the format (no row with problem_id or sample_id)")
 
 

@@ -389,6 +389,49 @@ def test_lower_case_solution_letter(video_r1_root):
     assert s.solution == "B"
 
 
+def test_video_r1_media_outside_the_data_root(tmp_path):
+    """A path that leaves the root, by "..", a symlink or an absolute path, is refused unless allowed."""
+    root = tmp_path / "data"
+    elsewhere = str(tmp_path / "elsewhere.mp4")
+    tiny.write_video(elsewhere, tiny.moving_square_clip("red", n_frames=4))
+    tiny.write_image(str(root / "imgs" / "a.jpg"), tiny.moving_square_clip("blue", n_frames=1)[0])
+    (root / "link.mp4").symlink_to(elsewhere)
+    good = video_r1_rows()[1]   # imgs/a.jpg, inside
+    path = root / "train.jsonl"
+    for media in ("../elsewhere.mp4", "link.mp4", elsewhere):
+        bad = dict(video_r1_rows()[3], problem_id="bad-1", path=media)
+        path.write_text("".join(json.dumps(r) + "\n" for r in [good, bad, dict(good, problem_id=6)]))
+        message = refused(path, lambda p, **kw: load_samples(p, str(root), **kw), "bad-1",
+                          "--allow-outside-data-root allows it")
+        assert elsewhere in message
+        samples, skipped = load_samples(str(path), str(root), allow_outside_root=True)
+        assert not skipped and samples[1].video == os.path.abspath(root / media)
+
+
+@pytest.mark.parametrize("with_video", [True, False])
+def test_seed_bench_media_outside_the_data_root(tmp_path, seed_bench_root, with_video):
+    """A video_source of "../x" leaves videos/ and images/, the layout's media folders."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    raw = rows(root / "annotations" / "training_6k.jsonl")
+    row = next(r for r in raw if bool(r["task_progress_metadata"]) == with_video)
+    (root / "x").mkdir()
+    if with_video:
+        shutil.copy(root / "videos" / row["video_source"] / row["video_basename"], root / "x")
+    shutil.copy(root / "images" / row["video_source"] / row["current_observation_basename"], root / "x")
+    bad = dict(row, sample_id="bad-1", video_source="../x")
+    path = root / "annotations" / "training_6k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], bad, raw[1]]))
+    kind, name = ("video", row["video_basename"]) if with_video else ("image", row["current_observation_basename"])
+    message = refused(path, lambda p, **kw: load_samples(p, str(root), **kw), "bad-1",
+                      "--allow-outside-data-root allows it")
+    assert f"{kind} {root / 'x' / name} " in message and f"outside {os.path.realpath(root / (kind + 's'))};" in message
+    samples, skipped = load_samples(str(path), str(root), allow_outside_root=True)
+    assert not skipped and samples[1].image == str(root / "x" / row["current_observation_basename"])
+    assert samples[1].video == (str(root / "x" / row["video_basename"]) if with_video else None)
+
+
 def test_missing_file_at_load(tmp_path, seed_bench_root):
     raw = rows(os.path.join(seed_bench_root, "annotations", "training_6k.jsonl"))
     with_video = next(r for r in raw if r["task_progress_metadata"])
