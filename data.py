@@ -379,6 +379,16 @@ def read_image(path, sample_id="?"):
         raise DataError(f"sample {sample_id}: cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+def check_media(sample, budget):
+    """Decode the sample's video (the frames `budget` samples) and image now, raising the
+    DataError that encode_prompt would raise later: an up-front pass over a data set finds its
+    broken files before a run starts, not hours into it. Returns None."""
+    if sample.video:
+        read_video(sample.video, budget, sample.sample_id)
+    if sample.image:
+        read_image(sample.image, sample.sample_id)
+
+
 def smart_resize(height, width, factor, min_pixels, max_pixels):
     """The size closest to (height, width) with both sides multiples of `factor` and area in
     [min_pixels, max_pixels], aspect ratio kept as well as possible (same as HF/Qwen)."""

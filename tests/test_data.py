@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tiny
-from data import (THINKING, DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, collate_prompts,
-                  encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames, prompt_text,
-                  read_video)
+from data import (THINKING, DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, check_media,
+                  collate_prompts, encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames,
+                  prompt_text, read_video)
 
 
 def rows(path):
@@ -430,6 +430,18 @@ def test_seed_bench_media_outside_the_data_root(tmp_path, seed_bench_root, with_
     samples, skipped = load_samples(str(path), str(root), allow_outside_root=True)
     assert not skipped and samples[1].image == str(root / "x" / row["current_observation_basename"])
     assert samples[1].video == (str(root / "x" / row["video_basename"]) if with_video else None)
+
+
+def test_check_media(tmp_path):
+    video, image = clip_file(tmp_path, 8, 4), str(tmp_path / "good.jpg")
+    tiny.write_image(image, tiny.moving_square_clip("red", n_frames=1)[0])
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(2000))
+    assert check_media(Sample("ok", "OCR", "Read.", "x", video=video, image=image), VisualBudget()) is None
+    for broken in (dict(video=str(corrupt), image=image), dict(video=video, image=str(corrupt))):
+        with pytest.raises(DataError, match="sample broken-3") as e:
+            check_media(Sample("broken-3", "OCR", "Read.", "x", **broken), VisualBudget())
+        assert str(corrupt) in str(e.value)
 
 
 def test_missing_file_at_load(tmp_path, seed_bench_root):
