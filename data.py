@@ -29,11 +29,24 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+FRAME_ROUNDINGS = ("nearest", "floor")
+
+
 @dataclass
 class VisualBudget:
     fps: float = 2.0                    # frames sampled per second of video
     min_frames: int = 4
     max_frames: int = 16
+    # How read_video turns fps into a frame count (see frame_count). "nearest" (ours): the
+    # fps-based count rounded to the nearest multiple of temporal_patch_size, then clamped, so the
+    # sampled fps stays as close as it can to the fps asked for. "floor" reproduces the public
+    # code (qwen_vl_utils' smart_nframes): clamped first, then rounded down.
+    frame_rounding: str = "nearest"
+    # Seconds per temporal patch, the spacing of the temporal 3D-RoPE positions. 0 (ours): measured,
+    # temporal_patch_size / the fps read_video really sampled, so positions follow the real frame
+    # spacing. A positive value is used as is: 1.0 reproduces the public code, which never passes
+    # the fps and so spaces every clip 1 s per temporal patch.
+    second_per_grid: float = 0.0
     video_min_pixels: int = 4 * 28 * 28     # per frame, after resize
     video_max_pixels: int = 128 * 28 * 28
     image_min_pixels: int = 4 * 28 * 28
@@ -43,6 +56,13 @@ class VisualBudget:
     temporal_patch_size: int = 2
     image_mean: tuple = OPENAI_CLIP_MEAN
     image_std: tuple = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        # Checked here, not when the first video is read, so a bad setting fails before a run.
+        if self.frame_rounding not in FRAME_ROUNDINGS:
+            raise ValueError(f"frame_rounding must be one of {FRAME_ROUNDINGS}, got {self.frame_rounding!r}")
+        if not self.second_per_grid >= 0:
+            raise ValueError(f"second_per_grid must be 0 (measured) or positive, got {self.second_per_grid}")
 
 
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
@@ -338,33 +358,43 @@ def chat_prompt(sample) -> str:
 # ---------------------------------------------------------------------------------------------
 # Pixels: decode, resize, normalise, patchify
 
-def _round_to(x, f):
-    return round(x / f) * f
+def frame_count(total, video_fps, budget):
+    """How many frames read_video samples from a clip of `total` frames at `video_fps`: about
+    budget.fps per second, within [min_frames, max_frames] and never more than the clip has, a
+    multiple of temporal_patch_size and at least one temporal patch (a clip shorter than that
+    repeats its last frame). Odd min/max_frames round inwards, so the budgets are hard limits."""
+    tps = budget.temporal_patch_size
+    wanted = total / video_fps * budget.fps
+    lo = math.ceil(budget.min_frames / tps) * tps
+    hi = min(budget.max_frames, total) // tps * tps
+    if budget.frame_rounding == "floor":   # the public code: clamp, then round down
+        return max(tps, math.floor(min(max(wanted, lo), hi, total) / tps) * tps)
+    return min(max(round(wanted / tps) * tps, lo, tps), max(tps, hi))   # round, then clamp
+
+
+def _undecodable(sample_id, path, e):
+    # decord raises bare RuntimeErrors/DECORDErrors for broken files
+    return DataError(f"sample {sample_id}: cannot decode video {path}: {type(e).__name__}: {e}")
 
 
 def read_video(path, budget, sample_id="?"):
-    """Uniformly sample frames at budget.fps (within the frame budget). Returns (uint8 [T,H,W,3],
+    """Uniformly sample frame_count frames, first and last included. Returns (uint8 [T,H,W,3],
     the fps actually sampled), T a multiple of temporal_patch_size."""
     if not os.path.isfile(path):
         raise DataError(f"sample {sample_id}: video file not found: {path}")
-    tps = budget.temporal_patch_size
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         total, video_fps = len(vr), float(vr.get_avg_fps())
-        if total == 0 or not math.isfinite(video_fps) or video_fps <= 0:
-            raise DataError(f"sample {sample_id}: video {path} has {total} frames at {video_fps} fps")
-        # Like Qwen's smart_nframes: round to a multiple of the temporal patch, then clamp so the
-        # budgets are hard limits (odd min/max_frames round inwards), never more frames than exist
-        # (a clip shorter than one temporal patch repeats its last frame).
-        lo = math.ceil(budget.min_frames / tps) * tps
-        hi = max(tps, min(budget.max_frames, total) // tps * tps)
-        nframes = min(max(_round_to(total / video_fps * budget.fps, tps), lo, tps), hi)
-        idx = torch.linspace(0, total - 1, nframes).round().long()
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
+    if total == 0 or not math.isfinite(video_fps) or video_fps <= 0:
+        raise DataError(f"sample {sample_id}: video {path} has {total} frames at {video_fps} fps")
+    nframes = frame_count(total, video_fps, budget)
+    idx = torch.linspace(0, total - 1, nframes).round().long()
+    try:
         frames = vr.get_batch(idx.tolist()).asnumpy()
-    except DataError:
-        raise
-    except Exception as e:   # decord raises bare RuntimeErrors/DECORDErrors for broken files
-        raise DataError(f"sample {sample_id}: cannot decode video {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
     return frames, nframes / total * video_fps
 
 
@@ -448,10 +478,10 @@ def encode_prompt(sample, tokenizer, budget) -> dict:
         if sample.video:
             frames, fps = read_video(sample.video, budget, sample.sample_id)
             pv, thw = patchify_frames(frames, budget.video_min_pixels, budget.video_max_pixels, budget)
+            # Seconds per temporal patch: drives the temporal 3D-RoPE spacing (see VisualBudget).
+            seconds = budget.second_per_grid or budget.temporal_patch_size / fps
             out.update(pixel_values_videos=pv, video_grid_thw=thw[None],
-                       # seconds per temporal patch at the fps we really sampled: drives the
-                       # temporal 3D-RoPE spacing (the public code left it at 1.0).
-                       second_per_grid_ts=torch.tensor([budget.temporal_patch_size / fps], dtype=torch.float32))
+                       second_per_grid_ts=torch.tensor([seconds], dtype=torch.float32))
             n_tokens[_token_id(tokenizer, VIDEO_PAD)] = int(thw.prod()) // budget.merge_size ** 2
         if sample.image:
             frame = read_image(sample.image, sample.sample_id)

@@ -214,6 +214,41 @@ def test_frame_budget(tmp_path):
     assert frames.shape[0] == 2 and np.array_equal(frames[0], frames[1])
 
 
+@pytest.mark.parametrize("n_frames, clip_fps, budget, nearest, floor", [
+    (28, 4, {}, 8, 6),                    # 7 s at 1 fps: 7 frames, rounded to 8 or down to 6
+    (22, 4, {}, 6, 4),                    # 5.5 frames: 6, or down to 4
+    (20, 4, {}, 4, 4),                    # 5 frames: round-half-to-even gives 4 too
+    (40, 4, {"fps": 2.0, "max_frames": 15}, 14, 14),   # both clamp to max_frames, rounded down
+    (12, 4, {"min_frames": 5}, 6, 6),     # 3 frames: min_frames 5 rounded up
+    (1, 4, {}, 2, 2),                     # one frame: repeated to one temporal patch
+])
+def test_frame_rounding(tmp_path, n_frames, clip_fps, budget, nearest, floor):
+    """"nearest" rounds the fps-based count, then clamps; "floor" (the public code's
+    smart_nframes) clamps, then rounds down. Budgets at 1 fps unless the case says otherwise."""
+    path = clip_file(tmp_path, n_frames, clip_fps)
+    for rounding, expected in (("nearest", nearest), ("floor", floor)):
+        frames, fps = read_video(path, VisualBudget(**{"fps": 1.0, **budget, "frame_rounding": rounding}))
+        assert frames.shape[0] == expected, rounding
+        assert fps == pytest.approx(expected / n_frames * clip_fps)
+    assert VisualBudget().frame_rounding == "nearest"
+    with pytest.raises(ValueError, match="frame_rounding"):
+        VisualBudget(frame_rounding="up")
+
+
+def test_second_per_grid(tmp_path, tokenizer):
+    """0 (the default): measured from the fps really sampled; a positive value as is."""
+    video = clip_file(tmp_path, 40, 10)
+    sample = Sample("v", "OCR", "Read.", "x", video=video)
+    budget = VisualBudget(max_frames=6)   # 4 s at 2 fps would be 8 frames: 6, so 1.5 fps sampled
+    _, sampled_fps = read_video(video, budget)
+    assert encode_prompt(sample, tokenizer, budget)["second_per_grid_ts"].item() == pytest.approx(2 / sampled_fps)
+    assert sampled_fps != 2.0
+    fixed = encode_prompt(sample, tokenizer, VisualBudget(max_frames=6, second_per_grid=1.0))
+    assert fixed["second_per_grid_ts"].item() == 1.0
+    with pytest.raises(ValueError, match="second_per_grid"):
+        VisualBudget(second_per_grid=-1.0)
+
+
 def test_pixel_budget():
     budget = VisualBudget()
     big = np.random.default_rng(0).integers(0, 256, (4, 300, 500, 3), dtype=np.uint8)
@@ -378,7 +413,8 @@ def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
 def test_bad_video_r1_rows(video_r1_root, good, change, problem):
     raw = video_r1_rows()
     path = video_r1_root / "bad.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], {**raw[good], "problem_id": "bad-1", **change}, raw[1]]))
+    bad = {**raw[good], "problem_id": "bad-1", **change}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], bad, raw[1]]))
     refused(path, lambda p, **kw: load_samples(p, str(video_r1_root), **kw), "bad-1", problem)
 
 
