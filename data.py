@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards import PROBLEM_TYPES, ground_truth
+from rewards import PROBLEM_TYPES, ground_truth, parse_number
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+FRAME_ROUNDINGS = ("nearest", "floor")
 
 
 @dataclass
@@ -34,6 +37,16 @@ class VisualBudget:
     fps: float = 2.0                    # frames sampled per second of video
     min_frames: int = 4
     max_frames: int = 16
+    # How read_video turns fps into a frame count (see frame_count). "nearest" (ours): the
+    # fps-based count rounded to the nearest multiple of temporal_patch_size, then clamped, so the
+    # sampled fps stays as close as it can to the fps asked for. "floor" reproduces the public
+    # code (qwen_vl_utils' smart_nframes): clamped first, then rounded down.
+    frame_rounding: str = "nearest"
+    # Seconds per temporal patch, the spacing of the temporal 3D-RoPE positions. 0 (ours): measured,
+    # temporal_patch_size / the fps read_video really sampled, so positions follow the real frame
+    # spacing. A positive value is used as is: 1.0 reproduces the public code, which never passes
+    # the fps and so spaces every clip 1 s per temporal patch.
+    second_per_grid: float = 0.0
     video_min_pixels: int = 4 * 28 * 28     # per frame, after resize
     video_max_pixels: int = 128 * 28 * 28
     image_min_pixels: int = 4 * 28 * 28
@@ -43,6 +56,13 @@ class VisualBudget:
     temporal_patch_size: int = 2
     image_mean: tuple = OPENAI_CLIP_MEAN
     image_std: tuple = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        # Checked here, not when the first video is read, so a bad setting fails before a run.
+        if self.frame_rounding not in FRAME_ROUNDINGS:
+            raise ValueError(f"frame_rounding must be one of {FRAME_ROUNDINGS}, got {self.frame_rounding!r}")
+        if not self.second_per_grid >= 0:
+            raise ValueError(f"second_per_grid must be 0 (measured) or positive, got {self.second_per_grid}")
 
 
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
@@ -110,10 +130,37 @@ def _require(where, row, fields):
         raise DataError(f"{where}{f' (sample {sid})' if sid is not None else ''}: missing field(s) {missing}")
 
 
-def _existing(where, sid, kind, path):
+def _media(where, sid, kind, path, base, allow_outside_root):
+    """The absolute path of a sample's video or image, which must exist and, unless
+    allow_outside_root, resolve (os.path.realpath: after "..", symlinks) to a file under `base`:
+    an annotation file should not be able to make training read files anywhere on the disk."""
+    path = os.path.abspath(path)
+    real, real_base = os.path.realpath(path), os.path.realpath(base)
+    if not allow_outside_root and os.path.commonpath([real, real_base]) != real_base:
+        raise DataError(f"{where} (sample {sid}): {kind} {path} resolves to {real}, outside {real_base}; "
+                        f"--allow-outside-data-root allows it")
     if not os.path.isfile(path):
         raise DataError(f"{where} (sample {sid}): {kind} file not found: {path}")
     return path
+
+
+def _text(where, sid, label, value):
+    """`value`, which must be non-empty text: an empty question, answer or option would train
+    (or score) on nothing."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where} (sample {sid}): {label} must be non-empty text, got {value!r}")
+    return value
+
+
+def _distinct(where, sid, labelled):
+    """[(label, option text)]: each text non-empty and no two alike (whitespace aside), or the
+    question would have two right answers or a right answer scored as wrong."""
+    seen = {}
+    for label, text in labelled:
+        key = _text(where, sid, label, text).strip()
+        if key in seen:
+            raise DataError(f"{where} (sample {sid}): {seen[key]} and {label} are the same option {key!r}")
+        seen[key] = label
 
 
 def with_options(question, options):
@@ -137,49 +184,108 @@ def _load(rows, make_sample, skip_bad):
     return samples, skipped
 
 
-def _seed_bench_sample(where, row, root, seed, level):
+def _training_options(where, sid, answer, negatives, rng):
+    """The official training task: the right answer and 3 of the row's wrong answers, drawn and
+    shuffled with rng, so always 4 options A-D, as the answer line "(A, B, C, D)" and the
+    validation levels have. Listing all of a real row's ~7 negatives would train on a harder
+    task than the one evaluated. Returns (options, solution letter)."""
+    if not isinstance(negatives, list):
+        raise DataError(f"{where} (sample {sid}): negative_answers must be a list, got {type(negatives).__name__}")
+    negatives = [_text(where, sid, f"negative_answers[{i}]", n).strip() for i, n in enumerate(negatives)]
+    answer = answer.strip()
+    if answer in negatives:
+        raise DataError(f"{where} (sample {sid}): the answer {answer!r} is also among the negative_answers")
+    pool = list(dict.fromkeys(negatives))   # distinct, in file order, so a seed draws the same
+    if len(pool) < 3:
+        raise DataError(f"{where} (sample {sid}): needs at least 3 distinct negative_answers, got {len(pool)}")
+    options = [answer] + rng.sample(pool, 3)
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(answer)]
+
+
+def _seed_bench_sample(where, row, root, seed, level, allow_outside_root):
     _require(where, row, ["sample_id", "question", "answer", "task_progress_metadata",
                           "video_source", "current_observation_basename"])
     sid = str(row["sample_id"])
-    if "negative_answers" in row:   # training row: shuffle right answer + negatives, per sample
-        options = [row["answer"]] + list(row["negative_answers"])
-        order = list(range(len(options)))
+    question = _text(where, sid, "question", row["question"])
+    answer = _text(where, sid, "answer", row["answer"])
+    if "negative_answers" in row:   # training row
         # Seeded by the sample id, not by file position, so reordering or filtering the file
-        # never changes a sample's letters.
-        random.Random(f"{seed}-{sid}").shuffle(order)
-        options = [options[i] for i in order]
-        solution = "ABCDEFGHIJ"[order.index(0)]
+        # never changes a sample's options or letters.
+        options, solution = _training_options(where, sid, answer, row["negative_answers"],
+                                              random.Random(f"{seed}-{sid}"))
     elif all(f"choice_{k}" in row for k in "abcd") and "golden_choice_idx" in row:
         options = [row[f"choice_{k}"] for k in "abcd"]
+        _distinct(where, sid, [(f"choice_{k}", o) for k, o in zip("abcd", options)])
         solution = str(row["golden_choice_idx"]).strip()
         if solution not in ("A", "B", "C", "D"):
             raise DataError(f"{where} (sample {sid}): golden_choice_idx must be A-D, got {solution!r}")
     else:
         raise DataError(f"{where} (sample {sid}): neither negative_answers (train) nor "
                         f"choice_a..d + golden_choice_idx (validation)")
-    if not 2 <= len(options) <= 10:
-        raise DataError(f"{where} (sample {sid}): expected 2-10 options, got {len(options)}")
-    lettered = [f"{'ABCDEFGHIJ'[i]}. {o}" for i, o in enumerate(options)]
+    lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
+    # Media live in the layout's videos/ and images/ folders: a video_source like "../x" leaves
+    # them, even where it stays under the root.
     video = None
     if row["task_progress_metadata"]:   # empty metadata: the task has no progress video yet
         _require(where, row, ["video_basename"])
-        video = os.path.abspath(os.path.join(root, "videos", row["video_source"], row["video_basename"]))
-        _existing(where, sid, "video", video)
-    image = os.path.abspath(os.path.join(root, "images", row["video_source"], row["current_observation_basename"]))
-    _existing(where, sid, "image", image)
-    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(row["question"], lettered),
+        videos = os.path.join(root, "videos")
+        video = _media(where, sid, "video", os.path.join(videos, row["video_source"], row["video_basename"]),
+                       videos, allow_outside_root)
+    images = os.path.join(root, "images")
+    image = _media(where, sid, "image", os.path.join(images, row["video_source"], row["current_observation_basename"]),
+                   images, allow_outside_root)
+    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(question, lettered),
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
 
 
-def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False):
+def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False, allow_outside_root=False):
     m = re.search(r"validation_(L[123])", os.path.basename(annotation_file))
     level = m.group(1) if m else "train"
     return _load(_read_rows(annotation_file),
-                 lambda where, row: _seed_bench_sample(where, row, root, seed, level), skip_bad)
+                 lambda where, row: _seed_bench_sample(where, row, root, seed, level, allow_outside_root), skip_bad)
 
 
-def _video_r1_sample(where, row, root):
+LETTERED_OPTION_RE = re.compile(r"([A-Z])\.(\s.*|)", re.DOTALL)   # "A. text"; "A." alone is an empty option
+
+
+def _option_letters(where, sid, options):
+    """The letters of a Video-R1 row's options, which come lettered ("A. text"). They must run
+    A, B, C... in order, because the solution, the answer line and evaluate.py name options by
+    these letters, and their texts must be distinct."""
+    if not isinstance(options, list) or not options:
+        raise DataError(f"{where} (sample {sid}): multiple choice row without options")
+    letters, texts = [chr(ord("A") + i) for i in range(len(options))], []
+    for letter, option in zip(letters, options):
+        m = LETTERED_OPTION_RE.fullmatch(option) if isinstance(option, str) else None
+        if not m or m.group(1) != letter:
+            raise DataError(f"{where} (sample {sid}): option {option!r} does not look like '{letter}. text'")
+        texts.append((f"option {letter}", m.group(2)))
+    _distinct(where, sid, texts)
+    return letters
+
+
+def _video_r1_solution(where, sid, row):
+    """The row's ground truth ("<answer>X</answer>" -> "X"; bare "X" as is), checked against its
+    problem type: an option letter (upper-cased: "b" names option B) or a number where the
+    reward parses one, so a bad row fails here and not as a silent zero reward."""
+    solution = ground_truth(str(row["solution"]))
+    ptype = row["problem_type"]
+    if not solution:
+        raise DataError(f"{where} (sample {sid}): empty solution {row['solution']!r}")
+    if ptype == "multiple choice":
+        letters = _option_letters(where, sid, row.get("options"))
+        if solution.upper() not in letters:
+            raise DataError(f"{where} (sample {sid}): solution {solution!r} is not one of the option letters "
+                            f"{', '.join(letters)}")
+        return solution.upper()
+    if ptype in ("numerical", "regression") and parse_number(solution) is None:
+        raise DataError(f"{where} (sample {sid}): {ptype} solution {solution!r} is not a number")
+    return solution
+
+
+def _video_r1_sample(where, row, root, allow_outside_root):
     _require(where, row, ["problem_id", "problem", "data_type", "problem_type", "solution", "path"])
     sid = str(row["problem_id"])
     ptype, dtype = row["problem_type"], row["data_type"]
@@ -187,38 +293,41 @@ def _video_r1_sample(where, row, root):
         raise DataError(f"{where} (sample {sid}): unknown problem_type {ptype!r}, expected one of {PROBLEM_TYPES}")
     if dtype not in ("image", "video"):
         raise DataError(f"{where} (sample {sid}): unknown data_type {dtype!r}, expected 'image' or 'video'")
-    question = row["problem"]
+    question = _text(where, sid, "problem (the question)", row["problem"])
+    solution = _video_r1_solution(where, sid, row)
     if ptype == "multiple choice":
-        if not row.get("options"):
-            raise DataError(f"{where} (sample {sid}): multiple choice row without options")
         question = with_options(question, row["options"])   # options are already "A. ..."
-    solution = ground_truth(str(row["solution"]))  # "<answer>X</answer>" -> "X"; bare "X" as is
-    path = _existing(where, sid, dtype, os.path.abspath(os.path.join(root, row["path"])))
+    path = _media(where, sid, dtype, os.path.join(root, row["path"]), root, allow_outside_root)
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,
                   source=row.get("data_source"))
 
 
-def load_video_r1(json_file, root, skip_bad=False):
-    return _load(_read_rows(json_file), lambda where, row: _video_r1_sample(where, row, root), skip_bad)
+def load_video_r1(json_file, root, skip_bad=False, allow_outside_root=False):
+    return _load(_read_rows(json_file),
+                 lambda where, row: _video_r1_sample(where, row, root, allow_outside_root), skip_bad)
 
 
-def load_samples(path, root, seed=0, skip_bad=False):
-    """Dispatch on the first good row: Video-R1 rows have problem_id, SEED-Bench-R1 rows sample_id."""
+def load_samples(path, root, seed=0, skip_bad=False, allow_outside_root=False):
+    """Dispatch on the first good row: Video-R1 rows have problem_id, SEED-Bench-R1 rows sample_id.
+    Media that resolve outside `root` are refused unless allow_outside_root."""
     first = next((row for _, row in _read_rows(path) if isinstance(row, dict)), None)
     if first is not None and "problem_id" in first:
-        return load_video_r1(path, root, skip_bad=skip_bad)
+        return load_video_r1(path, root, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
     if first is not None and "sample_id" in first:
-        return load_seed_bench_r1(path, root, seed=seed, skip_bad=skip_bad)
+        return load_seed_bench_r1(path, root, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
     raise DataError(f"{path}: cannot tell the format (no row with problem_id or sample_id)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-THINKING = ("Think the question through step by step before you answer, the way a careful person would: "
-            "reflect on what you see, question your first impression and verify your reasoning. "
-            "Put your reasoning between <think> and </think> and your final answer between <answer> and </answer>.")
+# The one thinking instruction, asking for what the public GRPO-CARE prompt asks (in our words):
+# an inner dialogue with hesitation and self-checks, self-verification, then both tag pairs.
+THINKING = ("Think about this question the way a person would when pondering it deeply: reason it out as an "
+            "inner dialogue, with natural thinking expressions such as 'let me think', 'wait', 'hmm', "
+            "'oh, I see' or 'let me break it down'. Reflect on your reasoning and verify it before you settle. "
+            "Put your reasoning inside <think> </think>, then your final answer inside <answer> </answer>.")
 ANSWER_LINE = {
     "multiple choice": "Inside <answer> </answer> give only the single option letter (A, B, C, D).",
     "numerical": "Inside <answer> </answer> give only the number.",
@@ -249,33 +358,43 @@ def chat_prompt(sample) -> str:
 # ---------------------------------------------------------------------------------------------
 # Pixels: decode, resize, normalise, patchify
 
-def _round_to(x, f):
-    return round(x / f) * f
+def frame_count(total, video_fps, budget):
+    """How many frames read_video samples from a clip of `total` frames at `video_fps`: about
+    budget.fps per second, within [min_frames, max_frames] and never more than the clip has, a
+    multiple of temporal_patch_size and at least one temporal patch (a clip shorter than that
+    repeats its last frame). Odd min/max_frames round inwards, so the budgets are hard limits."""
+    tps = budget.temporal_patch_size
+    wanted = total / video_fps * budget.fps
+    lo = math.ceil(budget.min_frames / tps) * tps
+    hi = min(budget.max_frames, total) // tps * tps
+    if budget.frame_rounding == "floor":   # the public code: clamp, then round down
+        return max(tps, math.floor(min(max(wanted, lo), hi, total) / tps) * tps)
+    return min(max(round(wanted / tps) * tps, lo, tps), max(tps, hi))   # round, then clamp
+
+
+def _undecodable(sample_id, path, e):
+    # decord raises bare RuntimeErrors/DECORDErrors for broken files
+    return DataError(f"sample {sample_id}: cannot decode video {path}: {type(e).__name__}: {e}")
 
 
 def read_video(path, budget, sample_id="?"):
-    """Uniformly sample frames at budget.fps (within the frame budget). Returns (uint8 [T,H,W,3],
+    """Uniformly sample frame_count frames, first and last included. Returns (uint8 [T,H,W,3],
     the fps actually sampled), T a multiple of temporal_patch_size."""
     if not os.path.isfile(path):
         raise DataError(f"sample {sample_id}: video file not found: {path}")
-    tps = budget.temporal_patch_size
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         total, video_fps = len(vr), float(vr.get_avg_fps())
-        if total == 0 or not math.isfinite(video_fps) or video_fps <= 0:
-            raise DataError(f"sample {sample_id}: video {path} has {total} frames at {video_fps} fps")
-        # Like Qwen's smart_nframes: round to a multiple of the temporal patch, then clamp so the
-        # budgets are hard limits (odd min/max_frames round inwards), never more frames than exist
-        # (a clip shorter than one temporal patch repeats its last frame).
-        lo = math.ceil(budget.min_frames / tps) * tps
-        hi = max(tps, min(budget.max_frames, total) // tps * tps)
-        nframes = min(max(_round_to(total / video_fps * budget.fps, tps), lo, tps), hi)
-        idx = torch.linspace(0, total - 1, nframes).round().long()
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
+    if total == 0 or not math.isfinite(video_fps) or video_fps <= 0:
+        raise DataError(f"sample {sample_id}: video {path} has {total} frames at {video_fps} fps")
+    nframes = frame_count(total, video_fps, budget)
+    idx = torch.linspace(0, total - 1, nframes).round().long()
+    try:
         frames = vr.get_batch(idx.tolist()).asnumpy()
-    except DataError:
-        raise
-    except Exception as e:   # decord raises bare RuntimeErrors/DECORDErrors for broken files
-        raise DataError(f"sample {sample_id}: cannot decode video {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
     return frames, nframes / total * video_fps
 
 
@@ -288,6 +407,16 @@ def read_image(path, sample_id="?"):
             return np.array(img.convert("RGB"))
     except (OSError, ValueError) as e:
         raise DataError(f"sample {sample_id}: cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def check_media(sample, budget):
+    """Decode the sample's video (the frames `budget` samples) and image now, raising the
+    DataError that encode_prompt would raise later: an up-front pass over a data set finds its
+    broken files before a run starts, not hours into it. Returns None."""
+    if sample.video:
+        read_video(sample.video, budget, sample.sample_id)
+    if sample.image:
+        read_image(sample.image, sample.sample_id)
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
@@ -349,10 +478,10 @@ def encode_prompt(sample, tokenizer, budget) -> dict:
         if sample.video:
             frames, fps = read_video(sample.video, budget, sample.sample_id)
             pv, thw = patchify_frames(frames, budget.video_min_pixels, budget.video_max_pixels, budget)
+            # Seconds per temporal patch: drives the temporal 3D-RoPE spacing (see VisualBudget).
+            seconds = budget.second_per_grid or budget.temporal_patch_size / fps
             out.update(pixel_values_videos=pv, video_grid_thw=thw[None],
-                       # seconds per temporal patch at the fps we really sampled: drives the
-                       # temporal 3D-RoPE spacing (the public code left it at 1.0).
-                       second_per_grid_ts=torch.tensor([budget.temporal_patch_size / fps], dtype=torch.float32))
+                       second_per_grid_ts=torch.tensor([seconds], dtype=torch.float32))
             n_tokens[_token_id(tokenizer, VIDEO_PAD)] = int(thw.prod()) // budget.merge_size ** 2
         if sample.image:
             frame = read_image(sample.image, sample.sample_id)

@@ -154,12 +154,18 @@ def moving_square_clip(colour, n_frames=8, height=56, width=84, seed=0):
     return frames
 
 
-def seed_bench_options(split, answer, others, rng):
-    """A row's answer fields in SEED-Bench-R1's layout: training rows list the wrong answers
-    (negative_answers; the loader shuffles them in), validation rows carry the four lettered
-    choices, shuffled with rng, and the right letter."""
+# Wrong answers that training rows list besides the three other clip colours: real training rows
+# list about 7 negatives, of which the loader draws 3, so tests see rows with more than 3.
+EXTRA_NEGATIVES = ("purple", "orange", "white", "black")
+
+
+def seed_bench_options(split, answer, others, rng, extra_negatives=()):
+    """A row's answer fields in SEED-Bench-R1's layout: training rows list the wrong answers,
+    others then extra_negatives (negative_answers; the loader draws 3 and shuffles them in),
+    validation rows carry the four lettered choices (answer and others), shuffled with rng, and
+    the right letter."""
     if split == "train":
-        return {"negative_answers": others}
+        return {"negative_answers": list(others) + list(extra_negatives)}
     options = [answer] + others
     rng.shuffle(options)
     return {**{f"choice_{k}": o for k, o in zip("abcd", options)}, "golden_choice_idx": "ABCD"[options.index(answer)]}
@@ -193,7 +199,7 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
                "answer": colour, "task_progress_metadata": [{"step": 0}] if has_video else [],
                "video_source": source, "video_basename": video_name if has_video else "",
                "current_observation_basename": image_name}
-        row.update(seed_bench_options(split, colour, others, rng))
+        row.update(seed_bench_options(split, colour, others, rng, EXTRA_NEGATIVES))
         if split == "L3":
             row["domain"] = domains[i % len(domains)]
             row["task_goal"] = "find the moving square"

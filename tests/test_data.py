@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tiny
-from data import (DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, collate_prompts,
-                  encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames, prompt_text,
-                  read_video)
+from data import (THINKING, DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, check_media,
+                  collate_prompts, encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames,
+                  prompt_text, read_video)
 
 
 def rows(path):
@@ -45,8 +45,8 @@ def test_seed_bench_train_rows(seed_bench_root):
         assert s.sample_id == r["sample_id"] and s.problem_type == "multiple choice" and s.level == "train"
         head, options = parse_options(s.question)
         assert head == r["question"]                     # already ends with "\n"
-        assert sorted(options) == sorted([r["answer"]] + r["negative_answers"])
         assert options["ABCD".index(s.solution)] == r["answer"]
+        assert set(options) - {r["answer"]} <= set(r["negative_answers"])
         assert s.question == head + "Options:\n" + "".join(f"{L}. {o}\n" for L, o in zip("ABCD", options))
         if r["task_progress_metadata"]:
             assert s.video == os.path.join(seed_bench_root, "videos", r["video_source"], r["video_basename"])
@@ -66,6 +66,27 @@ def test_seed_bench_train_rows(seed_bench_root):
     other, _ = load_seed_bench_r1(path, seed_bench_root, seed=1)
     assert [s.question for s in other] != [s.question for s in samples]
     assert len({s.solution for s in samples}) > 1   # each sample gets its own shuffle
+
+
+def test_seed_bench_training_task_has_four_options(seed_bench_root):
+    """Each training row becomes its answer and 3 distinct negatives drawn per sample and seed,
+    however many negatives the row lists (tiny rows list 7, as real ones do)."""
+    path = os.path.join(seed_bench_root, "annotations", "training_6k.jsonl")
+    raw = {r["sample_id"]: r for r in rows(path)}
+    assert all(len(r["negative_answers"]) > 3 for r in raw.values())
+    drawn = {}
+    for seed in range(4):
+        samples, _ = load_seed_bench_r1(path, seed_bench_root, seed=seed)
+        for s in samples:
+            r = raw[s.sample_id]
+            _, options = parse_options(s.question)   # exactly A. B. C. D.
+            assert options["ABCD".index(s.solution)] == r["answer"] and options.count(r["answer"]) == 1
+            wrong = [o for o in options if o != r["answer"]]
+            assert len(set(wrong)) == 3 and set(wrong) <= set(r["negative_answers"])
+            drawn.setdefault(s.sample_id, set()).add(frozenset(wrong))
+        again, _ = load_seed_bench_r1(path, seed_bench_root, seed=seed)
+        assert again == samples
+    assert any(len(sets) > 1 for sets in drawn.values())   # another seed, other negatives
 
 
 def test_seed_bench_question_without_newline(tmp_path, seed_bench_root):
@@ -144,6 +165,17 @@ def test_video_r1_rows(video_r1_root):
     assert last[4] == last[1] and len({last[0], last[1], last[2], last[3]}) == 4
 
 
+def test_thinking_instruction():
+    """Every prompt asks for reasoning as an inner dialogue that checks itself, in <think> </think>,
+    then the answer in <answer> </answer>."""
+    for phrase in ("inner dialogue", "'let me think'", "'wait'", "'hmm'", "'oh, I see'", "verify",
+                   "<think> </think>", "<answer> </answer>"):
+        assert phrase in THINKING, phrase
+    assert THINKING.index("<think>") < THINKING.index("<answer>")
+    for ptype in ("multiple choice", "numerical", "OCR", "free-form", "regression"):
+        assert THINKING in prompt_text(Sample("x", ptype, "Q?", "1"))
+
+
 def test_chat_prompt_video_and_image():
     s = Sample("x", "multiple choice", "Q?\nOptions:\nA. a\nB. b\nC. c\nD. d\n", "B", video="/v.mp4", image="/i.jpg")
     assert chat_prompt(s) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -180,6 +212,41 @@ def test_frame_budget(tmp_path):
     one = clip_file(tmp_path, 1, 10, name="one.mp4")       # below one temporal patch: repeat
     frames, _ = read_video(one, VisualBudget())
     assert frames.shape[0] == 2 and np.array_equal(frames[0], frames[1])
+
+
+@pytest.mark.parametrize("n_frames, clip_fps, budget, nearest, floor", [
+    (28, 4, {}, 8, 6),                    # 7 s at 1 fps: 7 frames, rounded to 8 or down to 6
+    (22, 4, {}, 6, 4),                    # 5.5 frames: 6, or down to 4
+    (20, 4, {}, 4, 4),                    # 5 frames: round-half-to-even gives 4 too
+    (40, 4, {"fps": 2.0, "max_frames": 15}, 14, 14),   # both clamp to max_frames, rounded down
+    (12, 4, {"min_frames": 5}, 6, 6),     # 3 frames: min_frames 5 rounded up
+    (1, 4, {}, 2, 2),                     # one frame: repeated to one temporal patch
+])
+def test_frame_rounding(tmp_path, n_frames, clip_fps, budget, nearest, floor):
+    """"nearest" rounds the fps-based count, then clamps; "floor" (the public code's
+    smart_nframes) clamps, then rounds down. Budgets at 1 fps unless the case says otherwise."""
+    path = clip_file(tmp_path, n_frames, clip_fps)
+    for rounding, expected in (("nearest", nearest), ("floor", floor)):
+        frames, fps = read_video(path, VisualBudget(**{"fps": 1.0, **budget, "frame_rounding": rounding}))
+        assert frames.shape[0] == expected, rounding
+        assert fps == pytest.approx(expected / n_frames * clip_fps)
+    assert VisualBudget().frame_rounding == "nearest"
+    with pytest.raises(ValueError, match="frame_rounding"):
+        VisualBudget(frame_rounding="up")
+
+
+def test_second_per_grid(tmp_path, tokenizer):
+    """0 (the default): measured from the fps really sampled; a positive value as is."""
+    video = clip_file(tmp_path, 40, 10)
+    sample = Sample("v", "OCR", "Read.", "x", video=video)
+    budget = VisualBudget(max_frames=6)   # 4 s at 2 fps would be 8 frames: 6, so 1.5 fps sampled
+    _, sampled_fps = read_video(video, budget)
+    assert encode_prompt(sample, tokenizer, budget)["second_per_grid_ts"].item() == pytest.approx(2 / sampled_fps)
+    assert sampled_fps != 2.0
+    fixed = encode_prompt(sample, tokenizer, VisualBudget(max_frames=6, second_per_grid=1.0))
+    assert fixed["second_per_grid_ts"].item() == 1.0
+    with pytest.raises(ValueError, match="second_per_grid"):
+        VisualBudget(second_per_grid=-1.0)
 
 
 def test_pixel_budget():
@@ -296,6 +363,121 @@ def test_video_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match="vid-8") as e:
         read_video(str(corrupt), VisualBudget(), sample_id="vid-8")
     assert str(corrupt) in str(e.value)
+
+
+def refused(path, load, sample_id, problem, **kw):
+    """`load` on a file with one bad row between two good ones raises a DataError that names the
+    row's line, its sample and the problem; with skip_bad the row is one counted skip."""
+    with pytest.raises(DataError) as e:
+        load(str(path), **kw)
+    message = str(e.value)
+    assert f"{path}:2 (sample {sample_id})" in message and problem in message, message
+    samples, skipped = load(str(path), skip_bad=True, **kw)
+    assert len(samples) == 2 and skipped == [message]
+    return message
+
+
+@pytest.mark.parametrize("split, change, problem", [
+    ("train", {"question": " \n"}, "question must be non-empty text"),
+    ("train", {"answer": ""}, "answer must be non-empty text"),
+    ("train", {"answer": "purple"}, "the answer 'purple' is also among the negative_answers"),
+    ("train", {"negative_answers": ["purple", "", "orange", "white"]}, "negative_answers[1] must be non-empty text"),
+    ("train", {"negative_answers": "purple"}, "negative_answers must be a list"),
+    ("train", {"negative_answers": ["purple", "orange", "purple", "orange"]}, "at least 3 distinct negative_answers"),
+    ("L1", {"question": ""}, "question must be non-empty text"),
+    ("L1", {"choice_b": " "}, "choice_b must be non-empty text"),
+    ("L1", {"choice_a": "mauve", "choice_c": "mauve "}, "choice_a and choice_c are the same option 'mauve'"),
+])
+def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
+    name = "training_6k.jsonl" if split == "train" else "validation_L1.jsonl"
+    raw = rows(os.path.join(seed_bench_root, "annotations", name))
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], {**raw[2], "sample_id": "bad-1", **change}, raw[1]]))
+    refused(path, lambda p, **kw: load_samples(p, seed_bench_root, **kw), "bad-1", problem)
+
+
+@pytest.mark.parametrize("good, change, problem", [
+    (0, {"solution": "<answer>E</answer>"}, "solution 'E' is not one of the option letters A, B, C, D"),
+    (0, {"solution": "a square"}, "solution 'a square' is not one of the option letters"),
+    (0, {"options": ["a square", "a circle"]}, "option 'a square' does not look like 'A. text'"),
+    (0, {"options": ["A. a square", "C. a circle"]}, "option 'C. a circle' does not look like 'B. text'"),
+    (0, {"options": ["A. a square", "B."]}, "option B must be non-empty text"),
+    (0, {"options": ["A. red", "B. blue", "C. red"]}, "option A and option C are the same option 'red'"),
+    (0, {"options": []}, "multiple choice row without options"),
+    (0, {"solution": "<answer> </answer>"}, "empty solution"),
+    (3, {"solution": ""}, "empty solution"),
+    (1, {"solution": "<answer>one</answer>"}, "numerical solution 'one' is not a number"),
+    (4, {"solution": "<answer>far</answer>"}, "regression solution 'far' is not a number"),
+    (1, {"problem": ""}, "problem (the question) must be non-empty text"),
+])
+def test_bad_video_r1_rows(video_r1_root, good, change, problem):
+    raw = video_r1_rows()
+    path = video_r1_root / "bad.jsonl"
+    bad = {**raw[good], "problem_id": "bad-1", **change}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], bad, raw[1]]))
+    refused(path, lambda p, **kw: load_samples(p, str(video_r1_root), **kw), "bad-1", problem)
+
+
+def test_lower_case_solution_letter(video_r1_root):
+    path = video_r1_root / "train.json"
+    path.write_text(json.dumps([dict(video_r1_rows()[0], solution="<answer>b</answer>")]))
+    [s], _ = load_samples(str(path), str(video_r1_root))
+    assert s.solution == "B"
+
+
+def test_video_r1_media_outside_the_data_root(tmp_path):
+    """A path that leaves the root, by "..", a symlink or an absolute path, is refused unless allowed."""
+    root = tmp_path / "data"
+    elsewhere = str(tmp_path / "elsewhere.mp4")
+    tiny.write_video(elsewhere, tiny.moving_square_clip("red", n_frames=4))
+    tiny.write_image(str(root / "imgs" / "a.jpg"), tiny.moving_square_clip("blue", n_frames=1)[0])
+    (root / "link.mp4").symlink_to(elsewhere)
+    good = video_r1_rows()[1]   # imgs/a.jpg, inside
+    path = root / "train.jsonl"
+    for media in ("../elsewhere.mp4", "link.mp4", elsewhere):
+        bad = dict(video_r1_rows()[3], problem_id="bad-1", path=media)
+        path.write_text("".join(json.dumps(r) + "\n" for r in [good, bad, dict(good, problem_id=6)]))
+        message = refused(path, lambda p, **kw: load_samples(p, str(root), **kw), "bad-1",
+                          "--allow-outside-data-root allows it")
+        assert elsewhere in message
+        samples, skipped = load_samples(str(path), str(root), allow_outside_root=True)
+        assert not skipped and samples[1].video == os.path.abspath(root / media)
+
+
+@pytest.mark.parametrize("with_video", [True, False])
+def test_seed_bench_media_outside_the_data_root(tmp_path, seed_bench_root, with_video):
+    """A video_source of "../x" leaves videos/ and images/, the layout's media folders."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    raw = rows(root / "annotations" / "training_6k.jsonl")
+    row = next(r for r in raw if bool(r["task_progress_metadata"]) == with_video)
+    (root / "x").mkdir()
+    if with_video:
+        shutil.copy(root / "videos" / row["video_source"] / row["video_basename"], root / "x")
+    shutil.copy(root / "images" / row["video_source"] / row["current_observation_basename"], root / "x")
+    bad = dict(row, sample_id="bad-1", video_source="../x")
+    path = root / "annotations" / "training_6k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [raw[0], bad, raw[1]]))
+    kind, name = ("video", row["video_basename"]) if with_video else ("image", row["current_observation_basename"])
+    message = refused(path, lambda p, **kw: load_samples(p, str(root), **kw), "bad-1",
+                      "--allow-outside-data-root allows it")
+    assert f"{kind} {root / 'x' / name} " in message and f"outside {os.path.realpath(root / (kind + 's'))};" in message
+    samples, skipped = load_samples(str(path), str(root), allow_outside_root=True)
+    assert not skipped and samples[1].image == str(root / "x" / row["current_observation_basename"])
+    assert samples[1].video == (str(root / "x" / row["video_basename"]) if with_video else None)
+
+
+def test_check_media(tmp_path):
+    video, image = clip_file(tmp_path, 8, 4), str(tmp_path / "good.jpg")
+    tiny.write_image(image, tiny.moving_square_clip("red", n_frames=1)[0])
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(2000))
+    assert check_media(Sample("ok", "OCR", "Read.", "x", video=video, image=image), VisualBudget()) is None
+    for broken in (dict(video=str(corrupt), image=image), dict(video=video, image=str(corrupt))):
+        with pytest.raises(DataError, match="sample broken-3") as e:
+            check_media(Sample("broken-3", "OCR", "Read.", "x", **broken), VisualBudget())
+        assert str(corrupt) in str(e.value)
 
 
 def test_missing_file_at_load(tmp_path, seed_bench_root):
