@@ -12,6 +12,7 @@ import torch
 from conftest import read_log, train_argv
 
 import checkpoint
+import data
 import train
 
 
@@ -202,3 +203,29 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
     with pytest.raises(checkpoint.RunError, match="log.jsonl:2: not a JSON row"):
         checkpoint.trim_jsonl(str(path), 2)
+
+
+# --- data checked up front -------------------------------------------------------------------
+
+def corrupt_one_video(seed_bench_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    rows = [json.loads(line) for line in open(root / "annotations" / "training_6k.jsonl")]
+    bad = next(r for r in rows if r["task_progress_metadata"])
+    with open(root / "videos" / bad["video_source"] / bad["video_basename"], "wb") as f:
+        f.write(b"not a video")
+    return str(root), bad["sample_id"]
+
+
+def test_check_data_finds_a_corrupt_video_before_step_1(warm_model_dir, seed_bench_root, tmp_path, no_model):
+    root, bad = corrupt_one_video(seed_bench_root, tmp_path)
+    with pytest.raises(data.DataError, match=f"--check-data: 1 of 8 samples cannot be read .*{bad}"):
+        run(warm_model_dir, root, tmp_path / "out", "--check-data")
+
+
+def test_check_data_with_skipping_counts_the_skip(warm_model_dir, seed_bench_root, tmp_path):
+    root, bad = corrupt_one_video(seed_bench_root, tmp_path)
+    state = run(warm_model_dir, root, tmp_path / "out", "--check-data", "--skip-bad-samples", "--max-steps", "1",
+                "--max-completion-length", "4")
+    assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
+    assert read_log(tmp_path / "out")[0]["skipped"] == 1

@@ -168,3 +168,22 @@ def test_sharded_pieces(fsdp_checks, check):
     two processes (image only; video and image) score and backpropagate in step; a NaN on one
     process stops both; the HF export equals the weights."""
     assert check in fsdp_checks, f"{check} did not run"
+
+
+def test_a_skip_on_the_second_process_is_printed_and_counted(warm_model_dir, seed_bench_root, tmp_path):
+    """Two processes x 2 prompts; a corrupt video among process 1's step-1 prompts is skipped,
+    printed by name and counted in the log, whichever process it was on."""
+    import data
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", str(root), seed=0)
+    step1_rank1 = [samples[i] for i in train.shard_order(len(samples), 0, 0, 1, 2, 2)[0]]
+    bad = next(s for s in step1_rank1 if s.video)
+    with open(bad.video, "wb") as f:
+        f.write(b"not a video")
+    out = tmp_path / "out"
+    argv = train_argv(warm_model_dir, str(root), out, "--max-steps", "1", "--skip-bad-samples",
+                      "--max-completion-length", "4")
+    done = torchrun("train.py", *argv)
+    assert read_log(out)[0]["skipped"] == 1
+    assert f"skipped: sample {bad.sample_id}" in done.stdout + done.stderr
