@@ -356,7 +356,7 @@ def commands(s, seed, root):
                                       "--save-every", str(s.steps), "--prompts-per-device", str(s.prompts),
                                       "--num-generations", str(s.generations), "--max-completion-length",
                                       str(s.completion_length), "--lr", str(s.lr), "--ema-every", str(s.ema_every),
-                                      "--log-completions", *budget_flags(s.size)],
+                                      "--log-completions", "--resume", "auto", *budget_flags(s.size)],
                     os.path.join(run_dir, f"checkpoint-{s.steps:06d}")))
         out.append((f"evaluate {algo}", [py, "evaluate.py", "--model", os.path.join(run_dir, f"checkpoint-{s.steps:06d}", "policy"),
                                          "--output-dir", os.path.join(run_dir, "eval"), *evaluate_flags],
