@@ -185,3 +185,12 @@ def test_out_of_memory_names_the_phase_and_what_to_lower(warm_model_dir, seed_be
     message = str(err.value)
     assert message.startswith(f"out of memory during {phase}:"), message
     assert advice in message and "--max-frames (4)" in message and "--max-completion-length (20)" in message
+
+
+def test_a_prompt_over_max_prompt_length_is_named_or_skipped(warm_model_dir, seed_bench_root, tmp_path):
+    first = first_step_ids(seed_bench_root)[0]
+    with pytest.raises(Exception, match=f"sample {first}: prompt has \\d+ tokens, more than --max-prompt-length 10"):
+        run(warm_model_dir, seed_bench_root, tmp_path / "strict", "--max-steps", "1", "--max-prompt-length", "10")
+    with pytest.raises(Exception, match="a process has no readable sample left"):  # every prompt is too long
+        run(warm_model_dir, seed_bench_root, tmp_path / "skip", "--max-steps", "1", "--max-prompt-length", "10",
+            "--skip-bad-samples")
