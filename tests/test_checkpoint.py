@@ -229,3 +229,23 @@ def test_check_data_with_skipping_counts_the_skip(warm_model_dir, seed_bench_roo
                 "--max-completion-length", "4")
     assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
     assert read_log(tmp_path / "out")[0]["skipped"] == 1
+
+
+def test_media_outside_the_data_root_are_refused_unless_allowed(warm_model_dir, seed_bench_root, tmp_path):
+    """A training row whose video_source climbs out of the data root (its video and image
+    then live in tmp/elsewhere)."""
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    ann = root / "annotations" / "training_6k.jsonl"
+    rows = [json.loads(line) for line in open(ann)]
+    row = next(r for r in rows if r["task_progress_metadata"])
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(root / "videos" / row["video_source"], outside)
+    shutil.copy(root / "images" / row["video_source"] / row["current_observation_basename"], outside)
+    row["video_source"] = os.path.relpath(outside, root / "videos")
+    ann.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError, match=f"sample {row['sample_id']}.*--allow-outside-data-root allows it"):
+        run(warm_model_dir, str(root), tmp_path / "strict", "--max-steps", "1")
+    state = run(warm_model_dir, str(root), tmp_path / "strict", "--max-steps", "1", "--max-completion-length", "4",
+                "--allow-outside-data-root")
+    assert state["step"] == 1

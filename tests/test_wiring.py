@@ -141,6 +141,7 @@ def test_the_loss_gets_the_advantages_of_accuracy_format_and_bonus(spied_run):
         field = lambda k: torch.tensor([float(r[k]) for r in mine]).view(-1, 4)
         acc, fmt, bonus = field("accuracy"), field("format"), field("bonus")
         torch.testing.assert_close(args[1].cpu().view(-1, 4), care.group_advantages(acc + fmt + bonus))
+        torch.testing.assert_close(args[1].cpu().view(-1, 4), field("advantage"))  # what the log says
         has_span = torch.tensor([r["ref_p"] is not None for r in mine]).view(-1, 4)
         p = torch.tensor([r["ref_p"] or 0.0 for r in mine]).view(-1, 4)
         recomputed, _ = care.consistency_bonus(acc, p, has_span, margin=0.05, bonus_coef=0.5)
