@@ -56,6 +56,19 @@ def train_argv(model_dir, root, out, *extra):
             "--max-completion-length", "20", "--lr", "1e-3", "--ema-every", "1", "--seed", "0", *budget, *extra]
 
 
+def corrupt_one_video(seed_bench_root, tmp_path):
+    """A copy of the dataset in tmp_path/data whose first training video is not a video.
+    Returns (data root, that sample's id)."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    rows = [json.loads(line) for line in open(root / "annotations" / "training_6k.jsonl")]
+    bad = next(r for r in rows if r["task_progress_metadata"])
+    with open(root / "videos" / bad["video_source"] / bad["video_basename"], "wb") as f:
+        f.write(b"not a video")
+    return str(root), bad["sample_id"]
+
+
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

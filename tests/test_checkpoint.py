@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_log, train_argv
+from conftest import corrupt_one_video, read_log, train_argv
 
 import checkpoint
 import data
@@ -206,16 +206,6 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
 
 
 # --- data checked up front -------------------------------------------------------------------
-
-def corrupt_one_video(seed_bench_root, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(seed_bench_root, root)
-    rows = [json.loads(line) for line in open(root / "annotations" / "training_6k.jsonl")]
-    bad = next(r for r in rows if r["task_progress_metadata"])
-    with open(root / "videos" / bad["video_source"] / bad["video_basename"], "wb") as f:
-        f.write(b"not a video")
-    return str(root), bad["sample_id"]
-
 
 def test_check_data_finds_a_corrupt_video_before_step_1(warm_model_dir, seed_bench_root, tmp_path, no_model):
     root, bad = corrupt_one_video(seed_bench_root, tmp_path)

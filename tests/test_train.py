@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_log, read_state, train_argv
+from conftest import corrupt_one_video, read_log, read_state, train_argv
 from safetensors.torch import load_file
 
 import evaluate
@@ -101,19 +101,14 @@ def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root
 
 
 def test_bad_video_stops_with_its_name_or_is_skipped(warm_model_dir, seed_bench_root, tmp_path):
-    root = tmp_path / "data"
-    shutil.copytree(seed_bench_root, root)
-    rows = [json.loads(line) for line in open(root / "annotations" / "training_6k.jsonl")]
-    bad = next(r for r in rows if r["task_progress_metadata"])
-    with open(root / "videos" / bad["video_source"] / bad["video_basename"], "wb") as f:
-        f.write(b"not a video")
-    steps = str(len(rows) // 2)  # one epoch: every sample is read once
-    with pytest.raises(Exception, match=bad["sample_id"]):
-        run(warm_model_dir, str(root), tmp_path / "strict", "--max-steps", steps, "--save-every", "100",
+    root, bad = corrupt_one_video(seed_bench_root, tmp_path)
+    steps = str(len(open(f"{root}/annotations/training_6k.jsonl").readlines()) // 2)  # one epoch: each sample once
+    with pytest.raises(Exception, match=bad):
+        run(warm_model_dir, root, tmp_path / "strict", "--max-steps", steps, "--save-every", "100",
             "--max-completion-length", "4")
-    state = run(warm_model_dir, str(root), tmp_path / "skip", "--max-steps", steps, "--save-every", "100",
+    state = run(warm_model_dir, root, tmp_path / "skip", "--max-steps", steps, "--save-every", "100",
                 "--max-completion-length", "4", "--skip-bad-samples")
-    assert state["skipped"] == 1 and bad["sample_id"] in state["skipped_messages"][0]
+    assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
 
 
 def test_evaluate_checkpoint(care_run, seed_bench_root, tmp_path):
