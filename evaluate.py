@@ -148,6 +148,11 @@ def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
         row["consistent"] = row["verdict"] == row["stated"]
 
 
+def is_rule(judge):
+    """--judge FILE.py:FUNCTION names a rule, not a model."""
+    return re.fullmatch(r".+\.py:\w+", judge) is not None
+
+
 def load_judge(path, model, tokenizer, device, dtype):
     """"self": the evaluated model; "none": no judge; FILE.py:FUNCTION: a rule, called with
     (question, reasoning) and returning a reply (experiments/synthetic/benchmark.py:rule_verdict
@@ -157,7 +162,7 @@ def load_judge(path, model, tokenizer, device, dtype):
         return model, tokenizer
     if path == "none":
         return None, tokenizer
-    if re.fullmatch(r".+\.py:\w+", path):
+    if is_rule(path):
         import importlib.util
         file, function = path.rsplit(":", 1)
         spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0], file)
@@ -242,32 +247,96 @@ def compare(path_a, path_b):
 # The work: which samples, in which batches, on which process
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and ends each option's help with its default, unless
+    the help names it already (required options, defaults that depend on the file)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + (" (default: off)" if action.nargs == 0 else " (default: %(default)s)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="policy directory (HF format)")
-    p.add_argument("--data", nargs="+", required=True, help="annotation files (JSONL or JSON)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--output-dir", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="the checkpoint: a local Hugging Face directory (required)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="annotation files, SEED-Bench-R1 JSONL or Video-R1-style JSON, one benchmark each (required)")
+    p.add_argument("--data-root", required=True, metavar="DIR",
+                   help="the directory the files' video and image paths are relative to (required)")
+    p.add_argument("--output-dir", required=True, metavar="DIR",
+                   help="where the predictions and summaries go; a re-run resumes there (required)")
     p.add_argument("--judge", default="self",
-                   help='"self" (the evaluated model), "none", a chat model path, or FILE.py:FUNCTION (a rule)')
-    p.add_argument("--judge-max-new-tokens", type=int, default=512,
+                   help='"self" (the evaluated model), "none", a local chat model directory, '
+                        'or FILE.py:FUNCTION (a rule)')
+    p.add_argument("--judge-max-new-tokens", type=int, default=512, metavar="N",
                    help="room for a judge that reasons before it answers (its last <answer> counts)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--top-p", type=float, default=0.001)
-    p.add_argument("--fps", type=float, default=2.0)
-    p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=None,
-                   help="default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files")
-    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28)
-    p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28)
-    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28)
-    p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples of each file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad-samples", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="samples per generate call; it fixes the batches and so the sampled tokens")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="longest completion, in tokens")
+    p.add_argument("--temperature", type=float, default=0.1, metavar="T", help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.001, metavar="P",
+                   help="nucleus sampling: the probability mass kept")
+    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second, within the frame budget")
+    p.add_argument("--min-frames", type=int, default=4, metavar="N", help="fewest frames per video")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="most frames per video (default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files)")
+    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+                   help="fewest pixels per video frame after resizing")
+    p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28, metavar="N",
+                   help="most pixels per video frame after resizing")
+    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+                   help="fewest pixels per image after resizing")
+    p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28, metavar="N",
+                   help="most pixels per image after resizing")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="evaluate only the first N samples of each file; 0: all")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds each batch's sampling (with the batch's index) and the option order of training files")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip and count samples whose row, video or image cannot be read, instead of stopping")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    """Stop on a bad setting with one line naming it, before anything is loaded."""
+    at_least_one = ["batch_size", "max_new_tokens", "judge_max_new_tokens", "min_frames", "video_min_pixels",
+                    "video_max_pixels", "image_min_pixels", "image_max_pixels"]
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be above 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.fps > 0:
+        parser.error(f"--fps must be above 0, got {args.fps}")
+    if args.max_frames is not None and args.max_frames < args.min_frames:
+        parser.error(f"--max-frames {args.max_frames} is below --min-frames {args.min_frames}")
+    for kind in ("video", "image"):
+        lo, hi = getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
+        if lo > hi:
+            parser.error(f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}")
+    if args.limit < 0:
+        parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
+    if not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such directory (evaluation takes a local checkpoint)")
+    missing = [path for path in args.data if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"--data: no such file: {', '.join(missing)}")
+    if not os.path.isdir(args.data_root):
+        parser.error(f"--data-root {args.data_root}: no such directory")
+    if is_rule(args.judge) and not os.path.isfile(args.judge.rsplit(":", 1)[0]):
+        parser.error(f"--judge {args.judge}: no such file")
+    if args.judge not in ("self", "none") and not is_rule(args.judge) and not os.path.isdir(args.judge):
+        parser.error(f"--judge {args.judge}: no such directory (a judge model is a local checkpoint)")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def load_work(args):

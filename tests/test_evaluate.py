@@ -3,6 +3,7 @@ the comparison table, on the tiny model and hand-made cases."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -169,7 +170,7 @@ def test_video_r1_files_with_a_separate_text_judge(warm_model_dir, tmp_path, tok
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(judge_dir)
     tokenizer.save_pretrained(judge_dir)
-    work, _ = evaluate.load_work(evaluate.parse_args(["--model", "m", "--data", f"{root}/eval_tiny.json",
+    work, _ = evaluate.load_work(evaluate.parse_args(["--model", warm_model_dir, "--data", f"{root}/eval_tiny.json",
                                                       "--data-root", root, "--output-dir", "o"]))
     assert {w[3] for w in work} == {32} and {w[2] for w in work} == {"eval_tiny"}
 
@@ -262,3 +263,72 @@ def test_a_rule_as_judge(warm_model_dir, tmp_path):
         assert r["consistent"] == (r["verdict"] == r["stated"])
     summary = json.load(open(tmp_path / "out" / "summary.json"))["results"]["all"]
     assert summary["consistent"] == sum(r["consistent"] for r in judged)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_help_explains_every_option(capsys, monkeypatch):
+    """Every option has a help line that gives its default or says it is required."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # "  --flag METAVAR   help" or "  --flag METAVAR" with the help below
+            current = line.split()[0].rstrip(",")
+            entries[current] = " ".join(line.split()[1:])
+        elif current:
+            entries[current] += " " + line.strip()
+    flags = ["--model", "--data", "--data-root", "--output-dir", "--judge", "--judge-max-new-tokens", "--batch-size",
+             "--max-new-tokens", "--temperature", "--top-p", "--fps", "--min-frames", "--max-frames",
+             "--video-min-pixels", "--video-max-pixels", "--image-min-pixels", "--image-max-pixels", "--limit",
+             "--seed", "--skip-bad-samples"]
+    assert set(flags) <= set(entries)
+    for option, entry in entries.items():
+        if option != "-h":
+            assert re.search(r"\((default: .+|required)\)$", entry), f"{option} gives no default: {entry}"
+            words = [w for w in entry.split() if not re.fullmatch(r"[][A-Z_.]+", w)]  # less the metavar
+            assert len(words) >= 4, f"{option} has no help: {entry}"
+    assert "(default: 0.1)" in entries["--temperature"] and "(default: off)" in entries["--skip-bad-samples"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--judge-max-new-tokens", "-1"], "--judge-max-new-tokens must be at least 1"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--fps", "0"], "--fps must be above 0"),
+    (["--min-frames", "0"], "--min-frames must be at least 1"),
+    (["--min-frames", "8", "--max-frames", "4"], "--max-frames 4 is below --min-frames 8"),
+    (["--video-min-pixels", "5000", "--video-max-pixels", "4000"],
+     "--video-min-pixels 5000 is above --video-max-pixels 4000"),
+    (["--image-max-pixels", "0"], "--image-max-pixels must be at least 1"),
+    (["--limit", "-1"], "--limit must be 0 (all) or more"),
+    (["--model", "no/such/checkpoint"], "--model no/such/checkpoint: no such directory"),
+    (["--data", "no/such/file.jsonl"], "--data: no such file: no/such/file.jsonl"),
+    (["--judge", "no/such/judge"], "--judge no/such/judge: no such directory"),
+    (["--judge", "no/such/rule.py:verdict"], "--judge no/such/rule.py:verdict: no such file"),
+])
+def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_root, tmp_path, capsys, monkeypatch):
+    """One line naming the setting; the model is never loaded (from_pretrained would fail)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", no_loading)
+    base = {"--model": seed_bench_root, "--data": seed_files(seed_bench_root)[0], "--data-root": seed_bench_root,
+            "--output-dir": str(tmp_path)}
+    for name, value in zip(flags[::2], flags[1::2]):
+        base.pop(name, None)
+    argv = [x for name, value in base.items() for x in (name, value)] + flags
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)  # nothing written
