@@ -224,9 +224,24 @@ def format_table(summary):
     return "\n".join(lines)
 
 
+def read_summary(path):
+    """A summary.json written by evaluate.py; a missing or malformed one stops with one line."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"{path}: not JSON: {e}") from None
+    if not (isinstance(summary, dict) and "model" in summary and isinstance(summary.get("results"), dict)
+            and all(isinstance(r, dict) for r in summary["results"].values())):
+        raise SystemExit(f'{path}: not a summary written by evaluate.py (no "model" or no "results" table)')
+    return summary
+
+
 def compare(path_a, path_b):
     """Side-by-side accuracy and consistency of two runs, with B - A."""
-    a, b = (json.load(open(p)) for p in (path_a, path_b))
+    a, b = read_summary(path_a), read_summary(path_b)
     names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
 
     def cells(name, key):
@@ -386,14 +401,21 @@ def finished_rows(output_dir):
     return done
 
 
+def compare_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py compare",
+                                description="Accuracy and consistency of two evaluations side by side, with B - A.")
+    p.add_argument("a", metavar="A/summary.json", help="the baseline's summary.json (e.g. GRPO)")
+    p.add_argument("b", metavar="B/summary.json", help="the summary.json compared with it (e.g. GRPO-CARE)")
+    args = p.parse_args(argv)
+    table = compare(args.a, args.b)
+    print(table)
+    return table
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
-        if len(argv) != 3:
-            raise SystemExit("usage: evaluate.py compare A/summary.json B/summary.json")
-        table = compare(argv[1], argv[2])
-        print(table)
-        return table
+        return compare_main(argv[1:])
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import gather_object

@@ -133,6 +133,49 @@ def test_compare_prints_deltas(tmp_path):
     assert "| L3 | 4 / 4 | 40.0 | 52.5 | +12.5 | - | - | - |" in table
 
 
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read: No such file or directory"),
+    ("{not json", "not JSON: "),
+    ('{"model": "grpo"}', 'no "model" or no "results" table'),
+    ('{"results": {"all": {"n": 1}}}', 'no "model" or no "results" table'),
+    ('[1, 2]', 'no "model" or no "results" table'),
+])
+def test_compare_names_a_bad_summary_in_one_line(content, problem, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": "care", "results": {"all": {"n": 8, "accuracy": 50.0}}}))
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    for argv in (["compare", str(bad), str(good)], ["compare", str(good), str(bad)]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        message = str(exit.value.code)
+        assert message.startswith(f"{bad}: ") and problem in message and "\n" not in message
+
+
+def test_compare_usage(capsys):
+    for argv in (["compare", "--help"], ["compare", "-h"]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        assert exit.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: evaluate.py compare [-h] A/summary.json B/summary.json")
+    for argv in (["compare"], ["compare", "a.json"], ["compare", "a.json", "b.json", "c.json"]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.startswith("usage: evaluate.py compare [-h] A/summary.json B/summary.json")
+
+
+def test_compare_on_the_command_line(tmp_path):
+    """A malformed summary: one line on stderr and a non-zero exit, no traceback."""
+    (tmp_path / "a.json").write_text("{not json")
+    (tmp_path / "b.json").write_text("{}")
+    done = subprocess.run([sys.executable, "evaluate.py", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{tmp_path / 'a.json'}: not JSON: ")
+
+
 # --- end to end on the tiny model ------------------------------------------------------------
 
 def test_seed_bench_evaluation_end_to_end(warm_model_dir, seed_bench_root, tmp_path):
