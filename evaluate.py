@@ -23,10 +23,17 @@ generated under a seed fixed by k: W processes write what one process writes. Ev
 appends its finished rows to predictions.part<rank>.jsonl as it goes; a re-run skips every
 sample already in predictions.jsonl or a part file. At the end the new rows are gathered once
 and predictions.jsonl, summary.json and summary.md are written.
+
+An output directory holds the rows of one set of settings. Every flag that shapes a row (all
+but --output-dir, --data, --limit, --skip-bad-samples and --overwrite; paths made absolute) is
+recorded in eval_settings.json before the first row, and each row carries the settings' hash.
+A re-run with other settings stops and names each change; --overwrite deletes the results
+and starts over. A row with another hash is never reused.
 """
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -311,6 +318,8 @@ def parse_args(argv=None):
                    help="seeds each batch's sampling (with the batch's index) and the option order of training files")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip and count samples whose row, video or image cannot be read, instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results in --output-dir first (needed when the settings changed)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -389,16 +398,93 @@ def read_rows(path):
     return rows
 
 
-def finished_rows(output_dir):
-    """Rows already written by earlier runs (the merged file and any part files), by key."""
-    done = {}
-    paths = [os.path.join(output_dir, "predictions.jsonl")] + sorted(
-        glob.glob(os.path.join(output_dir, "predictions.part*.jsonl")))
-    for path in paths:
-        if os.path.exists(path):
-            for row in read_rows(path):
+def finished_rows(output_dir, tag):
+    """Rows already written under these settings (tag: their hash) by earlier runs, in the merged
+    file and any part files, by key; and how many rows were left out for other settings."""
+    done, other = {}, 0
+    for path in [os.path.join(output_dir, "predictions.jsonl")] + part_files(output_dir):
+        for row in read_rows(path) if os.path.exists(path) else []:
+            if row.get("settings") == tag:
                 done[row["key"]] = row
-    return done
+            else:
+                other += 1
+    return done, other
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory holds the rows of one set of settings
+
+SETTINGS_FILE = "eval_settings.json"
+NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite")  # which rows, not what they hold
+
+
+def row_settings(args):
+    """Every flag that shapes a row: all but NOT_SETTINGS, so that a new flag counts unless it
+    is listed there. Paths are made absolute: the same checkpoint through another path or a
+    symlink is the same setting."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root))
+    if is_rule(args.judge):
+        file, function = args.judge.rsplit(":", 1)
+        settings["judge"] = f"{os.path.realpath(file)}:{function}"
+    elif args.judge not in ("self", "none"):
+        settings["judge"] = os.path.realpath(args.judge)
+    return settings
+
+
+def settings_hash(settings):
+    """A short fingerprint of the settings, written with every row."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def part_files(output_dir):
+    return sorted(glob.glob(os.path.join(output_dir, "predictions.part*.jsonl")))
+
+
+def results_in(output_dir):
+    """The rows and summaries of earlier runs. Not the settings file: while the other processes
+    check the directory, the main process may already be writing this run's."""
+    names = ("predictions.jsonl", "summary.json", "summary.md")
+    return [p for p in (os.path.join(output_dir, n) for n in names) if os.path.exists(p)] + part_files(output_dir)
+
+
+def check_output_dir(args, settings):
+    """Refuse to resume in a directory whose rows were made under other settings: they would be
+    reported as this run's."""
+    hint = "pick another --output-dir, or pass --overwrite to delete its results and start over"
+    path = os.path.join(args.output_dir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        if results_in(args.output_dir):
+            raise SystemExit(f"{args.output_dir} holds results without the {SETTINGS_FILE} that says how "
+                             f"they were made: {hint}")
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)["settings"]
+        changed = [f"{flag(k)} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
+                   if old.get(k) != settings.get(k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{path}: unreadable ({type(e).__name__}: {e}): {hint}") from None
+    if changed:
+        raise SystemExit(f"{args.output_dir} holds results made with other settings ({'; '.join(changed)}): {hint}")
+
+
+def start_output_dir(args, settings):
+    """On the main process, before any row: with --overwrite, delete the earlier results; then
+    record the settings."""
+    if args.overwrite:
+        for path in results_in(args.output_dir):
+            os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_atomic(os.path.join(args.output_dir, SETTINGS_FILE),
+                 json.dumps({"hash": settings_hash(settings), "settings": settings}, indent=2) + "\n")
+
+
+def write_atomic(path, text):
+    """Through a temporary file and a rename: a crash never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def compare_main(argv):
@@ -423,6 +509,13 @@ def main(argv=None):
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun forms a gloo group
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    settings = row_settings(args)
+    tag = settings_hash(settings)
+    if not args.overwrite:
+        check_output_dir(args, settings)  # on every process: all of them stop
+    if accelerator.is_main_process:
+        start_output_dir(args, settings)
+    accelerator.wait_for_everyone()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -439,9 +532,10 @@ def main(argv=None):
                 image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels)
         return budgets[frames]
 
-    os.makedirs(args.output_dir, exist_ok=True)
     work, skipped = load_work(args)
-    done = finished_rows(args.output_dir)
+    done, other = finished_rows(args.output_dir, tag)
+    if other:
+        accelerator.print(f"{other} rows made under other settings left out (their samples are evaluated again)")
     accelerator.wait_for_everyone()  # everyone has read the part files before anyone appends
     todo = [w for w in work if w[0] not in done]
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
@@ -469,7 +563,8 @@ def main(argv=None):
             texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
             rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
                      "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
-                     "completion": text, **score(s, text)} for (key, s, bench, _), text in zip(kept, texts)]
+                     "completion": text, **score(s, text), "settings": tag}
+                    for (key, s, bench, _), text in zip(kept, texts)]
             judge_rows(judge, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
             for row in rows:
                 part.write(json.dumps(row) + "\n")
@@ -486,22 +581,19 @@ def main(argv=None):
             assert row["key"] not in by_key, f"{row['key']} evaluated twice"
             by_key[row["key"]] = row
         rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
-        tmp = os.path.join(args.output_dir, "predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(args.output_dir, "predictions.jsonl"))
+        write_atomic(os.path.join(args.output_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         summary = summarize(rows, judged=args.judge != "none")
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump({"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows),
-                       "skipped": len(skipped), "skipped_messages": skipped, "results": summary}, f, indent=2)
-        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
-            f.write(f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
+        write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
+            {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
+             "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
+        write_atomic(os.path.join(args.output_dir, "summary.md"),
+                     f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
         print(format_table(summary))
         if skipped:
             print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
     accelerator.wait_for_everyone()  # predictions.jsonl holds every row: the part files can go
     if accelerator.is_main_process:
-        for path in glob.glob(os.path.join(args.output_dir, "predictions.part*.jsonl")):
+        for path in part_files(args.output_dir):
             os.remove(path)
     return summary
 

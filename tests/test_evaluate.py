@@ -268,6 +268,70 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
     assert summary["all"]["n"] == 12 and not list(tmp_path.glob("predictions.part*"))
 
 
+def test_other_settings_are_refused_until_overwrite(warm_model_dir, tiny_model_dir, seed_bench_root, tmp_path, capsys,
+                                                   monkeypatch):
+    """The settings are recorded with the results; a re-run with another model or decoding stops
+    and names what changed, before a model is loaded; --overwrite starts over."""
+    out = tmp_path / "out"
+    data = ["--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root, *SMALL]
+    base = [*data, "--output-dir", str(out), "--limit", "2"]
+    evaluate.main(["--model", warm_model_dir, *base])
+    recorded = json.load(open(out / "eval_settings.json"))
+    assert recorded["settings"]["model"] == os.path.realpath(warm_model_dir)
+    assert recorded["settings"]["temperature"] == 0.1 and recorded["settings"]["max_frames"] == 4
+    assert not set(recorded["settings"]) & {"output_dir", "data", "limit", "skip_bad_samples", "overwrite"}
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [r["settings"] for r in rows] == [recorded["hash"]] * 2
+    os.symlink(warm_model_dir, tmp_path / "link")  # the same checkpoint by another path: the same setting
+    evaluate.main(["--model", str(tmp_path / "link"), *base])
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as exit:
+        m.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", None)  # never loaded
+        evaluate.main(["--model", tiny_model_dir, *base, "--temperature", "0.5"])
+    message = str(exit.value.code)
+    assert f"--model {os.path.realpath(warm_model_dir)} -> {os.path.realpath(tiny_model_dir)}" in message
+    assert "--temperature 0.1 -> 0.5" in message and "--overwrite" in message and "\n" not in message
+    assert "--max-frames" not in message and [json.loads(line) for line in open(out / "predictions.jsonl")] == rows
+
+    capsys.readouterr()
+    summary = evaluate.main(["--model", tiny_model_dir, *base, "--temperature", "0.5", "--limit", "1", "--overwrite"])
+    assert "other settings" not in capsys.readouterr().out  # the old rows were deleted, not merely left out
+    saved = json.load(open(out / "summary.json"))
+    new_rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert saved["model"] == tiny_model_dir and summary["all"]["n"] == saved["samples"] == len(new_rows) == 1
+    assert new_rows[0]["settings"] == json.load(open(out / "eval_settings.json"))["hash"] != recorded["hash"]
+
+    bare = tmp_path / "bare"  # results from before settings were recorded: refused too
+    bare.mkdir()
+    (bare / "predictions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="without the eval_settings.json"):
+        evaluate.main(["--model", warm_model_dir, *data, "--output-dir", str(bare)])
+
+
+def test_rows_made_under_other_settings_are_never_reused(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """A part file row whose settings hash is not the directory's is evaluated again."""
+    import rollout
+    generated = []
+    real = rollout.generate
+
+    def recording(model, prompts, *args, **kwargs):
+        generated.extend(prompts["sample_ids"])
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording)
+    argv = ["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root,
+            "--output-dir", str(tmp_path), "--limit", "3", "--batch-size", "1", *SMALL]
+    evaluate.main(argv)
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "predictions.part0.jsonl").write_text(json.dumps({**rows[2], "settings": "another"}) + "\n")
+    generated.clear()
+    evaluate.main(argv)
+    again = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert generated == [rows[2]["sample_id"]] and again == rows
+
+
 def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_root, tmp_path):
     """9 samples (not a multiple of 2) in batches of 2 over 2 processes: the same predictions and
     summary as one process, no sample lost or evaluated twice."""
