@@ -22,7 +22,9 @@ Work is dealt in batches of --batch-size consecutive samples, batch k to process
 generated under a seed fixed by k: W processes write what one process writes. Every process
 appends its finished rows to predictions.part<rank>.jsonl as it goes; a re-run skips every
 sample already in predictions.jsonl or a part file. At the end the new rows are gathered once
-and predictions.jsonl, summary.json and summary.md are written.
+and predictions.jsonl, summary.json and summary.md are written. predictions.jsonl keeps every
+finished row of the directory, also those of files (or beyond --limit) that only earlier runs
+asked for, for a later run to reuse; the summary counts only this run's files and --limit.
 
 An output directory holds the rows of one set of settings. Every flag that shapes a row (all
 but --output-dir, --data, --limit, --skip-bad-samples and --overwrite; paths made absolute) is
@@ -533,21 +535,22 @@ def main(argv=None):
         return budgets[frames]
 
     work, skipped = load_work(args)
+    order = {w[0]: i for i, w in enumerate(work)}
     done, other = finished_rows(args.output_dir, tag)
     if other:
         accelerator.print(f"{other} rows made under other settings left out (their samples are evaluated again)")
     accelerator.wait_for_everyone()  # everyone has read the part files before anyone appends
-    todo = [w for w in work if w[0] not in done]
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    mine = [(k, b) for k, b in enumerate(batches) if k % world == rank]
-    accelerator.print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to evaluate "
+    rest = [w for w in work if w[0] not in done]
+    batches = [rest[i:i + args.batch_size] for i in range(0, len(rest), args.batch_size)]
+    todo = list(range(len(batches)))
+    accelerator.print(f"{len(work)} samples, {len(work) - len(rest)} already done, {len(rest)} to evaluate "
                       f"on {world} process(es)")
 
     new_rows = []
     with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
-        for k, batch in tqdm(mine, desc="eval", disable=not accelerator.is_main_process):
+        for k in tqdm([k for k in todo if k % world == rank], desc="eval", disable=not accelerator.is_main_process):
             kept, encoded = [], []
-            for item in batch:
+            for item in batches[k]:
                 try:
                     encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
                     kept.append(item)
@@ -573,28 +576,35 @@ def main(argv=None):
 
     gathered = gather_object(new_rows) if world > 1 else new_rows
     skipped = sorted(set(sum(gather_object([skipped]), []) if world > 1 else skipped))
-    order = {w[0]: i for i, w in enumerate(work)}
     summary = None
     if accelerator.is_main_process:
-        by_key = dict(done)
-        for row in gathered:
-            assert row["key"] not in by_key, f"{row['key']} evaluated twice"
-            by_key[row["key"]] = row
-        rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
-        write_atomic(os.path.join(args.output_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-        summary = summarize(rows, judged=args.judge != "none")
-        write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
-            {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
-             "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
-        write_atomic(os.path.join(args.output_dir, "summary.md"),
-                     f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
-        print(format_table(summary))
-        if skipped:
-            print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
-    accelerator.wait_for_everyone()  # predictions.jsonl holds every row: the part files can go
-    if accelerator.is_main_process:
-        for path in part_files(args.output_dir):
-            os.remove(path)
+        by_key = {**done, **{row["key"]: row for row in gathered}}
+        save_rows(args.output_dir, by_key, order)
+        rows = [by_key[w[0]] for w in work if w[0] in by_key]  # this run's files and --limit only
+        summary = write_summary(args, settings, rows, skipped)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def save_rows(output_dir, by_key, order):
+    """predictions.jsonl: every finished row, in work order (rows of other files, or beyond
+    --limit, that earlier runs left come after); then the part files, all in it, can go."""
+    rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
+    write_atomic(os.path.join(output_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    for path in part_files(output_dir):
+        os.remove(path)
+
+
+def write_summary(args, settings, rows, skipped):
+    summary = summarize(rows, judged=args.judge != "none")
+    write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
+        {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
+         "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
+    write_atomic(os.path.join(args.output_dir, "summary.md"),
+                 f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
+    print(format_table(summary))
+    if skipped:
+        print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
     return summary
 
 

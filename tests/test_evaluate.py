@@ -268,6 +268,24 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
     assert summary["all"]["n"] == 12 and not list(tmp_path.glob("predictions.part*"))
 
 
+def test_the_summary_counts_only_the_files_asked_for(warm_model_dir, seed_bench_root, tmp_path):
+    """Rows an earlier run finished for other files, or beyond --limit, stay in predictions.jsonl
+    for a later run to reuse, but the summary counts only this run's files and limit."""
+    L1, L2, _ = seed_files(seed_bench_root)
+    argv = ["--model", warm_model_dir, "--data-root", seed_bench_root, "--output-dir", str(tmp_path), *SMALL]
+    evaluate.main(argv + ["--data", L1, L2, "--limit", "3"])
+    for data, limit, levels in (([L1], "3", {"L1"}), ([L2], "1", {"L2"}), ([L2, L1], "2", {"L1", "L2"})):
+        summary = evaluate.main(argv + ["--data", *data, "--limit", limit])
+        n = len(data) * int(limit)
+        assert summary["all"]["n"] == n and {k for k in summary if k != "all"} == levels
+        saved = json.load(open(tmp_path / "summary.json"))
+        assert saved["samples"] == n and saved["results"] == json.loads(json.dumps(summary))
+        table = open(tmp_path / "summary.md").read()
+        assert all((f"| {level} |" in table) == (level in levels) for level in ("L1", "L2"))
+        rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+        assert len(rows) == 6 and len({r["key"] for r in rows}) == 6  # all kept, nothing evaluated again
+
+
 def test_other_settings_are_refused_until_overwrite(warm_model_dir, tiny_model_dir, seed_bench_root, tmp_path, capsys,
                                                    monkeypatch):
     """The settings are recorded with the results; a re-run with another model or decoding stops
