@@ -18,11 +18,15 @@ removed, and names the option the reasoning leads to; the sample is consistent w
 the option it answered. A judge reply we cannot parse is counted as undecided (and as not
 consistent), never dropped.
 
-Work is dealt in batches of --batch-size consecutive samples, batch k to process k mod W, each
-generated under a seed fixed by k: W processes write what one process writes. Every process
-appends its finished rows to predictions.part<rank>.jsonl as it goes; a re-run skips every
-sample already in predictions.jsonl or a part file. At the end the new rows are gathered once
-and predictions.jsonl, summary.json and summary.md are written. predictions.jsonl keeps every
+The work list (every file's samples, in order) is cut into batches of --batch-size, batch k to
+process k mod W, each generated under a seed fixed by k: W processes write what one process
+writes, and a resumed run what an uninterrupted one writes. Every process appends its finished
+rows to predictions.part<rank>.jsonl as it goes. A re-run skips every batch whose rows are all
+in predictions.jsonl or a part file and evaluates a partly written one again, whole (its new
+rows replace the old). (Batches follow the work list: after a change of --data or --limit, a
+batch fully written by an earlier run is reused though its samples were batched otherwise.)
+At the end the new rows are gathered once and predictions.jsonl, summary.json and summary.md
+are written. predictions.jsonl keeps every
 finished row of the directory, also those of files (or beyond --limit) that only earlier runs
 asked for, for a later run to reuse; the summary counts only this run's files and --limit.
 
@@ -539,12 +543,14 @@ def main(argv=None):
     done, other = finished_rows(args.output_dir, tag)
     if other:
         accelerator.print(f"{other} rows made under other settings left out (their samples are evaluated again)")
-    accelerator.wait_for_everyone()  # everyone has read the part files before anyone appends
-    rest = [w for w in work if w[0] not in done]
-    batches = [rest[i:i + args.batch_size] for i in range(0, len(rest), args.batch_size)]
-    todo = list(range(len(batches)))
-    accelerator.print(f"{len(work)} samples, {len(work) - len(rest)} already done, {len(rest)} to evaluate "
-                      f"on {world} process(es)")
+    accelerator.wait_for_everyone()  # everyone has read the rows: fold the part files in before anyone appends
+    if accelerator.is_main_process and (other or part_files(args.output_dir)):
+        save_rows(args.output_dir, done, order)
+    accelerator.wait_for_everyone()
+    batches = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
+    todo = [k for k, batch in enumerate(batches) if any(item[0] not in done for item in batch)]
+    accelerator.print(f"{len(work)} samples in {len(batches)} batches: {len(batches) - len(todo)} done, "
+                      f"{len(todo)} to evaluate on {world} process(es)")
 
     new_rows = []
     with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
@@ -558,7 +564,7 @@ def main(argv=None):
                     if not args.skip_bad_samples:
                         raise
                     skipped.append(str(e))
-            if not kept:
+            if all(item[0] in done for item in kept):  # all but the skipped samples are done
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
                        for key, v in data.collate_prompts(encoded, tokenizer).items()}
@@ -578,7 +584,7 @@ def main(argv=None):
     skipped = sorted(set(sum(gather_object([skipped]), []) if world > 1 else skipped))
     summary = None
     if accelerator.is_main_process:
-        by_key = {**done, **{row["key"]: row for row in gathered}}
+        by_key = {**done, **{row["key"]: row for row in gathered}}  # a re-run batch's rows replace its old ones
         save_rows(args.output_dir, by_key, order)
         rows = [by_key[w[0]] for w in work if w[0] in by_key]  # this run's files and --limit only
         summary = write_summary(args, settings, rows, skipped)

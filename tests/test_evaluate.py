@@ -241,7 +241,8 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
         return real(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "generate", counting)
-    common = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL]
+    common = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL,
+              "--batch-size", "1"]  # one sample a batch: a batch is either done or not (see the test below)
     base = common + ["--output-dir", str(tmp_path)]
     evaluate.main(base + ["--limit", "2"])
     first = {json.loads(line)["key"]: json.loads(line) for line in open(tmp_path / "predictions.jsonl")}
@@ -266,6 +267,49 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
     assert sum(generated) == 1  # only the row cut short is evaluated again
     assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in all_rows)
     assert summary["all"]["n"] == 12 and not list(tmp_path.glob("predictions.part*"))
+
+
+def test_a_resumed_sampled_evaluation_draws_the_same_samples(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """At temperature 1, a run that crashed twice and resumed writes the completions an
+    uninterrupted run writes, row for row: batches are formed over the whole work list and
+    seeded by their place in it, and a batch that was only partly written is evaluated again,
+    whole."""
+    import rollout
+    generated, crash_after = [], [None]
+    real = rollout.generate
+
+    def recording(model, prompts, *args, **kwargs):
+        if len(generated) == crash_after[0]:
+            raise RuntimeError("crash")
+        generated.append(len(prompts["sample_ids"]))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording)
+    argv = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL,
+            "--temperature", "1.0", "--top-p", "1.0", "--batch-size", "2", "--judge", "none"]
+    evaluate.main(argv + ["--output-dir", str(tmp_path / "whole")])
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "predictions.jsonl")]
+    assert len(whole) == 12 and len({r["completion"] for r in whole}) > 3  # sampled: not all alike
+
+    # The first crash: batches 0-5 of 2; 0 done; 1 half done; 2 not started; 3 in a part file;
+    # 4 half done, its second row cut short; 5 not started.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "eval_settings.json").write_text(open(tmp_path / "whole" / "eval_settings.json").read())
+    (crashed / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))
+    (crashed / "predictions.part0.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in whole[6:9]) + json.dumps(whole[9])[:50])
+    generated.clear()
+    crash_after[0] = 2  # the resumed run crashes too, after batches 1 and 2
+    with pytest.raises(RuntimeError, match="crash"):
+        evaluate.main(argv + ["--output-dir", str(crashed)])
+    crash_after[0] = None
+    summary = evaluate.main(argv + ["--output-dir", str(crashed)])
+    resumed = [json.loads(line) for line in open(crashed / "predictions.jsonl")]
+    assert [r["key"] for r in resumed] == [r["key"] for r in whole]
+    assert [r["completion"] for r in resumed] == [r["completion"] for r in whole]
+    assert resumed == whole and summary["all"]["n"] == 12
+    assert generated == [2, 2, 2, 2]  # batches 1 and 2, then 4 and 5
 
 
 def test_the_summary_counts_only_the_files_asked_for(warm_model_dir, seed_bench_root, tmp_path):
