@@ -210,7 +210,7 @@ def summarize(rows, judged=True):
         for name in group_names(r):
             groups[name].append(r)
     summary = {}
-    for name in ["all"] + sorted(n for n in groups if n != "all"):
+    for name in sorted(groups, key=lambda n: (n != "all", n)):  # none when every sample was skipped
         rs = groups[name]
         s = {"n": len(rs), "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
              "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
@@ -538,7 +538,9 @@ def main(argv=None):
                 image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels)
         return budgets[frames]
 
-    work, skipped = load_work(args)
+    work, load_skips = load_work(args)  # the same on every process: printed and counted once
+    for message in load_skips if accelerator.is_main_process else []:
+        print(f"skipped while loading: {one_line(message)}", file=sys.stderr)
     order = {w[0]: i for i, w in enumerate(work)}
     done, other = finished_rows(args.output_dir, tag)
     if other:
@@ -552,18 +554,10 @@ def main(argv=None):
     accelerator.print(f"{len(work)} samples in {len(batches)} batches: {len(batches) - len(todo)} done, "
                       f"{len(todo)} to evaluate on {world} process(es)")
 
-    new_rows = []
+    new_rows, skips = [], []
     with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
         for k in tqdm([k for k in todo if k % world == rank], desc="eval", disable=not accelerator.is_main_process):
-            kept, encoded = [], []
-            for item in batches[k]:
-                try:
-                    encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
-                    kept.append(item)
-                except data.DataError as e:
-                    if not args.skip_bad_samples:
-                        raise
-                    skipped.append(str(e))
+            kept, encoded = encode_batch(batches[k], tokenizer, budget, args.skip_bad_samples, rank, skips)
             if all(item[0] in done for item in kept):  # all but the skipped samples are done
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
@@ -581,7 +575,7 @@ def main(argv=None):
             new_rows += rows
 
     gathered = gather_object(new_rows) if world > 1 else new_rows
-    skipped = sorted(set(sum(gather_object([skipped]), []) if world > 1 else skipped))
+    skipped = load_skips + sorted(gather_object(skips) if world > 1 else skips)  # each encoded on one process
     summary = None
     if accelerator.is_main_process:
         by_key = {**done, **{row["key"]: row for row in gathered}}  # a re-run batch's rows replace its old ones
@@ -590,6 +584,27 @@ def main(argv=None):
         summary = write_summary(args, settings, rows, skipped)
     accelerator.wait_for_everyone()
     return summary
+
+
+def encode_batch(batch, tokenizer, budget, skip_bad, rank, skips):
+    """The batch's items that could be read and their encoded prompts. With skip_bad, a sample
+    that cannot be read is left out, its skip printed by the process it happens on and its
+    message added to skips."""
+    kept, encoded = [], []
+    for item in batch:
+        try:
+            encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
+            kept.append(item)
+        except data.DataError as e:
+            if not skip_bad:
+                raise
+            skips.append(str(e))
+            tqdm.write(f"process {rank}: skipped {item[0]}: {one_line(e)}", file=sys.stderr)
+    return kept, encoded
+
+
+def one_line(message):
+    return " ".join(str(message).split())
 
 
 def save_rows(output_dir, by_key, order):

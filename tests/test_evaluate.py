@@ -412,6 +412,36 @@ def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_r
     assert len({r["key"] for r in rows["two"]}) == 9
 
 
+def test_skips_on_every_process_are_printed_and_counted(warm_model_dir, tmp_path):
+    """--skip-bad-samples on 2 processes, batches of 1: a broken video on each process (one of
+    them twice: a repeated row gives the same message) and a row whose image is missing. Each
+    skip is printed once, by the process it happens on, and counted once."""
+    root = tiny.build_seed_bench(str(tmp_path / "data"), n_train=0, n_val=4)
+    L1, L2 = f"{root}/annotations/validation_L1.jsonl", f"{root}/annotations/validation_L2.jsonl"
+    l1 = [json.loads(line) for line in open(L1)]
+    with open(L1, "a") as f:
+        f.write(json.dumps(l1[0]) + "\n")  # the same sample again: key l1_00000#2, batch 4, process 0
+    for row in l1[:2]:  # batches 0 and 1: processes 0 and 1
+        with open(f"{root}/videos/{row['video_source']}/{row['video_basename']}", "wb") as f:
+            f.write(b"not a video")
+    l2 = [json.loads(line) for line in open(L2)]
+    os.remove(f"{root}/images/{l2[1]['video_source']}/{l2[1]['current_observation_basename']}")  # a loading skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+           "--model", warm_model_dir, "--data", L1, L2, "--data-root", root, "--output-dir", str(tmp_path / "out"),
+           "--batch-size", "1", "--judge", "none", "--skip-bad-samples", *SMALL]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stderr.splitlines()
+    for process, key in ((0, "L1/l1_00000"), (1, "L1/l1_00001"), (0, "L1/l1_00000#2")):
+        assert sum(line.startswith(f"process {process}: skipped {key}: ") for line in lines) == 1, done.stderr
+    assert sum(line.startswith("skipped while loading: ") and l2[1]["sample_id"] in line for line in lines) == 1
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["skipped"] == len(summary["skipped_messages"]) == 4 and summary["samples"] == 5
+    assert sum(l2[1]["sample_id"] in m for m in summary["skipped_messages"]) == 1
+    assert evaluate.summarize([]) == {}  # every sample skipped: an empty table, not a division by zero
+
+
 def test_a_rule_as_judge(warm_model_dir, tmp_path):
     """--judge FILE.py:FUNCTION calls a rule with (question, reasoning): here the synthetic
     benchmark's, which reads the fact a reasoning states (experiments/synthetic)."""
