@@ -10,7 +10,7 @@ consistency rate (how often the reasoning leads to the answer the model gives).
     # GRPO versus GRPO-CARE
     python evaluate.py compare runs/grpo/eval/summary.json runs/care/eval/summary.json
 
-Decoding is near-greedy (SPEC section 4). Each answer is scored by its problem type: the
+Decoding is near-greedy by default. Each answer is scored by its problem type: the
 option letter, a number, OCR word error rate, ROUGE, and mean relative accuracy for
 regression. Consistency: a judge model (--judge, by default the evaluated model) reads each
 multiple-choice question, its options and the sample's reasoning with the final answer
@@ -18,28 +18,22 @@ removed, and names the option the reasoning leads to; the sample is consistent w
 the option it answered. A judge reply we cannot parse is counted as undecided (and as not
 consistent), never dropped.
 
-The work list (every file's samples, in order) is cut into batches of --batch-size, batch k to
-process k mod W, each generated under a seed fixed by k: W processes write what one process
-writes, and a resumed run what an uninterrupted one writes. Every process appends its finished
-rows to predictions.part<rank>.jsonl as it goes. A re-run skips every batch whose rows are all
-in predictions.jsonl or a part file and evaluates a partly written one again, whole (its new
-rows replace the old). (Batches follow the work list: after a change of --data or --limit, a
-batch fully written by an earlier run is reused though its samples were batched otherwise.)
-At the end the new rows are gathered once and predictions.jsonl, summary.json and summary.md
-are written. predictions.jsonl keeps every
-finished row of the directory, also those of files (or beyond --limit) that only earlier runs
-asked for, for a later run to reuse; the summary counts only this run's files and --limit.
+The work list (every file's samples, in order) is cut into batches of --batch-size; batch k
+goes to process k mod W and is generated under a seed fixed by k, so W processes write what
+one writes, and a resumed run what an uninterrupted one writes. Each process appends its rows
+to predictions.part<rank>.jsonl as it goes; a re-run skips the batches whose rows are all
+written and evaluates a partly written one again, whole (after a change of --data or --limit
+the batches shift, and finished rows are reused as they are). At the end the new rows are
+gathered into predictions.jsonl, which keeps every finished row of the directory (also of
+files, or beyond --limit, that only earlier runs asked for), and into summary.json and
+summary.md, which count only this run's files and --limit.
 
-An output directory holds the rows of one set of settings. Every flag that shapes a row (all
-but --output-dir, --data, --limit, --skip-bad-samples and --overwrite; paths made absolute) is
-recorded in eval_settings.json before the first row, and each row carries the settings' hash.
-A re-run with other settings stops and names each change; --overwrite deletes the results
-and starts over. A row with another hash is never reused.
+An output directory holds the rows of one set of settings (results.py): every flag that
+shapes a row is recorded in eval_settings.json and hashed into each row; a re-run with other
+settings stops and names each change, and --overwrite starts over.
 """
 
 import argparse
-import glob
-import hashlib
 import json
 import os
 import re
@@ -51,6 +45,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
+import results
 import rewards
 import rollout
 
@@ -272,7 +267,7 @@ def compare(path_a, path_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# The work: which samples, in which batches, on which process
+# The command line, and the work: which samples, in which batches, on which process
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -388,39 +383,6 @@ def load_work(args):
     return work, skipped
 
 
-def read_rows(path):
-    """Rows of a predictions file. A last line cut short by a crash is left out (that sample is
-    evaluated again); a bad line anywhere else is an error."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise data.DataError(f"{path}:{i + 1}: not a JSON row; remove the file to start over") from None
-            print(f"{path}:{i + 1}: incomplete last row left out; that sample is evaluated again", file=sys.stderr)
-    return rows
-
-
-def finished_rows(output_dir, tag):
-    """Rows already written under these settings (tag: their hash) by earlier runs, in the merged
-    file and any part files, by key; and how many rows were left out for other settings."""
-    done, other = {}, 0
-    for path in [os.path.join(output_dir, "predictions.jsonl")] + part_files(output_dir):
-        for row in read_rows(path) if os.path.exists(path) else []:
-            if row.get("settings") == tag:
-                done[row["key"]] = row
-            else:
-                other += 1
-    return done, other
-
-
-# ---------------------------------------------------------------------------------------------
-# The output directory holds the rows of one set of settings
-
-SETTINGS_FILE = "eval_settings.json"
 NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite")  # which rows, not what they hold
 
 
@@ -436,61 +398,6 @@ def row_settings(args):
     elif args.judge not in ("self", "none"):
         settings["judge"] = os.path.realpath(args.judge)
     return settings
-
-
-def settings_hash(settings):
-    """A short fingerprint of the settings, written with every row."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def part_files(output_dir):
-    return sorted(glob.glob(os.path.join(output_dir, "predictions.part*.jsonl")))
-
-
-def results_in(output_dir):
-    """The rows and summaries of earlier runs. Not the settings file: while the other processes
-    check the directory, the main process may already be writing this run's."""
-    names = ("predictions.jsonl", "summary.json", "summary.md")
-    return [p for p in (os.path.join(output_dir, n) for n in names) if os.path.exists(p)] + part_files(output_dir)
-
-
-def check_output_dir(args, settings):
-    """Refuse to resume in a directory whose rows were made under other settings: they would be
-    reported as this run's."""
-    hint = "pick another --output-dir, or pass --overwrite to delete its results and start over"
-    path = os.path.join(args.output_dir, SETTINGS_FILE)
-    if not os.path.exists(path):
-        if results_in(args.output_dir):
-            raise SystemExit(f"{args.output_dir} holds results without the {SETTINGS_FILE} that says how "
-                             f"they were made: {hint}")
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)["settings"]
-        changed = [f"{flag(k)} {old.get(k)} -> {settings.get(k)}" for k in sorted(set(old) | set(settings))
-                   if old.get(k) != settings.get(k)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"{path}: unreadable ({type(e).__name__}: {e}): {hint}") from None
-    if changed:
-        raise SystemExit(f"{args.output_dir} holds results made with other settings ({'; '.join(changed)}): {hint}")
-
-
-def start_output_dir(args, settings):
-    """On the main process, before any row: with --overwrite, delete the earlier results; then
-    record the settings."""
-    if args.overwrite:
-        for path in results_in(args.output_dir):
-            os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_atomic(os.path.join(args.output_dir, SETTINGS_FILE),
-                 json.dumps({"hash": settings_hash(settings), "settings": settings}, indent=2) + "\n")
-
-
-def write_atomic(path, text):
-    """Through a temporary file and a rename: a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def compare_main(argv):
@@ -516,11 +423,11 @@ def main(argv=None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun forms a gloo group
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     settings = row_settings(args)
-    tag = settings_hash(settings)
+    tag = results.settings_hash(settings)
     if not args.overwrite:
-        check_output_dir(args, settings)  # on every process: all of them stop
+        results.check_output_dir(args.output_dir, settings)  # on every process: all of them stop
     if accelerator.is_main_process:
-        start_output_dir(args, settings)
+        results.start_output_dir(args.output_dir, settings, args.overwrite)
     accelerator.wait_for_everyone()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
@@ -542,12 +449,12 @@ def main(argv=None):
     for message in load_skips if accelerator.is_main_process else []:
         print(f"skipped while loading: {one_line(message)}", file=sys.stderr)
     order = {w[0]: i for i, w in enumerate(work)}
-    done, other = finished_rows(args.output_dir, tag)
+    done, other = results.finished_rows(args.output_dir, tag)
     if other:
         accelerator.print(f"{other} rows made under other settings left out (their samples are evaluated again)")
     accelerator.wait_for_everyone()  # everyone has read the rows: fold the part files in before anyone appends
-    if accelerator.is_main_process and (other or part_files(args.output_dir)):
-        save_rows(args.output_dir, done, order)
+    if accelerator.is_main_process and (other or results.part_files(args.output_dir)):
+        results.save_rows(args.output_dir, done, order)
     accelerator.wait_for_everyone()
     batches = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
     todo = [k for k, batch in enumerate(batches) if any(item[0] not in done for item in batch)]
@@ -579,7 +486,7 @@ def main(argv=None):
     summary = None
     if accelerator.is_main_process:
         by_key = {**done, **{row["key"]: row for row in gathered}}  # a re-run batch's rows replace its old ones
-        save_rows(args.output_dir, by_key, order)
+        results.save_rows(args.output_dir, by_key, order)
         rows = [by_key[w[0]] for w in work if w[0] in by_key]  # this run's files and --limit only
         summary = write_summary(args, settings, rows, skipped)
     accelerator.wait_for_everyone()
@@ -607,22 +514,13 @@ def one_line(message):
     return " ".join(str(message).split())
 
 
-def save_rows(output_dir, by_key, order):
-    """predictions.jsonl: every finished row, in work order (rows of other files, or beyond
-    --limit, that earlier runs left come after); then the part files, all in it, can go."""
-    rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
-    write_atomic(os.path.join(output_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    for path in part_files(output_dir):
-        os.remove(path)
-
-
 def write_summary(args, settings, rows, skipped):
     summary = summarize(rows, judged=args.judge != "none")
-    write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
+    results.write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
         {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
          "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
-    write_atomic(os.path.join(args.output_dir, "summary.md"),
-                 f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
+    results.write_atomic(os.path.join(args.output_dir, "summary.md"),
+                         f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
     print(format_table(summary))
     if skipped:
         print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
