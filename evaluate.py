@@ -528,4 +528,7 @@ def write_summary(args, settings, rows, skipped):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # a bad row, file or video: the message names it
+        sys.exit(f"evaluate.py: {e}")

@@ -176,6 +176,18 @@ def test_compare_on_the_command_line(tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{tmp_path / 'a.json'}: not JSON: ")
 
 
+def test_a_bad_row_stops_the_command_in_one_line(warm_model_dir, seed_bench_root, tmp_path):
+    """Without --skip-bad-samples a bad annotation row stops the run: one line naming the file
+    and the row, exit status 1, no traceback."""
+    bad = tmp_path / "validation_L1.jsonl"
+    bad.write_text(open(seed_files(seed_bench_root)[0]).read() + "{not json\n")
+    done = subprocess.run([sys.executable, "evaluate.py", "--model", warm_model_dir, "--data", str(bad), "--data-root",
+                           seed_bench_root, "--output-dir", str(tmp_path / "out"), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"evaluate.py: {bad}:5: not valid JSON")
+
+
 # --- end to end on the tiny model ------------------------------------------------------------
 
 def test_seed_bench_evaluation_end_to_end(warm_model_dir, seed_bench_root, tmp_path):
