@@ -10,7 +10,7 @@ consistency rate (how often the reasoning leads to the answer the model gives).
     # GRPO versus GRPO-CARE
     python evaluate.py compare runs/grpo/eval/summary.json runs/care/eval/summary.json
 
-Decoding is near-greedy (SPEC section 4). Each answer is scored by its problem type: the
+Decoding is near-greedy by default. Each answer is scored by its problem type: the
 option letter, a number, OCR word error rate, ROUGE, and mean relative accuracy for
 regression. Consistency: a judge model (--judge, by default the evaluated model) reads each
 multiple-choice question, its options and the sample's reasoning with the final answer
@@ -18,15 +18,22 @@ removed, and names the option the reasoning leads to; the sample is consistent w
 the option it answered. A judge reply we cannot parse is counted as undecided (and as not
 consistent), never dropped.
 
-Work is dealt in batches of --batch-size consecutive samples, batch k to process k mod W, each
-generated under a seed fixed by k: W processes write what one process writes. Every process
-appends its finished rows to predictions.part<rank>.jsonl as it goes; a re-run skips every
-sample already in predictions.jsonl or a part file. At the end the new rows are gathered once
-and predictions.jsonl, summary.json and summary.md are written.
+The work list (every file's samples, in order) is cut into batches of --batch-size; batch k
+goes to process k mod W and is generated under a seed fixed by k, so W processes write what
+one writes, and a resumed run what an uninterrupted one writes. Each process appends its rows
+to predictions.part<rank>.jsonl as it goes; a re-run skips the batches whose rows are all
+written and evaluates a partly written one again, whole (after a change of --data or --limit
+the batches shift, and finished rows are reused as they are). At the end the new rows are
+gathered into predictions.jsonl, which keeps every finished row of the directory (also of
+files, or beyond --limit, that only earlier runs asked for), and into summary.json and
+summary.md, which count only this run's files and --limit.
+
+An output directory holds the rows of one set of settings (results.py): every flag that
+shapes a row is recorded in eval_settings.json and hashed into each row; a re-run with other
+settings stops and names each change, and --overwrite starts over.
 """
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -38,6 +45,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
+import results
 import rewards
 import rollout
 
@@ -148,6 +156,11 @@ def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
         row["consistent"] = row["verdict"] == row["stated"]
 
 
+def is_rule(judge):
+    """--judge FILE.py:FUNCTION names a rule, not a model."""
+    return re.fullmatch(r".+\.py:\w+", judge) is not None
+
+
 def load_judge(path, model, tokenizer, device, dtype):
     """"self": the evaluated model; "none": no judge; FILE.py:FUNCTION: a rule, called with
     (question, reasoning) and returning a reply (experiments/synthetic/benchmark.py:rule_verdict
@@ -157,7 +170,7 @@ def load_judge(path, model, tokenizer, device, dtype):
         return model, tokenizer
     if path == "none":
         return None, tokenizer
-    if re.fullmatch(r".+\.py:\w+", path):
+    if is_rule(path):
         import importlib.util
         file, function = path.rsplit(":", 1)
         spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0], file)
@@ -192,7 +205,7 @@ def summarize(rows, judged=True):
         for name in group_names(r):
             groups[name].append(r)
     summary = {}
-    for name in ["all"] + sorted(n for n in groups if n != "all"):
+    for name in sorted(groups, key=lambda n: (n != "all", n)):  # none when every sample was skipped
         rs = groups[name]
         s = {"n": len(rs), "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
              "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
@@ -219,9 +232,24 @@ def format_table(summary):
     return "\n".join(lines)
 
 
+def read_summary(path):
+    """A summary.json written by evaluate.py; a missing or malformed one stops with one line."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"{path}: not JSON: {e}") from None
+    if not (isinstance(summary, dict) and "model" in summary and isinstance(summary.get("results"), dict)
+            and all(isinstance(r, dict) for r in summary["results"].values())):
+        raise SystemExit(f'{path}: not a summary written by evaluate.py (no "model" or no "results" table)')
+    return summary
+
+
 def compare(path_a, path_b):
     """Side-by-side accuracy and consistency of two runs, with B - A."""
-    a, b = (json.load(open(p)) for p in (path_a, path_b))
+    a, b = read_summary(path_a), read_summary(path_b)
     names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
 
     def cells(name, key):
@@ -239,35 +267,101 @@ def compare(path_a, path_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# The work: which samples, in which batches, on which process
+# The command line, and the work: which samples, in which batches, on which process
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and ends each option's help with its default, unless
+    the help names it already (required options, defaults that depend on the file)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + (" (default: off)" if action.nargs == 0 else " (default: %(default)s)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="policy directory (HF format)")
-    p.add_argument("--data", nargs="+", required=True, help="annotation files (JSONL or JSON)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--output-dir", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="the checkpoint: a local Hugging Face directory (required)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="annotation files, SEED-Bench-R1 JSONL or Video-R1-style JSON, one benchmark each (required)")
+    p.add_argument("--data-root", required=True, metavar="DIR",
+                   help="the directory the files' video and image paths are relative to (required)")
+    p.add_argument("--output-dir", required=True, metavar="DIR",
+                   help="where the predictions and summaries go; a re-run resumes there (required)")
     p.add_argument("--judge", default="self",
-                   help='"self" (the evaluated model), "none", a chat model path, or FILE.py:FUNCTION (a rule)')
-    p.add_argument("--judge-max-new-tokens", type=int, default=512,
+                   help='"self" (the evaluated model), "none", a local chat model directory, '
+                        'or FILE.py:FUNCTION (a rule)')
+    p.add_argument("--judge-max-new-tokens", type=int, default=512, metavar="N",
                    help="room for a judge that reasons before it answers (its last <answer> counts)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--top-p", type=float, default=0.001)
-    p.add_argument("--fps", type=float, default=2.0)
-    p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=None,
-                   help="default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files")
-    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28)
-    p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28)
-    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28)
-    p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples of each file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad-samples", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="samples per generate call; it fixes the batches and so the sampled tokens")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="longest completion, in tokens")
+    p.add_argument("--temperature", type=float, default=0.1, metavar="T", help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.001, metavar="P",
+                   help="nucleus sampling: the probability mass kept")
+    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second, within the frame budget")
+    p.add_argument("--min-frames", type=int, default=4, metavar="N", help="fewest frames per video")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="most frames per video (default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files)")
+    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+                   help="fewest pixels per video frame after resizing")
+    p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28, metavar="N",
+                   help="most pixels per video frame after resizing")
+    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+                   help="fewest pixels per image after resizing")
+    p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28, metavar="N",
+                   help="most pixels per image after resizing")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="evaluate only the first N samples of each file; 0: all")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds each batch's sampling (with the batch's index) and the option order of training files")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip and count samples whose row, video or image cannot be read, instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results in --output-dir first (needed when the settings changed)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    """Stop on a bad setting with one line naming it, before anything is loaded."""
+    at_least_one = ["batch_size", "max_new_tokens", "judge_max_new_tokens", "min_frames", "video_min_pixels",
+                    "video_max_pixels", "image_min_pixels", "image_max_pixels"]
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be above 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.fps > 0:
+        parser.error(f"--fps must be above 0, got {args.fps}")
+    if args.max_frames is not None and args.max_frames < args.min_frames:
+        parser.error(f"--max-frames {args.max_frames} is below --min-frames {args.min_frames}")
+    for kind in ("video", "image"):
+        lo, hi = getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
+        if lo > hi:
+            parser.error(f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}")
+    if args.limit < 0:
+        parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
+    if not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such directory (evaluation takes a local checkpoint)")
+    missing = [path for path in args.data if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"--data: no such file: {', '.join(missing)}")
+    if not os.path.isdir(args.data_root):
+        parser.error(f"--data-root {args.data_root}: no such directory")
+    if is_rule(args.judge) and not os.path.isfile(args.judge.rsplit(":", 1)[0]):
+        parser.error(f"--judge {args.judge}: no such file")
+    if args.judge not in ("self", "none") and not is_rule(args.judge) and not os.path.isdir(args.judge):
+        parser.error(f"--judge {args.judge}: no such directory (a judge model is a local checkpoint)")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def load_work(args):
@@ -289,42 +383,38 @@ def load_work(args):
     return work, skipped
 
 
-def read_rows(path):
-    """Rows of a predictions file. A last line cut short by a crash is left out (that sample is
-    evaluated again); a bad line anywhere else is an error."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise data.DataError(f"{path}:{i + 1}: not a JSON row; remove the file to start over") from None
-            print(f"{path}:{i + 1}: incomplete last row left out; that sample is evaluated again", file=sys.stderr)
-    return rows
+NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite")  # which rows, not what they hold
 
 
-def finished_rows(output_dir):
-    """Rows already written by earlier runs (the merged file and any part files), by key."""
-    done = {}
-    paths = [os.path.join(output_dir, "predictions.jsonl")] + sorted(
-        glob.glob(os.path.join(output_dir, "predictions.part*.jsonl")))
-    for path in paths:
-        if os.path.exists(path):
-            for row in read_rows(path):
-                done[row["key"]] = row
-    return done
+def row_settings(args):
+    """Every flag that shapes a row: all but NOT_SETTINGS, so that a new flag counts unless it
+    is listed there. Paths are made absolute: the same checkpoint through another path or a
+    symlink is the same setting."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root))
+    if is_rule(args.judge):
+        file, function = args.judge.rsplit(":", 1)
+        settings["judge"] = f"{os.path.realpath(file)}:{function}"
+    elif args.judge not in ("self", "none"):
+        settings["judge"] = os.path.realpath(args.judge)
+    return settings
+
+
+def compare_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py compare",
+                                description="Accuracy and consistency of two evaluations side by side, with B - A.")
+    p.add_argument("a", metavar="A/summary.json", help="the baseline's summary.json (e.g. GRPO)")
+    p.add_argument("b", metavar="B/summary.json", help="the summary.json compared with it (e.g. GRPO-CARE)")
+    args = p.parse_args(argv)
+    table = compare(args.a, args.b)
+    print(table)
+    return table
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
-        if len(argv) != 3:
-            raise SystemExit("usage: evaluate.py compare A/summary.json B/summary.json")
-        table = compare(argv[1], argv[2])
-        print(table)
-        return table
+        return compare_main(argv[1:])
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -332,6 +422,13 @@ def main(argv=None):
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun forms a gloo group
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    settings = row_settings(args)
+    tag = results.settings_hash(settings)
+    if not args.overwrite:
+        results.check_output_dir(args.output_dir, settings)  # on every process: all of them stop
+    if accelerator.is_main_process:
+        results.start_output_dir(args.output_dir, settings, args.overwrite)
+    accelerator.wait_for_everyone()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -348,29 +445,27 @@ def main(argv=None):
                 image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels)
         return budgets[frames]
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    work, skipped = load_work(args)
-    done = finished_rows(args.output_dir)
-    accelerator.wait_for_everyone()  # everyone has read the part files before anyone appends
-    todo = [w for w in work if w[0] not in done]
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    mine = [(k, b) for k, b in enumerate(batches) if k % world == rank]
-    accelerator.print(f"{len(work)} samples, {len(work) - len(todo)} already done, {len(todo)} to evaluate "
-                      f"on {world} process(es)")
+    work, load_skips = load_work(args)  # the same on every process: printed and counted once
+    for message in load_skips if accelerator.is_main_process else []:
+        print(f"skipped while loading: {one_line(message)}", file=sys.stderr)
+    order = {w[0]: i for i, w in enumerate(work)}
+    done, other = results.finished_rows(args.output_dir, tag)
+    if other:
+        accelerator.print(f"{other} rows made under other settings left out (their samples are evaluated again)")
+    accelerator.wait_for_everyone()  # everyone has read the rows: fold the part files in before anyone appends
+    if accelerator.is_main_process and (other or results.part_files(args.output_dir)):
+        results.save_rows(args.output_dir, done, order)
+    accelerator.wait_for_everyone()
+    batches = [work[i:i + args.batch_size] for i in range(0, len(work), args.batch_size)]
+    todo = [k for k, batch in enumerate(batches) if any(item[0] not in done for item in batch)]
+    accelerator.print(f"{len(work)} samples in {len(batches)} batches: {len(batches) - len(todo)} done, "
+                      f"{len(todo)} to evaluate on {world} process(es)")
 
-    new_rows = []
+    new_rows, skips = [], []
     with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
-        for k, batch in tqdm(mine, desc="eval", disable=not accelerator.is_main_process):
-            kept, encoded = [], []
-            for item in batch:
-                try:
-                    encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
-                    kept.append(item)
-                except data.DataError as e:
-                    if not args.skip_bad_samples:
-                        raise
-                    skipped.append(str(e))
-            if not kept:
+        for k in tqdm([k for k in todo if k % world == rank], desc="eval", disable=not accelerator.is_main_process):
+            kept, encoded = encode_batch(batches[k], tokenizer, budget, args.skip_bad_samples, rank, skips)
+            if all(item[0] in done for item in kept):  # all but the skipped samples are done
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
                        for key, v in data.collate_prompts(encoded, tokenizer).items()}
@@ -378,7 +473,8 @@ def main(argv=None):
             texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
             rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
                      "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
-                     "completion": text, **score(s, text)} for (key, s, bench, _), text in zip(kept, texts)]
+                     "completion": text, **score(s, text), "settings": tag}
+                    for (key, s, bench, _), text in zip(kept, texts)]
             judge_rows(judge, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
             for row in rows:
                 part.write(json.dumps(row) + "\n")
@@ -386,34 +482,53 @@ def main(argv=None):
             new_rows += rows
 
     gathered = gather_object(new_rows) if world > 1 else new_rows
-    skipped = sorted(set(sum(gather_object([skipped]), []) if world > 1 else skipped))
-    order = {w[0]: i for i, w in enumerate(work)}
+    skipped = load_skips + sorted(gather_object(skips) if world > 1 else skips)  # each encoded on one process
     summary = None
     if accelerator.is_main_process:
-        by_key = dict(done)
-        for row in gathered:
-            assert row["key"] not in by_key, f"{row['key']} evaluated twice"
-            by_key[row["key"]] = row
-        rows = sorted(by_key.values(), key=lambda r: order.get(r["key"], len(order)))
-        tmp = os.path.join(args.output_dir, "predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(args.output_dir, "predictions.jsonl"))
-        summary = summarize(rows, judged=args.judge != "none")
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump({"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows),
-                       "skipped": len(skipped), "skipped_messages": skipped, "results": summary}, f, indent=2)
-        with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
-            f.write(f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
-        print(format_table(summary))
-        if skipped:
-            print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
-    accelerator.wait_for_everyone()  # predictions.jsonl holds every row: the part files can go
-    if accelerator.is_main_process:
-        for path in glob.glob(os.path.join(args.output_dir, "predictions.part*.jsonl")):
-            os.remove(path)
+        by_key = {**done, **{row["key"]: row for row in gathered}}  # a re-run batch's rows replace its old ones
+        results.save_rows(args.output_dir, by_key, order)
+        rows = [by_key[w[0]] for w in work if w[0] in by_key]  # this run's files and --limit only
+        summary = write_summary(args, settings, rows, skipped)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def encode_batch(batch, tokenizer, budget, skip_bad, rank, skips):
+    """The batch's items that could be read and their encoded prompts. With skip_bad, a sample
+    that cannot be read is left out, its skip printed by the process it happens on and its
+    message added to skips."""
+    kept, encoded = [], []
+    for item in batch:
+        try:
+            encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
+            kept.append(item)
+        except data.DataError as e:
+            if not skip_bad:
+                raise
+            skips.append(str(e))
+            tqdm.write(f"process {rank}: skipped {item[0]}: {one_line(e)}", file=sys.stderr)
+    return kept, encoded
+
+
+def one_line(message):
+    return " ".join(str(message).split())
+
+
+def write_summary(args, settings, rows, skipped):
+    summary = summarize(rows, judged=args.judge != "none")
+    results.write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
+        {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
+         "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
+    results.write_atomic(os.path.join(args.output_dir, "summary.md"),
+                         f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
+    print(format_table(summary))
+    if skipped:
+        print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # a bad row, file or video: the message names it
+        sys.exit(f"evaluate.py: {e}")

@@ -3,6 +3,7 @@ the comparison table, on the tiny model and hand-made cases."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -132,6 +133,61 @@ def test_compare_prints_deltas(tmp_path):
     assert "| L3 | 4 / 4 | 40.0 | 52.5 | +12.5 | - | - | - |" in table
 
 
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read: No such file or directory"),
+    ("{not json", "not JSON: "),
+    ('{"model": "grpo"}', 'no "model" or no "results" table'),
+    ('{"results": {"all": {"n": 1}}}', 'no "model" or no "results" table'),
+    ('[1, 2]', 'no "model" or no "results" table'),
+])
+def test_compare_names_a_bad_summary_in_one_line(content, problem, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": "care", "results": {"all": {"n": 8, "accuracy": 50.0}}}))
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    for argv in (["compare", str(bad), str(good)], ["compare", str(good), str(bad)]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        message = str(exit.value.code)
+        assert message.startswith(f"{bad}: ") and problem in message and "\n" not in message
+
+
+def test_compare_usage(capsys):
+    for argv in (["compare", "--help"], ["compare", "-h"]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        assert exit.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: evaluate.py compare [-h] A/summary.json B/summary.json")
+    for argv in (["compare"], ["compare", "a.json"], ["compare", "a.json", "b.json", "c.json"]):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.startswith("usage: evaluate.py compare [-h] A/summary.json B/summary.json")
+
+
+def test_compare_on_the_command_line(tmp_path):
+    """A malformed summary: one line on stderr and a non-zero exit, no traceback."""
+    (tmp_path / "a.json").write_text("{not json")
+    (tmp_path / "b.json").write_text("{}")
+    done = subprocess.run([sys.executable, "evaluate.py", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{tmp_path / 'a.json'}: not JSON: ")
+
+
+def test_a_bad_row_stops_the_command_in_one_line(warm_model_dir, seed_bench_root, tmp_path):
+    """Without --skip-bad-samples a bad annotation row stops the run: one line naming the file
+    and the row, exit status 1, no traceback."""
+    bad = tmp_path / "validation_L1.jsonl"
+    bad.write_text(open(seed_files(seed_bench_root)[0]).read() + "{not json\n")
+    done = subprocess.run([sys.executable, "evaluate.py", "--model", warm_model_dir, "--data", str(bad), "--data-root",
+                           seed_bench_root, "--output-dir", str(tmp_path / "out"), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"evaluate.py: {bad}:5: not valid JSON")
+
+
 # --- end to end on the tiny model ------------------------------------------------------------
 
 def test_seed_bench_evaluation_end_to_end(warm_model_dir, seed_bench_root, tmp_path):
@@ -169,7 +225,7 @@ def test_video_r1_files_with_a_separate_text_judge(warm_model_dir, tmp_path, tok
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(judge_dir)
     tokenizer.save_pretrained(judge_dir)
-    work, _ = evaluate.load_work(evaluate.parse_args(["--model", "m", "--data", f"{root}/eval_tiny.json",
+    work, _ = evaluate.load_work(evaluate.parse_args(["--model", warm_model_dir, "--data", f"{root}/eval_tiny.json",
                                                       "--data-root", root, "--output-dir", "o"]))
     assert {w[3] for w in work} == {32} and {w[2] for w in work} == {"eval_tiny"}
 
@@ -197,7 +253,8 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
         return real(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "generate", counting)
-    common = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL]
+    common = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL,
+              "--batch-size", "1"]  # one sample a batch: a batch is either done or not (see the test below)
     base = common + ["--output-dir", str(tmp_path)]
     evaluate.main(base + ["--limit", "2"])
     first = {json.loads(line)["key"]: json.loads(line) for line in open(tmp_path / "predictions.jsonl")}
@@ -224,6 +281,131 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
     assert summary["all"]["n"] == 12 and not list(tmp_path.glob("predictions.part*"))
 
 
+def test_a_resumed_sampled_evaluation_draws_the_same_samples(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """At temperature 1, a run that crashed twice and resumed writes the completions an
+    uninterrupted run writes, row for row: batches are formed over the whole work list and
+    seeded by their place in it, and a batch that was only partly written is evaluated again,
+    whole."""
+    import rollout
+    generated, crash_after = [], [None]
+    real = rollout.generate
+
+    def recording(model, prompts, *args, **kwargs):
+        if len(generated) == crash_after[0]:
+            raise RuntimeError("crash")
+        generated.append(len(prompts["sample_ids"]))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording)
+    argv = ["--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root", seed_bench_root, *SMALL,
+            "--temperature", "1.0", "--top-p", "1.0", "--batch-size", "2", "--judge", "none"]
+    evaluate.main(argv + ["--output-dir", str(tmp_path / "whole")])
+    whole = [json.loads(line) for line in open(tmp_path / "whole" / "predictions.jsonl")]
+    assert len(whole) == 12 and len({r["completion"] for r in whole}) > 3  # sampled: not all alike
+
+    # The first crash: batches 0-5 of 2; 0 done; 1 half done; 2 not started; 3 in a part file;
+    # 4 half done, its second row cut short; 5 not started.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "eval_settings.json").write_text(open(tmp_path / "whole" / "eval_settings.json").read())
+    (crashed / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:3]))
+    (crashed / "predictions.part0.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in whole[6:9]) + json.dumps(whole[9])[:50])
+    generated.clear()
+    crash_after[0] = 2  # the resumed run crashes too, after batches 1 and 2
+    with pytest.raises(RuntimeError, match="crash"):
+        evaluate.main(argv + ["--output-dir", str(crashed)])
+    crash_after[0] = None
+    summary = evaluate.main(argv + ["--output-dir", str(crashed)])
+    resumed = [json.loads(line) for line in open(crashed / "predictions.jsonl")]
+    assert [r["key"] for r in resumed] == [r["key"] for r in whole]
+    assert [r["completion"] for r in resumed] == [r["completion"] for r in whole]
+    assert resumed == whole and summary["all"]["n"] == 12
+    assert generated == [2, 2, 2, 2]  # batches 1 and 2, then 4 and 5
+
+
+def test_the_summary_counts_only_the_files_asked_for(warm_model_dir, seed_bench_root, tmp_path):
+    """Rows an earlier run finished for other files, or beyond --limit, stay in predictions.jsonl
+    for a later run to reuse, but the summary counts only this run's files and limit."""
+    L1, L2, _ = seed_files(seed_bench_root)
+    argv = ["--model", warm_model_dir, "--data-root", seed_bench_root, "--output-dir", str(tmp_path), *SMALL]
+    evaluate.main(argv + ["--data", L1, L2, "--limit", "3"])
+    for data, limit, levels in (([L1], "3", {"L1"}), ([L2], "1", {"L2"}), ([L2, L1], "2", {"L1", "L2"})):
+        summary = evaluate.main(argv + ["--data", *data, "--limit", limit])
+        n = len(data) * int(limit)
+        assert summary["all"]["n"] == n and {k for k in summary if k != "all"} == levels
+        saved = json.load(open(tmp_path / "summary.json"))
+        assert saved["samples"] == n and saved["results"] == json.loads(json.dumps(summary))
+        table = open(tmp_path / "summary.md").read()
+        assert all((f"| {level} |" in table) == (level in levels) for level in ("L1", "L2"))
+        rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+        assert len(rows) == 6 and len({r["key"] for r in rows}) == 6  # all kept, nothing evaluated again
+
+
+def test_other_settings_are_refused_until_overwrite(warm_model_dir, tiny_model_dir, seed_bench_root, tmp_path, capsys,
+                                                   monkeypatch):
+    """The settings are recorded with the results; a re-run with another model or decoding stops
+    and names what changed, before a model is loaded; --overwrite starts over."""
+    out = tmp_path / "out"
+    data = ["--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root, *SMALL]
+    base = [*data, "--output-dir", str(out), "--limit", "2"]
+    evaluate.main(["--model", warm_model_dir, *base])
+    recorded = json.load(open(out / "eval_settings.json"))
+    assert recorded["settings"]["model"] == os.path.realpath(warm_model_dir)
+    assert recorded["settings"]["temperature"] == 0.1 and recorded["settings"]["max_frames"] == 4
+    assert not set(recorded["settings"]) & {"output_dir", "data", "limit", "skip_bad_samples", "overwrite"}
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [r["settings"] for r in rows] == [recorded["hash"]] * 2
+    os.symlink(warm_model_dir, tmp_path / "link")  # the same checkpoint by another path: the same setting
+    evaluate.main(["--model", str(tmp_path / "link"), *base])
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as exit:
+        m.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", None)  # never loaded
+        evaluate.main(["--model", tiny_model_dir, *base, "--temperature", "0.5"])
+    message = str(exit.value.code)
+    assert f"--model {os.path.realpath(warm_model_dir)} -> {os.path.realpath(tiny_model_dir)}" in message
+    assert "--temperature 0.1 -> 0.5" in message and "--overwrite" in message and "\n" not in message
+    assert "--max-frames" not in message and [json.loads(line) for line in open(out / "predictions.jsonl")] == rows
+
+    capsys.readouterr()
+    summary = evaluate.main(["--model", tiny_model_dir, *base, "--temperature", "0.5", "--limit", "1", "--overwrite"])
+    assert "other settings" not in capsys.readouterr().out  # the old rows were deleted, not merely left out
+    saved = json.load(open(out / "summary.json"))
+    new_rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert saved["model"] == tiny_model_dir and summary["all"]["n"] == saved["samples"] == len(new_rows) == 1
+    assert new_rows[0]["settings"] == json.load(open(out / "eval_settings.json"))["hash"] != recorded["hash"]
+
+    bare = tmp_path / "bare"  # results from before settings were recorded: refused too
+    bare.mkdir()
+    (bare / "predictions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="without the eval_settings.json"):
+        evaluate.main(["--model", warm_model_dir, *data, "--output-dir", str(bare)])
+
+
+def test_rows_made_under_other_settings_are_never_reused(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """A part file row whose settings hash is not the directory's is evaluated again."""
+    import rollout
+    generated = []
+    real = rollout.generate
+
+    def recording(model, prompts, *args, **kwargs):
+        generated.extend(prompts["sample_ids"])
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording)
+    argv = ["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root,
+            "--output-dir", str(tmp_path), "--limit", "3", "--batch-size", "1", *SMALL]
+    evaluate.main(argv)
+    rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "predictions.part0.jsonl").write_text(json.dumps({**rows[2], "settings": "another"}) + "\n")
+    generated.clear()
+    evaluate.main(argv)
+    again = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert generated == [rows[2]["sample_id"]] and again == rows
+
+
 def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_root, tmp_path):
     """9 samples (not a multiple of 2) in batches of 2 over 2 processes: the same predictions and
     summary as one process, no sample lost or evaluated twice."""
@@ -240,6 +422,37 @@ def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_r
     rows = {out: [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl")] for out in ("one", "two")}
     assert rows["one"] == rows["two"]
     assert len({r["key"] for r in rows["two"]}) == 9
+
+
+def test_skips_on_every_process_are_printed_and_counted(warm_model_dir, tmp_path):
+    """--skip-bad-samples on 2 processes, batches of 1: a broken video on each process (one of
+    them twice: a repeated row gives the same message) and a row whose image is missing. Each
+    skip is printed once, by the process it happens on, and counted once."""
+    root = tiny.build_seed_bench(str(tmp_path / "data"), n_train=0, n_val=4)
+    L1, L2 = f"{root}/annotations/validation_L1.jsonl", f"{root}/annotations/validation_L2.jsonl"
+    l1 = [json.loads(line) for line in open(L1)]
+    with open(L1, "a") as f:
+        f.write(json.dumps(l1[0]) + "\n")  # the same sample again: key l1_00000#2, batch 4, process 0
+    for row in l1[:2]:  # batches 0 and 1: processes 0 and 1
+        with open(f"{root}/videos/{row['video_source']}/{row['video_basename']}", "wb") as f:
+            f.write(b"not a video")
+    l2 = [json.loads(line) for line in open(L2)]
+    os.remove(f"{root}/images/{l2[1]['video_source']}/{l2[1]['current_observation_basename']}")  # a loading skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+           "--model", warm_model_dir, "--data", L1, L2, "--data-root", root, "--output-dir", str(tmp_path / "out"),
+           "--batch-size", "1", "--judge", "none", "--skip-bad-samples", *SMALL]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # (Counted in the whole output: a line can follow another process's progress bar.)
+    for process, key in ((0, "L1/l1_00000"), (1, "L1/l1_00001"), (0, "L1/l1_00000#2")):
+        assert done.stderr.count(f"process {process}: skipped {key}: sample l1_") == 1, done.stderr
+    assert done.stderr.count("skipped while loading: ") == 1
+    assert done.stderr.count(f"skipped while loading: {L2}:2 (sample {l2[1]['sample_id']})") == 1
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["skipped"] == len(summary["skipped_messages"]) == 4 and summary["samples"] == 5
+    assert sum(l2[1]["sample_id"] in m for m in summary["skipped_messages"]) == 1
+    assert evaluate.summarize([]) == {}  # every sample skipped: an empty table, not a division by zero
 
 
 def test_a_rule_as_judge(warm_model_dir, tmp_path):
@@ -262,3 +475,72 @@ def test_a_rule_as_judge(warm_model_dir, tmp_path):
         assert r["consistent"] == (r["verdict"] == r["stated"])
     summary = json.load(open(tmp_path / "out" / "summary.json"))["results"]["all"]
     assert summary["consistent"] == sum(r["consistent"] for r in judged)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_help_explains_every_option(capsys, monkeypatch):
+    """Every option has a help line that gives its default or says it is required."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # "  --flag METAVAR   help" or "  --flag METAVAR" with the help below
+            current = line.split()[0].rstrip(",")
+            entries[current] = " ".join(line.split()[1:])
+        elif current:
+            entries[current] += " " + line.strip()
+    flags = ["--model", "--data", "--data-root", "--output-dir", "--judge", "--judge-max-new-tokens", "--batch-size",
+             "--max-new-tokens", "--temperature", "--top-p", "--fps", "--min-frames", "--max-frames",
+             "--video-min-pixels", "--video-max-pixels", "--image-min-pixels", "--image-max-pixels", "--limit",
+             "--seed", "--skip-bad-samples"]
+    assert set(flags) <= set(entries)
+    for option, entry in entries.items():
+        if option != "-h":
+            assert re.search(r"\((default: .+|required)\)$", entry), f"{option} gives no default: {entry}"
+            words = [w for w in entry.split() if not re.fullmatch(r"[][A-Z_.]+", w)]  # less the metavar
+            assert len(words) >= 4, f"{option} has no help: {entry}"
+    assert "(default: 0.1)" in entries["--temperature"] and "(default: off)" in entries["--skip-bad-samples"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--judge-max-new-tokens", "-1"], "--judge-max-new-tokens must be at least 1"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--fps", "0"], "--fps must be above 0"),
+    (["--min-frames", "0"], "--min-frames must be at least 1"),
+    (["--min-frames", "8", "--max-frames", "4"], "--max-frames 4 is below --min-frames 8"),
+    (["--video-min-pixels", "5000", "--video-max-pixels", "4000"],
+     "--video-min-pixels 5000 is above --video-max-pixels 4000"),
+    (["--image-max-pixels", "0"], "--image-max-pixels must be at least 1"),
+    (["--limit", "-1"], "--limit must be 0 (all) or more"),
+    (["--model", "no/such/checkpoint"], "--model no/such/checkpoint: no such directory"),
+    (["--data", "no/such/file.jsonl"], "--data: no such file: no/such/file.jsonl"),
+    (["--judge", "no/such/judge"], "--judge no/such/judge: no such directory"),
+    (["--judge", "no/such/rule.py:verdict"], "--judge no/such/rule.py:verdict: no such file"),
+])
+def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_root, tmp_path, capsys, monkeypatch):
+    """One line naming the setting; the model is never loaded (from_pretrained would fail)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", no_loading)
+    base = {"--model": seed_bench_root, "--data": seed_files(seed_bench_root)[0], "--data-root": seed_bench_root,
+            "--output-dir": str(tmp_path)}
+    for name, value in zip(flags[::2], flags[1::2]):
+        base.pop(name, None)
+    argv = [x for name, value in base.items() for x in (name, value)] + flags
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)  # nothing written
