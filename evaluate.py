@@ -313,6 +313,14 @@ def parse_args(argv=None):
                    help="fewest pixels per image after resizing")
     p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28, metavar="N",
                    help="most pixels per image after resizing")
+    p.add_argument("--second-per-grid", type=float, default=0.0, metavar="S",
+                   help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
+                        "1.0 = the public code's fixed value (use what the model was trained with)")
+    p.add_argument("--frame-rounding", choices=data.FRAME_ROUNDINGS, default="nearest",
+                   help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
+                        "code: clamp, then round down)")
+    p.add_argument("--allow-outside-data-root", action="store_true",
+                   help="allow media paths that resolve outside --data-root")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="evaluate only the first N samples of each file; 0: all")
     p.add_argument("--seed", type=int, default=0,
@@ -345,6 +353,8 @@ def check_args(parser, args):
         lo, hi = getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
         if lo > hi:
             parser.error(f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}")
+    if args.second_per_grid < 0:
+        parser.error(f"--second-per-grid must be 0 (measured) or more, got {args.second_per_grid}")
     if args.limit < 0:
         parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
     if not os.path.isdir(args.model):
@@ -369,7 +379,8 @@ def load_work(args):
     benchmark/sample_id (#2, #3, ... on repeats within a file: some files reuse ids)."""
     work, skipped = [], []
     for path in args.data:
-        samples, skips = data.load_samples(path, args.data_root, seed=args.seed, skip_bad=args.skip_bad_samples)
+        samples, skips = data.load_samples(path, args.data_root, seed=args.seed, skip_bad=args.skip_bad_samples,
+                                          allow_outside_root=args.allow_outside_data_root)
         skipped += skips
         samples = samples[: args.limit] if args.limit else samples
         seed_bench = bool(samples) and samples[0].level is not None
@@ -383,7 +394,7 @@ def load_work(args):
     return work, skipped
 
 
-NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite")  # which rows, not what they hold
+NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite", "allow_outside_data_root")  # which rows, not what they hold
 
 
 def row_settings(args):
@@ -442,7 +453,8 @@ def main(argv=None):
             budgets[frames] = data.budget_from_checkpoint(
                 args.model, fps=args.fps, min_frames=min(args.min_frames, frames), max_frames=frames,
                 video_min_pixels=args.video_min_pixels, video_max_pixels=args.video_max_pixels,
-                image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels)
+                image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels,
+                second_per_grid=args.second_per_grid, frame_rounding=args.frame_rounding)
         return budgets[frames]
 
     work, load_skips = load_work(args)  # the same on every process: printed and counted once

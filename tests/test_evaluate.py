@@ -544,3 +544,18 @@ def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_
     err = capsys.readouterr().err
     assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_the_public_video_switches_reach_the_prompts(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """--second-per-grid and --frame-rounding evaluate a model the way it was trained (e.g. with
+    train.py --reproduce-official); both reach the visual budget and are recorded settings."""
+    import data
+    budgets = []
+    real = data.encode_prompt
+    monkeypatch.setattr(data, "encode_prompt", lambda s, tok, budget: budgets.append(budget) or real(s, tok, budget))
+    evaluate.main(["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root,
+                   "--output-dir", str(tmp_path), "--limit", "1", "--judge", "none", *SMALL,
+                   "--second-per-grid", "1.0", "--frame-rounding", "floor"])
+    assert budgets and all(b.second_per_grid == 1.0 and b.frame_rounding == "floor" for b in budgets)
+    settings = json.load(open(tmp_path / "eval_settings.json"))["settings"]
+    assert settings["second_per_grid"] == 1.0 and settings["frame_rounding"] == "floor"
