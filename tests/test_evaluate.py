@@ -1,5 +1,6 @@
-"""evaluate.py: scoring per problem type, the consistency judge, resume, data-parallel runs and
-the comparison table, on the tiny model and hand-made cases."""
+"""evaluate.py: scoring per problem type, the consistency judge, resume, data-parallel runs, the
+settings an output directory holds, skips, the comparison table and the command line, on the
+tiny model and hand-made cases."""
 
 import json
 import os
@@ -496,7 +497,7 @@ def test_help_explains_every_option(capsys, monkeypatch):
     flags = ["--model", "--data", "--data-root", "--output-dir", "--judge", "--judge-max-new-tokens", "--batch-size",
              "--max-new-tokens", "--temperature", "--top-p", "--fps", "--min-frames", "--max-frames",
              "--video-min-pixels", "--video-max-pixels", "--image-min-pixels", "--image-max-pixels", "--limit",
-             "--seed", "--skip-bad-samples"]
+             "--seed", "--skip-bad-samples", "--overwrite"]
     assert set(flags) <= set(entries)
     for option, entry in entries.items():
         if option != "-h":
