@@ -502,6 +502,10 @@ def main(argv=None):
         rows = [by_key[w[0]] for w in work if w[0] in by_key]  # this run's files and --limit only
         summary = write_summary(args, settings, rows, skipped)
     accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        # Left to the interpreter's exit, gloo's threads can abort a process ("terminate called
+        # without an active exception") while the others still finish.
+        torch.distributed.destroy_process_group()
     return summary
 
 
