@@ -284,3 +284,11 @@ def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_
     epochs = [[sid for row in log[e * per_epoch:(e + 1) * per_epoch] for sid in row["samples"][0]] for e in (0, 1)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(s.sample_id for s in samples)
     assert epochs[0] != epochs[1]
+
+
+def test_freeze_vision_freezes_the_vision_tower_only(tiny_model_dir):
+    frozen = train.load_policy(train.parse_config(["--model", tiny_model_dir, "--freeze-vision"]))
+    assert not any(p.requires_grad for p in frozen.model.visual.parameters())
+    assert all(p.requires_grad for n, p in frozen.named_parameters() if ".visual." not in f".{n}")
+    trained = train.load_policy(train.parse_config(["--model", tiny_model_dir]))
+    assert all(p.requires_grad for p in trained.parameters())
