@@ -1,0 +1,103 @@
+"""experiments/synthetic/diagnose.py: token classes, gradient share, zero-advantage rate."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SMALL_BUDGET
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import data
+
+sys.path.insert(0, os.path.join(ROOT, "experiments", "synthetic"))
+import diagnose  # noqa: E402
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def test_zero_advantage_rate(tmp_path):
+    # step 1: group a equal (2, 2), group b not (2, 1) -> 1/2
+    # step 2: a equal through the bonus (2.5, 2.5), c not (1, 0), d equal (0, 0) -> 2/3
+    groups = {1: {"a": [(1, 1, 0), (1, 1, 0)], "b": [(1, 1, 0), (0, 1, 0)]},
+              2: {"a": [(1, 1, 0.5), (1, 1, 0.5)], "c": [(0, 1, 0), (0, 0, 0)], "d": [(0, 0, 0), (0, 0, 0)]}}
+    path = tmp_path / "completions.jsonl"
+    with open(path, "w") as f:
+        for step, by_id in groups.items():
+            for sid, rows in by_id.items():
+                for acc, fmt, bonus in rows:
+                    f.write(json.dumps({"step": step, "sample_id": sid, "completion": "", "accuracy": acc,
+                                        "format": fmt, "bonus": bonus, "advantage": 0.0, "ref_p": None}) + "\n")
+    assert diagnose.zero_advantage_rate(path) == {"step": [1, 2], "zero_advantage_rate": [0.5, 2 / 3]}
+
+
+@pytest.mark.parametrize("values", [COLOURS, None])
+def test_token_classes_by_hand(tokenizer, values):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = ["<think>The shape is red.</think><answer>B</answer>", "no tags at all"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    ids = torch.full((2, max(map(len, rows)) + 2), tokenizer.pad_token_id)  # [2, T], padded after the end
+    mask = torch.zeros(ids.shape)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    classes = diagnose.token_classes(tokenizer, ids, mask, [values] * 2)
+    pick = lambda name, i: tokenizer.decode(ids[i][classes[name][i]])  # noqa: E731
+    # tiny's BPE (Qwen2's split) gives ... ' is', ' red', '.', '</', 'think', '><', 'answer', '>B', '</' ...
+    assert pick("fact", 0) == " red"
+    assert pick("answer", 0) == ">B"
+    assert pick("other", 0) == "<think>The shape is.</think><answer</answer><|im_end|>"
+    assert not classes["fact"][1].any() and not classes["answer"][1].any()
+    total = sum(c.long() for c in classes.values())  # [2, T]: each completion token in exactly one class
+    assert torch.equal(total, mask.long())
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tokenizer, seed_bench_root):
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
+    return model, samples[:2], budget
+
+
+def check_consistent(res):
+    classes = res["classes"]
+    assert sum(c["tokens"] for c in classes.values()) == res["tokens"]
+    if res["grad_norm"] > 0:
+        assert sum(c["share"] for c in classes.values()) == pytest.approx(1.0)
+        # the class gradients add up to the full one: sum_c |g_c| cos(g, g_c) = |g|
+        assert sum(c["grad_norm"] * c["cos"] for c in classes.values() if c["grad_norm"] > 0) == \
+            pytest.approx(res["grad_norm"], rel=1e-4)
+
+
+def test_gradient_share_of_chosen_completions(setup, tokenizer):
+    model, samples, budget = setup
+
+    def right(s):  # reward 2
+        return f"<think>The shape is red.</think><answer>{s.solution}</answer>"
+
+    def wrong(s):  # reward 1: formatted, wrong letter
+        return f"<think>The shape is blue.</think><answer>{'B' if s.solution == 'A' else 'A'}</answer>"
+
+    # prompt 0: rewards 2, 1, 0, 2 (a learning signal); prompt 1: four equal completions (none)
+    texts = [right(samples[0]), wrong(samples[0]), "no tags", right(samples[0])] + [right(samples[1])] * 4
+    prompts = diagnose.encode_prompts(samples, tokenizer, budget)
+    roll = diagnose.rollout_from_texts(prompts, tokenizer, texts, 4)
+    res = diagnose.gradient_share_of(model, tokenizer, roll, samples)
+    check_consistent(res)
+    assert res["zero_advantage_rate"] == 0.5
+    assert res["reward_mean"] == pytest.approx((5 + 8) / 8)
+    # one " red" / " blue" token and one ">X" token in each of the 7 formatted completions
+    assert res["classes"]["fact"]["tokens"] == 7 and res["classes"]["answer"]["tokens"] == 7
+    assert all(c["grad_norm"] > 0 and -1 <= c["cos"] <= 1 for c in res["classes"].values())
+
+
+def test_gradient_share_samples_with_the_project_code(setup, tokenizer):
+    model, samples, budget = setup
+    res = diagnose.gradient_share(model, tokenizer, samples, budget, num_generations=4, max_new_tokens=8, seed=0)
+    check_consistent(res)
+    assert res["prompts"] == 2 and res["generations"] == 4 and 0 < res["tokens"] <= 2 * 4 * 8
+    assert 0 <= res["zero_advantage_rate"] <= 1 and math.isfinite(res["reward_mean"])
