@@ -373,6 +373,8 @@ def step_metrics(parts, roll, loss_stats):
         "bonus_rate": (parts["bonus"] > 0).float().mean().item(),
         "ref_confidence": (parts["p"][has_span].mean().item() if n_span else float("nan")),
         "adv_std": parts["advantages"].std().item() if parts["advantages"].numel() > 1 else 0.0,
+        # groups whose G rewards are all equal: zero advantages, no gradient from them
+        "zero_adv_groups": (parts["reward"].amax(1) == parts["reward"].amin(1)).float().mean().item(),
         "completion_len": roll.completion_mask.sum(1).mean().item(),
         "truncation_rate": roll.truncated.float().mean().item(),
         **loss_stats,

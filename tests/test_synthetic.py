@@ -37,6 +37,13 @@ def test_same_seed_same_benchmark(bench, tmp_path):
         assert not filecmp.cmp(ours, os.path.join(other, "annotations", f"{name}.jsonl"), shallow=False)
 
 
+def test_kinds_chooses_the_trained_questions(tmp_path):
+    root = benchmark.build(str(tmp_path / "b"), n_train=6, n_val=4, seed=0, kinds=("colour", "shape"))
+    for name in FILES[:3]:
+        assert {r["kind"] for r in rows_of(root, name)} == {"colour", "shape"}
+    assert {r["kind"] for r in rows_of(root, "validation_L3")} == {"direction"}
+
+
 def test_levels_mirror_seed_bench_r1(bench):
     """Loads as SEED-Bench-R1; L1 is the training distribution, L2 new backgrounds with noise,
     L3 a question type (direction of motion) that training never asks."""
@@ -45,7 +52,7 @@ def test_levels_mirror_seed_bench_r1(bench):
         assert len(samples) == n and not skipped and {s.level for s in samples} == {level}
         assert all(s.video and s.image for s in samples)
     kinds = {name: {r["kind"] for r in rows_of(bench, name)} for name in FILES}
-    assert kinds["training_6k"] == kinds["validation_L1"] == kinds["validation_L2"] == {"colour", "shape"}
+    assert kinds["training_6k"] == kinds["validation_L1"] == kinds["validation_L2"] == {"colour"}
     assert kinds["validation_L3"] == {"direction"}
     backgrounds = {name: {r["background"] for r in rows_of(bench, name)} for name in FILES}
     assert backgrounds["training_6k"] | backgrounds["validation_L1"] <= set(benchmark.PLAIN)
@@ -120,30 +127,75 @@ def test_rollouts_are_checked_by_the_rule(completion, stated, verdict):
     assert run.stated_and_verdict(COLOUR_Q, completion, list("ABCD")) == (stated, verdict)
 
 
-def test_warm_up_targets_agree_with_their_options_but_not_the_video():
-    """The warm-up teaches stated fact and answer together (the rule finds them consistent)
-    with the fact drawn at random: every value turns up, whatever the clip shows."""
+def warm_up_draws(stated_true, letter_follows, n=4000):
+    """(stated value is the truth, answer follows the stated value) for n warm-up targets."""
     import random
     rng = random.Random(0)
-    samples = [data.Sample("s", "multiple choice", "?", "A")] * 400
-    seen = {}
-    for sample, kind, options in run.warm_up_pool(samples, rng):
-        target = run.warm_up_target(kind, options, rng)
+    samples = [data.Sample(f"s{i}", "multiple choice", "?", "A") for i in range(n)]
+    truths = {s.sample_id: {"colour": "blue", "shape": "circle", "direction": "up"} for s in samples}
+    draws = []
+    for sample, kind, options, truth in run.warm_up_pool(samples, truths, ["colour"], rng):
+        assert kind in ("colour", "direction") and truth == truths[sample.sample_id][kind]
+        target = run.warm_up_target(kind, options, truth, rng, stated_true, letter_follows)
         stated, verdict = run.stated_and_verdict(sample.question, target.replace("<|im_end|>", ""), list("ABCD"))
-        assert stated == verdict and stated is not None, target
-        seen.setdefault(kind, set()).add(stated)
-    assert {k: len(v) for k, v in seen.items()} == {"colour": 4, "shape": 4, "direction": 4}
+        assert stated is not None and verdict != "none", target
+        draws.append((verdict == "ABCD"[options.index(truth)], stated == verdict))
+    return draws
+
+
+def test_warm_up_targets_state_the_truth_and_follow_it_at_the_set_rates():
+    """stated_true and letter_follows are the rates of true reasoning and of answers that
+    follow it; 1 and 1 are the supervised ceiling's true, consistent targets."""
+    assert all(true and follows for true, follows in warm_up_draws(1.0, 1.0, n=500))
+    draws = warm_up_draws(0.5, 0.75)
+    assert sum(t for t, _ in draws) / len(draws) == pytest.approx(0.5, abs=0.03)
+    assert sum(f for _, f in draws) / len(draws) == pytest.approx(0.75, abs=0.03)
+    assert not any(t for t, _ in warm_up_draws(0.0, 1.0, n=500))   # never the truth: only other values
+
+
+def test_a_warm_model_at_chance_or_collapsed_is_refused():
+    def summary(acc, cons):
+        return {"results": {"L1": {"accuracy": acc, "consistency": cons}}}
+    spread = [{"level": "L1", "stated": x} for x in "ABCD" * 5]
+    assert run.warm_problems(summary(54.0, 75.0), spread) == []
+    assert len(run.warm_problems(summary(26.0, 75.0), spread)) == 1
+    assert len(run.warm_problems(summary(54.0, 30.0), spread)) == 1
+    collapsed = [{"level": "L1", "stated": "D"}] * 7 + spread[:3]
+    assert run.warm_problems(summary(54.0, 75.0), collapsed) == ["70% of L1 answers are one letter"]
+
+
+def test_training_curves_count_zero_advantage_groups(tmp_path):
+    """Groups are (step, sample_id); a group whose advantages are all 0 gives no gradient."""
+    q = COLOUR_Q
+    rows = [dict(step=1, sample_id="a", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
+                 advantage=0.0),
+            dict(step=1, sample_id="a", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
+                 advantage=0.0),
+            dict(step=1, sample_id="b", completion="<think>The shape is red.</think><answer>B</answer>", accuracy=0.0,
+                 advantage=-0.7),
+            dict(step=1, sample_id="b", completion="<think>The shape is green.</think><answer>B</answer>", accuracy=1.0,
+                 advantage=0.7)]
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"step": 1, "bonus_rate": 0.25, "ref_confidence": 0.5}) + "\n")
+    curve = run.training_curves(str(tmp_path), {"a": q, "b": q})
+    assert curve["zero_advantage_rate"] == [0.5] and curve["accuracy"] == [0.75]
+    assert curve["consistency"] == [0.75]   # "red, so B" contradicts itself
 
 
 def test_results_table_mean_and_spread():
     summary = lambda acc, cons: {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
     evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
+             (0, "sft"): summary(90.0, 100.0), (1, "sft"): summary(92.0, 100.0),
              (0, "grpo"): summary(40.0, 80.0), (1, "grpo"): summary(50.0, 60.0),
              (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0)}
     table = run.results_table(evals, [0, 1])
     assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
     md = run.markdown(table, [0, 1], run.Settings())
-    assert "| L2 | consistency (%) | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 25.0 ± 21.2 |" in md  # per seed +10, +40
+    # per seed: GRPO - warm -20, -40; CARE - GRPO +10, +40
+    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | -30.0 ± 14.1 | 25.0 ± 21.2 |"
+            in md)
 
 
 def test_the_experiment_runs_end_to_end(tmp_path):
@@ -152,13 +204,16 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     out = tmp_path / "exp"
     run.main(["--smoke", "--out", str(out)])
     results = json.load(open(out / "results.json"))
-    for model in ("warm", "grpo", "care"):
+    assert set(results["probe"]["after"]) == {"colour", "shape", "direction"}
+    assert [t["warm_up_seed"] for t in results["warm_models"]["seed0"]] == [0]
+    for model in ("warm", "sft", "grpo", "care"):
         for level in ("L1", "L2", "L3"):
             row = results["results"][model][level]
             assert 0 <= row["accuracy"]["mean"] <= 100 and len(row["accuracy"]["per_seed"]) == 1
     for algo in ("grpo", "care"):
         curve = results["curves"][f"seed0/{algo}"]
-        assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"])
+        assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"] +
+                                                curve["zero_advantage_rate"])
     assert all(x == 0 for x in results["curves"]["seed0/grpo"]["bonus_rate"])
     predictions = [json.loads(line) for line in open(out / "seed0" / "care" / "eval" / "predictions.jsonl")]
     assert len(predictions) == 12 and all(p["judge_reply"] is not None for p in predictions if p["stated"] in list("ABCD"))

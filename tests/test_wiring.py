@@ -292,3 +292,12 @@ def test_freeze_vision_freezes_the_vision_tower_only(tiny_model_dir):
     assert all(p.requires_grad for n, p in frozen.named_parameters() if ".visual." not in f".{n}")
     trained = train.load_policy(train.parse_config(["--model", tiny_model_dir]))
     assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_zero_advantage_groups_counts_groups_with_one_reward():
+    """A group whose G rewards are all equal has zero advantages: counted, the others not."""
+    reward = torch.tensor([[2.0, 2.0, 2.0, 2.0], [2.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    parts = {"reward": reward, "acc": reward, "fmt": reward, "bonus": torch.zeros(3, 4), "p": torch.zeros(3, 4),
+             "has_span": torch.zeros(3, 4, dtype=torch.bool), "advantages": care.group_advantages(reward)}
+    roll = SimpleNamespace(completion_mask=torch.ones(12, 5), truncated=torch.zeros(12, dtype=torch.bool))
+    assert train.step_metrics(parts, roll, {})["zero_adv_groups"] == pytest.approx(2 / 3)

@@ -6,10 +6,15 @@ yellow) sliding across a background in one direction (left, right, up, down). Qu
 4-way multiple choice about what is seen:
 
   level   questions               backgrounds
-  train   colour, shape           plain (four training colours)
-  L1      colour, shape           plain, the training ones        (same distribution)
-  L2      colour, shape           stripes and checks + pixel noise (new environments)
+  train   colour (--kinds)        plain (four training colours)
+  L1      colour (--kinds)        plain, the training ones        (same distribution)
+  L2      colour (--kinds)        stripes and checks + pixel noise (new environments)
   L3      direction of motion     plain                            (a question type not trained on)
+
+The trained kinds are colour alone by default: the tiny vision tower of run.py learns to read
+colour in a few hundred steps, shape and direction only after far more (see the experiment's
+README), and a question the features cannot answer caps what any training can reach.
+--kinds colour,shape asks about shape too.
 
 Options are listed in one fixed order per question kind (VALUES), in training rows too (as
 choice_a..d + golden_choice_idx, which the SEED-Bench-R1 loader takes as given), so the step
@@ -47,7 +52,12 @@ QUESTIONS = {"colour": "What colour is the moving shape?",
              "shape": "What shape moves in the video?",
              "direction": "In which direction does the shape move?"}
 VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS)}
-LEVELS = {"train": ("colour", "shape"), "L1": ("colour", "shape"), "L2": ("colour", "shape"), "L3": ("direction",)}
+TRAINED_KINDS = ("colour",)
+
+
+def levels(kinds=TRAINED_KINDS):
+    """The question kinds each split asks: the trained kinds, except L3 (direction)."""
+    return {"train": tuple(kinds), "L1": tuple(kinds), "L2": tuple(kinds), "L3": ("direction",)}
 
 
 def reasoning(kind, value):
@@ -115,8 +125,9 @@ def answer_fields(split, kind, answer, rng, option_order):
     return {**{f"choice_{k}": v for k, v in zip("abcd", values)}, "golden_choice_idx": "ABCD"[values.index(answer)]}
 
 
-def make_row(split, i, rng, media_root, n_frames, size, option_order="fixed"):
-    kind = LEVELS[split][i % len(LEVELS[split])]
+def make_row(split, i, rng, media_root, n_frames, size, option_order="fixed", kinds=TRAINED_KINDS):
+    asked = levels(kinds)[split]
+    kind = asked[i % len(asked)]
     truth = {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES), "direction": rng.choice(list(DIRECTIONS))}
     bg = rng.choice(NEW_ENVIRONMENTS) if split == "L2" else rng.choice(list(PLAIN))
     np_rng = np.random.default_rng(rng.randint(0, 2**31))
@@ -136,7 +147,7 @@ def make_row(split, i, rng, media_root, n_frames, size, option_order="fixed"):
     return row
 
 
-def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56, option_order="fixed"):
+def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56, option_order="fixed", kinds=TRAINED_KINDS):
     """Write annotations/training_6k.jsonl and validation_L{1,2,3}.jsonl with their videos and
     current-observation images (the last frame) under root; return root."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
@@ -145,7 +156,7 @@ def build(root, n_train=3000, n_val=300, seed=0, n_frames=8, size=56, option_ord
         rng = random.Random(f"{seed}/{split}")
         with open(os.path.join(root, "annotations", filename), "w") as f:
             for i in range(n):
-                f.write(json.dumps(make_row(split, i, rng, root, n_frames, size, option_order)) + "\n")
+                f.write(json.dumps(make_row(split, i, rng, root, n_frames, size, option_order, kinds)) + "\n")
     return root
 
 
@@ -158,8 +169,12 @@ def main():
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=56, help="frame height and width, a multiple of 28")
     p.add_argument("--option-order", choices=("fixed", "shuffled"), default="fixed")
+    p.add_argument("--kinds", default=",".join(TRAINED_KINDS), help="question kinds of train, L1 and L2 (colour, shape)")
     args = p.parse_args()
-    print("wrote", build(args.out, args.train, args.val, args.seed, args.frames, args.size, args.option_order))
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= {"colour", "shape"}:
+        p.error(f"--kinds: colour and/or shape, got {args.kinds}")
+    print("wrote", build(args.out, args.train, args.val, args.seed, args.frames, args.size, args.option_order, kinds))
 
 
 if __name__ == "__main__":

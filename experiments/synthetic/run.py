@@ -39,7 +39,9 @@ sys.path.insert(0, HERE)
 import benchmark  # noqa: E402
 
 ALGOS = ("grpo", "care")
+RUNS = ("warm", "sft") + ALGOS   # sft: the supervised ceiling (true, consistent answers)
 LEVELS = ("L1", "L2", "L3")
+ATTRIBUTES = ("colour", "shape", "direction")
 
 
 @dataclass
@@ -49,28 +51,35 @@ class Settings:
     jobs: int = 1                 # seeds run at once; each process gets cpu_count // jobs threads
     # benchmark
     n_train: int = 3000
-    n_val: int = 300
+    n_val: int = 200
     frames: int = 8
     size: int = 56                # frame height and width
-    # warm-up (supervised): the vision tower alone on fresh clips, then format and template only
-    vision_steps: int = 150
+    kinds: str = "colour"         # the question kinds trained on (and asked in L1, L2)
+    # the vision tower's pretraining (once, shared by every seed: the "pretrained encoder")
+    vision_steps: int = 300
+    vision_lr: float = 2e-3
+    probe_clips: int = 512        # held-out clips for the linear probe (half fit, half test)
+    # warm-up (supervised, from the pretrained encoder): a partly grounded, mostly consistent start
     warm_up_steps: int = 400
     warm_up_batch: int = 8
     warm_up_lr: float = 2e-3
+    stated_true: float = 0.5      # the reasoning states the true value this often, else another one
+    letter_follows: float = 0.75  # the answer is the stated value's letter this often, else another one
+    warm_tries: int = 3           # warm-ups tried per seed until one passes warm_problems
     # RL: the same budget for both algorithms
     steps: int = 300
     prompts: int = 4
     generations: int = 8
     completion_length: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-4
     ema_every: int = 10
     # evaluation
     eval_batch: int = 16
 
 
 # A few questions and steps: checks that every piece runs and the outputs are written.
-SMOKE = dict(seeds="0", jobs=1, n_train=16, n_val=4, size=56, vision_steps=2, warm_up_steps=3, warm_up_batch=2,
-             steps=2, prompts=2, generations=4, completion_length=24, eval_batch=4)
+SMOKE = dict(seeds="0", jobs=1, n_train=16, n_val=4, size=56, vision_steps=2, probe_clips=16, warm_up_steps=3,
+             warm_up_batch=2, warm_tries=1, steps=2, prompts=2, generations=4, completion_length=24, eval_batch=4)
 
 
 def budget(size):
@@ -84,71 +93,166 @@ def budget_flags(size):
 
 
 # ---------------------------------------------------------------------------------------------
-# Warm-up: the format and the template, never the answer
+# The vision tower: pretrained once on fresh clips, then probed
 
 
-def warm_up_pool(samples, rng):
-    """One warm-up prompt per training clip, each asking about a kind drawn from all three
-    (direction included: the warm model knows the template for L3's question, as a pretrained
-    model would, though RL never trains on it), options in the benchmark's fixed order."""
+def decoded_clip(truth, bg, np_rng, visual_budget, size, tmp):
+    """A fresh clip through the benchmark's own path: written as mp4, then decoded and sampled
+    by data.read_video (4 of 8 frames at the default budget), exactly as training sees it."""
     import data
+    import tiny
 
-    pool = []
-    for s in samples:
-        kind = rng.choice(list(benchmark.QUESTIONS))
-        options = list(benchmark.VALUES[kind])
-        question = data.with_options(benchmark.QUESTIONS[kind] + "\n", [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)])
-        pool.append((dataclasses.replace(s, question=question), kind, options))
-    return pool
+    frames = benchmark.clip(truth["shape"], truth["colour"], truth["direction"], bg, np_rng, 8, size, size)
+    tiny.write_video(tmp, frames)
+    return data.read_video(tmp, visual_budget)[0]
 
 
-def warm_up_target(kind, options, rng):
-    """A stated value drawn at random (not from the video) and the letter it has: consistent,
-    ungrounded."""
-    i = rng.randrange(len(options))
-    return f"<think>{benchmark.reasoning(kind, options[i])}</think><answer>{'ABCD'[i]}</answer><|im_end|>"
-
-
-def pretrain_vision(model, steps, batch, lr, seed, budget, size):
-    """Stand-in for a pretrained vision encoder: train the vision tower alone (with a linear
-    head that is then thrown away) to tell colour, shape and direction apart on fresh clips that
-    are not in the benchmark. The language model is untouched: it still knows nothing of what
-    the questions ask, only the vision tower's features now carry the facts."""
-    import numpy as np
+def clip_batch(n, rng, np_rng, visual_budget, size, tmp):
+    """(pixel patches, grids, labels [n, attributes]) of n fresh clips on plain backgrounds."""
     import torch
 
     import data
 
+    pixels, grids, labels = [], [], []
+    for _ in range(n):
+        truth = {k: rng.choice(benchmark.VALUES[k]) for k in ATTRIBUTES}
+        frames = decoded_clip(truth, rng.choice(list(benchmark.PLAIN)), np_rng, visual_budget, size, tmp)
+        p, g = data.patchify_frames(frames, visual_budget.video_min_pixels, visual_budget.video_max_pixels, visual_budget)
+        pixels.append(p)
+        grids.append(g)
+        labels.append([benchmark.VALUES[k].index(truth[k]) for k in ATTRIBUTES])
+    return torch.cat(pixels), torch.stack(grids), torch.tensor(labels)
+
+
+def pooled_features(model, pixels, grids):
+    """[n, hidden]: the vision tower's output tokens of each clip, averaged."""
+    import torch
+
+    out = model.model.get_video_features(pixels, grids)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack([f.mean(0) for f in feats])
+
+
+def pretrain_vision(model, steps, batch, lr, seed, visual_budget, size, tmp):
+    """Stand-in for a pretrained vision encoder: train the vision tower alone (with a linear
+    head that is then thrown away) to tell colour, shape and direction apart on fresh clips that
+    are not in the benchmark. The language model is untouched."""
+    import numpy as np
+    import torch
+
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)
-    kinds = list(benchmark.VALUES)
-    head = torch.nn.Linear(model.config.text_config.hidden_size, 4 * len(kinds))
-    params = list(model.model.visual.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 4 * len(ATTRIBUTES))
+    optimizer = torch.optim.AdamW(list(model.model.visual.parameters()) + list(head.parameters()), lr=lr)
     for step in range(steps):
-        pixels, grids, labels = [], [], []
-        for _ in range(batch):
-            truth = {k: rng.choice(benchmark.VALUES[k]) for k in kinds}
-            frames = benchmark.clip(truth["shape"], truth["colour"], truth["direction"], rng.choice(list(benchmark.PLAIN)),
-                                    np_rng, budget.max_frames, size, size)
-            p, g = data.patchify_frames(frames, budget.video_min_pixels, budget.video_max_pixels, budget)
-            pixels.append(p)
-            grids.append(g)
-            labels.append([benchmark.VALUES[k].index(truth[k]) for k in kinds])
-        out = model.model.get_video_features(torch.cat(pixels), torch.stack(grids))
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        pooled = torch.stack([f.mean(0) for f in feats])
-        logits = head(pooled).view(batch, len(kinds), 4)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(labels).flatten())
+        pixels, grids, labels = clip_batch(batch, rng, np_rng, visual_budget, size, tmp)
+        logits = head(pooled_features(model, pixels, grids)).view(batch, len(ATTRIBUTES), 4)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
-            acc = (logits.argmax(-1) == torch.tensor(labels)).float().mean(0).tolist()
-            print(f"vision step {step}: loss {loss.item():.3f}, accuracy " +
-                  ", ".join(f"{k} {a:.2f}" for k, a in zip(kinds, acc)), flush=True)
+            print(f"vision step {step}: loss {loss.item():.3f}", flush=True)
 
 
-def warm_up(model_dir, data_root, steps, batch, lr, seed, vision_steps, size):
+def probe(model, n_clips, seed, visual_budget, size, tmp):
+    """Held-out linear probe: what the frozen vision features tell of each attribute. A fresh
+    linear classifier per attribute is fitted on half of n_clips new clips and scored on the
+    other half; returns {attribute: test accuracy}."""
+    import numpy as np
+    import torch
+
+    rng, np_rng = random.Random(f"probe-{seed}"), np.random.default_rng(10_000 + seed)
+    with torch.no_grad():
+        feats, labels = [], []
+        for _ in range(0, n_clips, 32):
+            pixels, grids, y = clip_batch(32, rng, np_rng, visual_budget, size, tmp)
+            feats.append(pooled_features(model, pixels, grids))
+            labels.append(y)
+    x, y = torch.cat(feats), torch.cat(labels)                 # [n, hidden], [n, attributes]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    half = len(x) // 2
+    accuracy = {}
+    for a, name in enumerate(ATTRIBUTES):
+        head = torch.nn.Linear(x.shape[1], 4)
+        optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(x[:half]), y[:half, a]) + 1e-3 * head.weight.square().sum()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        with torch.no_grad():
+            accuracy[name] = (head(x[half:]).argmax(-1) == y[half:, a]).float().mean().item()
+    return accuracy
+
+
+def main_vision(argv):
+    """`run.py vision ...`: a tiny random Qwen2.5-VL whose vision tower is pretrained, written
+    to --model, and the held-out probe of its features before and after, to --model/probe.json."""
+    import tempfile
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import data
+    import tiny
+
+    p = argparse.ArgumentParser(prog="run.py vision")
+    p.add_argument("--model", required=True, help="where the checkpoint goes")
+    p.add_argument("--steps", type=int, default=Settings.vision_steps, help="pretraining steps of 32 clips")
+    p.add_argument("--lr", type=float, default=Settings.vision_lr, help="AdamW learning rate")
+    p.add_argument("--probe-clips", type=int, default=Settings.probe_clips, help="held-out clips for the probe")
+    p.add_argument("--size", type=int, default=Settings.size, help="frame height and width")
+    args = p.parse_args(argv)
+    tiny.build_model(args.model, seed=0)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model)
+    visual_budget = data.budget_from_checkpoint(args.model, **budget(args.size))
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_file = os.path.join(tmp, "clip.mp4")
+        before = probe(model, args.probe_clips, 0, visual_budget, args.size, clip_file)
+        pretrain_vision(model, args.steps, 32, args.lr, 0, visual_budget, args.size, clip_file)
+        after = probe(model, args.probe_clips, 0, visual_budget, args.size, clip_file)
+    print("probe accuracy (held-out clips): " + ", ".join(f"{k} {before[k]:.2f} -> {after[k]:.2f}" for k in ATTRIBUTES))
+    model.save_pretrained(args.model)
+    with open(os.path.join(args.model, "probe.json"), "w") as f:
+        json.dump({"steps": args.steps, "clips": args.probe_clips, "before": before, "after": after}, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up: the format, the template and a partial, mostly consistent reading of the video
+
+
+def warm_up_pool(samples, truths, kinds, rng):
+    """One warm-up prompt per training clip, each asking about a kind drawn from the trained
+    kinds and direction (the warm model knows the template for L3's question, as a pretrained
+    model would, though RL never trains on it), options in the benchmark's fixed order. Returns
+    (sample, kind, options, true value)."""
+    import data
+
+    pool = []
+    for s in samples:
+        kind = rng.choice(list(kinds) + ["direction"])
+        options = list(benchmark.VALUES[kind])
+        question = data.with_options(benchmark.QUESTIONS[kind] + "\n", [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)])
+        pool.append((dataclasses.replace(s, question=question), kind, options, truths[s.sample_id][kind]))
+    return pool
+
+
+def warm_up_target(kind, options, truth, rng, stated_true, letter_follows):
+    """The reasoning states the true value with probability stated_true (else one of the
+    others, uniformly), and the answer is that stated value's letter with probability
+    letter_follows (else one of the other three letters, uniformly). stated_true = 1 and
+    letter_follows = 1 give the true, consistent answers of the supervised ceiling."""
+    others = [o for o in options if o != truth]
+    stated = truth if rng.random() < stated_true else rng.choice(others)
+    i = options.index(stated)
+    letter = i if rng.random() < letter_follows else rng.choice([j for j in range(len(options)) if j != i])
+    return f"<think>{benchmark.reasoning(kind, stated)}</think><answer>{'ABCD'[letter]}</answer><|im_end|>"
+
+
+def warm_up(model_dir, data_root, steps, batch, lr, seed, size, kinds, stated_true, letter_follows):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -159,16 +263,15 @@ def warm_up(model_dir, data_root, steps, batch, lr, seed, vision_steps, size):
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
-    samples, _ = data.load_samples(os.path.join(data_root, "annotations", "training_6k.jsonl"), data_root, seed=seed)
-    pool = warm_up_pool(samples[:steps * batch], rng)
+    samples, truths = training_samples(data_root, seed)
+    pool = warm_up_pool(samples[:steps * batch], truths, kinds, rng)
     visual_budget = data.budget_from_checkpoint(model_dir, **budget(size))
-    pretrain_vision(model, vision_steps, 32, lr, seed, visual_budget, size)
-    encoded = [data.encode_prompt(s, tokenizer, visual_budget) for s, _, _ in pool]
+    encoded = [data.encode_prompt(s, tokenizer, visual_budget) for s, *_ in pool]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
         picks = [rng.randrange(len(pool)) for _ in range(batch)]
-        targets = [warm_up_target(pool[i][1], pool[i][2], rng) for i in picks]
+        targets = [warm_up_target(*pool[i][1:], rng, stated_true, letter_follows) for i in picks]
         loss = tiny.supervised_loss(model, tokenizer, [encoded[i] for i in picks], targets)
         loss.backward()
         optimizer.step()
@@ -179,23 +282,57 @@ def warm_up(model_dir, data_root, steps, batch, lr, seed, vision_steps, size):
     return model_dir
 
 
+def training_samples(data_root, seed):
+    """The benchmark's training samples and {sample_id: {attribute: true value}} of their clips."""
+    import data
+
+    path = os.path.join(data_root, "annotations", "training_6k.jsonl")
+    samples, _ = data.load_samples(path, data_root, seed=seed)
+    with open(path) as f:
+        truths = {r["sample_id"]: {k: r[f"true_{k}"] for k in ATTRIBUTES} for r in map(json.loads, f)}
+    return samples, truths
+
+
 def main_warm_up(argv):
-    """`run.py warm-up ...`: a tiny random Qwen2.5-VL (tiny.py), warmed up, written to --model."""
-    import tiny
+    """`run.py warm-up ...`: the pretrained --vision checkpoint, warmed up, written to --model."""
+    import shutil
 
     p = argparse.ArgumentParser(prog="run.py warm-up")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=Settings.size)
-    p.add_argument("--vision-steps", type=int, default=Settings.vision_steps)
-    p.add_argument("--steps", type=int, default=Settings.warm_up_steps)
-    p.add_argument("--batch", type=int, default=Settings.warm_up_batch)
-    p.add_argument("--lr", type=float, default=Settings.warm_up_lr)
+    p.add_argument("--vision", required=True, help="the checkpoint with the pretrained vision tower (run.py vision)")
+    p.add_argument("--model", required=True, help="where the warmed-up checkpoint goes")
+    p.add_argument("--data-root", required=True, help="the benchmark")
+    p.add_argument("--seed", type=int, default=0, help="the warm-up's data order and targets")
+    p.add_argument("--size", type=int, default=Settings.size, help="frame height and width")
+    p.add_argument("--kinds", default=Settings.kinds, help="trained question kinds")
+    p.add_argument("--steps", type=int, default=Settings.warm_up_steps, help="supervised steps")
+    p.add_argument("--batch", type=int, default=Settings.warm_up_batch, help="examples per step")
+    p.add_argument("--lr", type=float, default=Settings.warm_up_lr, help="AdamW learning rate")
+    p.add_argument("--stated-true", type=float, default=Settings.stated_true, help="see warm_up_target")
+    p.add_argument("--letter-follows", type=float, default=Settings.letter_follows, help="see warm_up_target")
     args = p.parse_args(argv)
-    tiny.build_model(args.model, seed=args.seed)
-    warm_up(args.model, args.data_root, args.steps, args.batch, args.lr, args.seed, args.vision_steps, args.size)
+    shutil.rmtree(args.model, ignore_errors=True)
+    shutil.copytree(args.vision, args.model)
+    warm_up(args.model, args.data_root, args.steps, args.batch, args.lr, args.seed, args.size,
+            args.kinds.split(","), args.stated_true, args.letter_follows)
     open(os.path.join(args.model, "warm.done"), "w").close()
+
+
+def warm_problems(summary, predictions):
+    """Why a warm model is no start for the experiment (empty: it is): L1 accuracy at chance,
+    reasoning and answer agreeing no more than chance, or one answer for every question."""
+    from collections import Counter
+
+    l1 = summary["results"]["L1"]
+    letters = Counter(p["stated"] for p in predictions if p.get("level") == "L1")
+    top = max(letters.values()) / max(1, sum(letters.values())) if letters else 1.0
+    problems = []
+    if l1["accuracy"] < 35:
+        problems.append(f"L1 accuracy {l1['accuracy']:.1f}% is near chance (25%)")
+    if (l1["consistency"] or 0) < 50:
+        problems.append(f"L1 consistency {l1['consistency'] or 0:.1f}% is near chance")
+    if top > 0.6:
+        problems.append(f"{top:.0%} of L1 answers are one letter")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +350,10 @@ def stated_and_verdict(question, completion, letters):
 
 def training_curves(run_dir, questions):
     """Per step, from the training rollouts: accuracy, rule-checked consistency (of the
-    completions that answer an option), bonus rate and mean reference confidence."""
+    completions that answer an option), bonus rate, mean reference confidence, and the
+    zero-advantage rate (groups whose completions all score the same: no gradient)."""
     import evaluate
-    per_step = {}
+    per_step, groups = {}, {}
     with open(os.path.join(run_dir, "completions.jsonl")) as f:
         for line in f:
             r = json.loads(line)
@@ -227,6 +365,10 @@ def training_curves(run_dir, questions):
             if stated is not None:
                 s["answered"] += 1
                 s["consistent"] += stated == verdict
+            groups.setdefault((r["step"], r["sample_id"]), []).append(r["advantage"])
+    zero = {}
+    for (step, _), adv in groups.items():
+        zero.setdefault(step, []).append(all(a == 0 for a in adv))
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = {r["step"]: r for r in map(json.loads, f)}
     steps = sorted(per_step)
@@ -234,7 +376,8 @@ def training_curves(run_dir, questions):
             "accuracy": [per_step[k]["correct"] / per_step[k]["n"] for k in steps],
             "consistency": [per_step[k]["consistent"] / max(1, per_step[k]["answered"]) for k in steps],
             "bonus_rate": [log[k]["bonus_rate"] for k in steps],
-            "ref_confidence": [log[k]["ref_confidence"] for k in steps]}
+            "ref_confidence": [log[k]["ref_confidence"] for k in steps],
+            "zero_advantage_rate": [sum(zero[k]) / len(zero[k]) for k in steps]}
 
 
 def mean_std(values):
@@ -246,10 +389,10 @@ def mean_std(values):
     return mean, std
 
 
-def results_table(evals, seeds):
-    """{model: {level: {accuracy|consistency: {mean, std, per_seed}}}} from the eval summaries."""
+def results_table(evals, seeds, runs=RUNS):
+    """{run: {level: {accuracy|consistency: {mean, std, per_seed}}}} from the eval summaries."""
     table = {}
-    for model in ("warm",) + ALGOS:
+    for model in runs:
         table[model] = {}
         for level in ("all",) + LEVELS:
             row = {}
@@ -265,16 +408,21 @@ def markdown(table, seeds, settings):
     def cell(x):
         return "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
     lines = [f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-             f"{settings.steps} RL steps of {settings.prompts} prompts x {settings.generations} completions; "
-             f"{settings.n_val} questions per level; consistency judged by rule.", "",
-             "| level | metric | warm-up | GRPO | GRPO-CARE | CARE - GRPO |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+             f"{settings.steps} RL steps of {settings.prompts} prompts x {settings.generations} completions at lr "
+             f"{settings.lr:g}; {settings.n_val} questions per level; consistency judged by rule. SFT: the supervised "
+             f"ceiling (the warm-up's recipe on true, consistent answers).", "",
+             "| level | metric | warm-up | SFT ceiling | GRPO | GRPO-CARE | GRPO - warm | CARE - GRPO |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for level in LEVELS + ("all",):
         for metric in ("accuracy", "consistency"):
-            cells = [table[m][level][metric] for m in ("warm",) + ALGOS]
-            diffs = [c - g for c, g in zip(cells[2]["per_seed"], cells[1]["per_seed"]) if None not in (c, g)]
-            d_mean, d_std = mean_std(diffs)
-            lines.append(f"| {level} | {metric} (%) | " + " | ".join(cell(c) for c in cells) +
-                         f" | {cell({'mean': d_mean, 'std': d_std})} |")
+            cells = [table[m][level][metric] for m in RUNS]
+            diff = []
+            for a, b in (("grpo", "warm"), ("care", "grpo")):
+                d = [x - y for x, y in zip(table[a][level][metric]["per_seed"], table[b][level][metric]["per_seed"])
+                     if None not in (x, y)]
+                mean, std = mean_std(d)
+                diff.append(cell({"mean": mean, "std": std}))
+            lines.append(f"| {level} | {metric} (%) | " + " | ".join(cell(c) for c in cells) + " | " + " | ".join(diff) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,8 +441,9 @@ def plot(curves, seeds, path, window):
     import numpy as np
 
     panels = (("accuracy", "accuracy (training rollouts)"), ("consistency", "rule-checked consistency"),
-              ("bonus_rate", "bonus rate (CARE)"), ("ref_confidence", "reference confidence (CARE)"))
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+              ("bonus_rate", "bonus rate (CARE)"), ("ref_confidence", "reference confidence (CARE)"),
+              ("zero_advantage_rate", "groups with zero advantage"))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4), sharex=True)
     for ax, (key, title) in zip(axes.flat, panels):
         for algo, colour in zip(ALGOS, ("tab:blue", "tab:red")):
             if algo == "grpo" and key in ("bonus_rate", "ref_confidence"):
@@ -306,14 +455,13 @@ def plot(curves, seeds, path, window):
             ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=colour, alpha=0.15)
         ax.set_title(title)
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    for ax in axes[1]:
         ax.set_xlabel("step")
-    axes[0][0].legend()
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.suptitle(f"synthetic benchmark: mean over seeds {', '.join(map(str, seeds))} (band: min-max), "
                  f"moving average over {window} steps")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -324,100 +472,208 @@ def plot(curves, seeds, path, window):
 def parse_settings(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Settings):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name])
     p.add_argument("--smoke", action="store_true", help="a handful of steps on a few questions (the CI test)")
+    p.add_argument("--sweep-lrs", default="", metavar="LR,LR,...",
+                   help="instead of the experiment: GRPO at each of these learning rates from each seed's warm "
+                        "model, evaluated on L1, written to OUT/sweep.json")
     args = vars(p.parse_args(argv))
-    smoke = args.pop("smoke")
+    smoke, sweep = args.pop("smoke"), args.pop("sweep_lrs")
     settings = Settings(**args)
     if smoke:
         settings = dataclasses.replace(settings, **SMOKE)
-    return settings
+    return settings, [float(x) for x in sweep.split(",") if x]
 
 
-def commands(s, seed, root):
-    """The experiment for one seed, as (name, command, done-when-this-exists) in order."""
-    py = sys.executable
+HELP = {
+    "out": "where everything goes (the benchmark, one folder per seed, results.*, curves.png)",
+    "seeds": "comma-separated seeds: each gives its own warm-up and RL runs",
+    "jobs": "seeds run at once (each process gets cpu_count // jobs threads)",
+    "n_train": "training questions", "n_val": "questions per validation level",
+    "frames": "frames per clip (written at 4 fps)", "size": "frame height and width (a multiple of 28)",
+    "kinds": "question kinds trained on and asked in L1/L2: colour, or colour,shape",
+    "vision_steps": "pretraining steps (32 fresh clips each) of the vision tower, shared by all seeds",
+    "vision_lr": "learning rate of the vision pretraining",
+    "probe_clips": "held-out clips of the linear probe (half fit, half scored)",
+    "warm_up_steps": "supervised warm-up steps", "warm_up_batch": "examples per warm-up step",
+    "warm_up_lr": "learning rate of the warm-up",
+    "stated_true": "warm-up: how often the reasoning states the clip's true value",
+    "letter_follows": "warm-up: how often the answer is the stated value's letter",
+    "warm_tries": "warm-ups tried per seed (new warm-up seed each) until one passes warm_problems",
+    "steps": "RL steps (GRPO and GRPO-CARE alike)", "prompts": "prompts per RL step",
+    "generations": "completions per prompt (G)", "completion_length": "longest completion, in tokens",
+    "lr": "RL peak learning rate (cosine decay)", "ema_every": "CARE: steps between reference EMA updates",
+    "eval_batch": "evaluation batch size",
+}
+
+
+def evaluate_cmd(s, model, out, levels=LEVELS):
     data_root = os.path.join(s.out, "benchmark")
-    warm = os.path.join(root, "warm")
-    evaluate_flags = ["--data-root", data_root, "--data", *[os.path.join(data_root, "annotations", f"validation_{lv}.jsonl")
-                                                            for lv in LEVELS],
-                      "--judge", os.path.join(HERE, "benchmark.py") + ":rule_verdict", "--max-new-tokens",
-                      str(s.completion_length), "--batch-size", str(s.eval_batch), *budget_flags(s.size)]
-    out = [("warm-up", [py, os.path.abspath(__file__), "warm-up", "--model", warm, "--data-root", data_root, "--seed", str(seed),
-                        "--steps", str(s.warm_up_steps), "--batch", str(s.warm_up_batch), "--lr", str(s.warm_up_lr),
-                        "--vision-steps", str(s.vision_steps), "--size", str(s.size)], os.path.join(warm, "warm.done")),
-           ("evaluate warm", [py, "evaluate.py", "--model", warm, "--output-dir", os.path.join(root, "warm-eval"), *evaluate_flags],
-            os.path.join(root, "warm-eval", "summary.json"))]
-    for algo in ALGOS:
-        run_dir = os.path.join(root, algo)
-        out.append((f"train {algo}", [py, "train.py", "--algo", algo, "--model", warm, "--seed", str(seed),
-                                      "--data", os.path.join(data_root, "annotations", "training_6k.jsonl"),
-                                      "--data-root", data_root, "--output-dir", run_dir, "--max-steps", str(s.steps),
-                                      "--save-every", str(s.steps), "--prompts-per-device", str(s.prompts),
-                                      "--num-generations", str(s.generations), "--max-completion-length",
-                                      str(s.completion_length), "--lr", str(s.lr), "--ema-every", str(s.ema_every),
-                                      "--log-completions", "--resume", "auto", *budget_flags(s.size)],
-                    os.path.join(run_dir, f"checkpoint-{s.steps:06d}")))
-        out.append((f"evaluate {algo}", [py, "evaluate.py", "--model", os.path.join(run_dir, f"checkpoint-{s.steps:06d}", "policy"),
-                                         "--output-dir", os.path.join(run_dir, "eval"), *evaluate_flags],
-                    os.path.join(run_dir, "eval", "summary.json")))
-    return out
+    return [sys.executable, "evaluate.py", "--model", model, "--output-dir", out, "--data-root", data_root,
+            "--data", *[os.path.join(data_root, "annotations", f"validation_{lv}.jsonl") for lv in levels],
+            "--judge", os.path.join(HERE, "benchmark.py") + ":rule_verdict", "--max-new-tokens",
+            str(s.completion_length), "--batch-size", str(s.eval_batch), *budget_flags(s.size)]
 
 
-def run_seed(s, seed, threads):
-    """Run (or, where its output already exists, skip) each step of one seed's experiment."""
-    root = os.path.join(s.out, f"seed{seed}")
-    os.makedirs(root, exist_ok=True)
-    for name, cmd, done in commands(s, seed, root):
+def vision_commands(s):
+    vision = os.path.join(s.out, "vision")
+    return [("vision pretraining", [sys.executable, os.path.abspath(__file__), "vision", "--model", vision, "--steps",
+                                    str(s.vision_steps), "--lr", str(s.vision_lr), "--probe-clips", str(s.probe_clips),
+                                    "--size", str(s.size)], os.path.join(vision, "probe.json"))]
+
+
+def warm_up_commands(s, name, model, seed, stated_true, letter_follows):
+    """Warm up the pretrained checkpoint into `model`, then evaluate it into `model`-eval."""
+    cmd = [sys.executable, os.path.abspath(__file__), "warm-up", "--vision", os.path.join(s.out, "vision"),
+           "--model", model, "--data-root", os.path.join(s.out, "benchmark"), "--seed", str(seed), "--size", str(s.size),
+           "--kinds", s.kinds, "--steps", str(s.warm_up_steps), "--batch", str(s.warm_up_batch), "--lr", str(s.warm_up_lr),
+           "--stated-true", str(stated_true), "--letter-follows", str(letter_follows)]
+    return [(f"{name}", cmd, os.path.join(model, "warm.done")),
+            (f"evaluate {name}", evaluate_cmd(s, model, model + "-eval"), os.path.join(model + "-eval", "summary.json"))]
+
+
+def rl_commands(s, seed, warm, run_dir, algo, lr, levels=LEVELS):
+    data_root = os.path.join(s.out, "benchmark")
+    final = os.path.join(run_dir, f"checkpoint-{s.steps:06d}")
+    train = [sys.executable, "train.py", "--algo", algo, "--model", warm, "--seed", str(seed),
+             "--data", os.path.join(data_root, "annotations", "training_6k.jsonl"), "--data-root", data_root,
+             "--output-dir", run_dir, "--max-steps", str(s.steps), "--save-every", str(s.steps),
+             "--prompts-per-device", str(s.prompts), "--num-generations", str(s.generations),
+             "--max-completion-length", str(s.completion_length), "--lr", str(lr), "--ema-every", str(s.ema_every),
+             "--log-completions", "--resume", "auto", *budget_flags(s.size)]
+    return [(f"train {os.path.basename(run_dir)}", train, final),
+            (f"evaluate {os.path.basename(run_dir)}", evaluate_cmd(s, os.path.join(final, "policy"),
+                                                                  os.path.join(run_dir, "eval"), levels),
+             os.path.join(run_dir, "eval", "summary.json"))]
+
+
+def run_steps(steps, root, tag, threads):
+    """Run each (name, command, done-when-this-exists) in order, skipping the done ones."""
+    for name, cmd, done in steps:
         if os.path.exists(done):
             continue
         t0 = time.time()
         log = os.path.join(root, name.replace(" ", "-") + ".log")
-        print(f"[seed {seed}] {name}: {' '.join(cmd)}", flush=True)
+        os.makedirs(root, exist_ok=True)
+        print(f"[{tag}] {name}: {' '.join(cmd)}", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         with open(log, "w") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
         if code != 0:
-            raise RuntimeError(f"[seed {seed}] {name} failed with exit code {code}; see {log}")
-        print(f"[seed {seed}] {name} done in {time.time() - t0:.0f} s", flush=True)
+            raise RuntimeError(f"[{tag}] {name} failed with exit code {code}; see {log}")
+        print(f"[{tag}] {name} done in {time.time() - t0:.0f} s", flush=True)
+
+
+def choose_warm(s, seed, threads):
+    """Warm up with warm-up seeds seed, seed + 1000, ... until one passes warm_problems (or
+    warm_tries are spent: the last one is used and its problems are reported). Every try is
+    recorded in seed<k>/warm.json."""
+    root = os.path.join(s.out, f"seed{seed}")
+    tries = []
+    for t in range(s.warm_tries):
+        model = os.path.join(root, "warm" if t == 0 else f"warm-try{t}")
+        run_steps(warm_up_commands(s, "warm-up" if t == 0 else f"warm-up-try{t}", model, seed + 1000 * t,
+                                   s.stated_true, s.letter_follows), root, f"seed {seed}", threads)
+        summary = json.load(open(os.path.join(model + "-eval", "summary.json")))
+        predictions = [json.loads(line) for line in open(os.path.join(model + "-eval", "predictions.jsonl"))]
+        tries.append({"warm_up_seed": seed + 1000 * t, "model": model, "problems": warm_problems(summary, predictions)})
+        print(f"[seed {seed}] warm model {model}: " + ("; ".join(tries[-1]["problems"]) or "passes"), flush=True)
+        if not tries[-1]["problems"]:
+            break
+    with open(os.path.join(root, "warm.json"), "w") as f:
+        json.dump(tries, f, indent=1)
+    return tries
+
+
+def run_seed(s, seed, threads, sweep_lrs=()):
+    """One seed's experiment (steps whose output exists are skipped): the warm model, the
+    supervised ceiling and both algorithms, each evaluated; with sweep_lrs, GRPO per lr instead."""
+    root = os.path.join(s.out, f"seed{seed}")
+    tag = f"seed {seed}"
+    warm = choose_warm(s, seed, threads)[-1]["model"]
+    if sweep_lrs:
+        for lr in sweep_lrs:
+            run_steps(rl_commands(s, seed, warm, os.path.join(root, "sweep", f"grpo-lr{lr:g}"), "grpo", lr, ("L1",)),
+                      root, tag, threads)
+        return seed
+    run_steps(warm_up_commands(s, "sft", os.path.join(root, "sft"), seed, 1.0, 1.0), root, tag, threads)
+    for algo in ALGOS:
+        run_steps(rl_commands(s, seed, warm, os.path.join(root, algo), algo, s.lr), root, tag, threads)
     return seed
+
+
+def build_benchmark(s):
+    data_root = os.path.join(s.out, "benchmark")
+    marker = os.path.join(data_root, "settings.json")
+    wanted = {"n_train": s.n_train, "n_val": s.n_val, "frames": s.frames, "size": s.size, "kinds": s.kinds, "seed": 0}
+    if not os.path.exists(marker) or json.load(open(marker)) != wanted:
+        print(f"building the benchmark in {data_root}", flush=True)
+        benchmark.build(data_root, s.n_train, s.n_val, seed=0, n_frames=s.frames, size=s.size, kinds=tuple(s.kinds.split(",")))
+        json.dump(wanted, open(marker, "w"))
+    return data_root
+
+
+def sweep_report(s, seeds, lrs):
+    rows = []
+    for lr in lrs:
+        per_seed = []
+        for seed in seeds:
+            run_dir = os.path.join(s.out, f"seed{seed}", "sweep", f"grpo-lr{lr:g}")
+            l1 = json.load(open(os.path.join(run_dir, "eval", "summary.json")))["results"]["L1"]
+            curve = training_curves(run_dir, questions_of(s))
+            per_seed.append({"seed": seed, "L1_accuracy": l1["accuracy"], "L1_consistency": l1["consistency"],
+                             "last_50_rollout_accuracy": sum(curve["accuracy"][-50:]) / len(curve["accuracy"][-50:])})
+        rows.append({"lr": lr, "per_seed": per_seed})
+        print(f"lr {lr:g}: " + "; ".join(f"seed {r['seed']}: L1 accuracy {r['L1_accuracy']:.1f}%, consistency "
+                                          f"{r['L1_consistency']:.1f}%" for r in per_seed))
+    with open(os.path.join(s.out, "sweep.json"), "w") as f:
+        json.dump({"settings": dataclasses.asdict(s), "algo": "grpo", "seeds": seeds, "lrs": rows}, f, indent=1)
+
+
+def questions_of(s):
+    import data
+    data_root = os.path.join(s.out, "benchmark")
+    samples, _ = data.load_samples(os.path.join(data_root, "annotations", "training_6k.jsonl"), data_root)
+    return {x.sample_id: x.question for x in samples}
 
 
 def main(argv=None):
     from concurrent.futures import ThreadPoolExecutor
 
-    import data
-
-    s = parse_settings(argv)
+    s, sweep_lrs = parse_settings(argv)
     seeds = [int(x) for x in s.seeds.split(",")]
     os.makedirs(s.out, exist_ok=True)
     t0 = time.time()
-    data_root = os.path.join(s.out, "benchmark")
-    marker = os.path.join(data_root, "settings.json")
-    wanted = {"n_train": s.n_train, "n_val": s.n_val, "frames": s.frames, "size": s.size, "seed": 0}
-    if not os.path.exists(marker) or json.load(open(marker)) != wanted:
-        print(f"building the benchmark in {data_root}", flush=True)
-        benchmark.build(data_root, s.n_train, s.n_val, seed=0, n_frames=s.frames, size=s.size)
-        json.dump(wanted, open(marker, "w"))
+    build_benchmark(s)
     threads = max(1, (os.cpu_count() or 1) // s.jobs)
+    run_steps(vision_commands(s), os.path.join(s.out, "vision-logs"), "vision", os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        list(pool.map(lambda seed: run_seed(s, seed, threads), seeds))
+        list(pool.map(lambda seed: run_seed(s, seed, threads, sweep_lrs), seeds))
+    if sweep_lrs:
+        return sweep_report(s, seeds, sweep_lrs)
 
-    samples, _ = data.load_samples(os.path.join(data_root, "annotations", "training_6k.jsonl"), data_root)
-    questions = {x.sample_id: x.question for x in samples}
-    curves, evals = {}, {}
+    questions = questions_of(s)
+    curves, evals, warm = {}, {}, {}
     for seed in seeds:
         root = os.path.join(s.out, f"seed{seed}")
-        evals[(seed, "warm")] = json.load(open(os.path.join(root, "warm-eval", "summary.json")))
+        warm[f"seed{seed}"] = json.load(open(os.path.join(root, "warm.json")))
+        evals[(seed, "warm")] = json.load(open(os.path.join(warm[f"seed{seed}"][-1]["model"] + "-eval", "summary.json")))
+        evals[(seed, "sft")] = json.load(open(os.path.join(root, "sft-eval", "summary.json")))
         for algo in ALGOS:
             curves[(seed, algo)] = training_curves(os.path.join(root, algo), questions)
             evals[(seed, algo)] = json.load(open(os.path.join(root, algo, "eval", "summary.json")))
     table = results_table(evals, seeds)
+    probe_result = json.load(open(os.path.join(s.out, "vision", "probe.json")))
     with open(os.path.join(s.out, "results.json"), "w") as f:
-        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "results": table,
-                   "curves": {f"seed{seed}/{algo}": c for (seed, algo), c in curves.items()},
+        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "results": table, "probe": probe_result,
+                   "warm_models": warm, "curves": {f"seed{seed}/{algo}": c for (seed, algo), c in curves.items()},
                    "minutes": (time.time() - t0) / 60}, f, indent=1)
     md = markdown(table, seeds, s)
+    md += ("\nHeld-out linear probe of the pretrained vision features: " +
+           ", ".join(f"{k} {probe_result['after'][k]:.2f}" for k in ATTRIBUTES) + ".\n")
+    for seed in seeds:
+        for t in warm[f"seed{seed}"]:
+            md += f"Seed {seed}, warm-up seed {t['warm_up_seed']}: " + ("; ".join(t["problems"]) or "passes the checks") + ".\n"
     with open(os.path.join(s.out, "results.md"), "w") as f:
         f.write(md)
     plot(curves, seeds, os.path.join(s.out, "curves.png"), window=max(1, s.steps // 20))
@@ -428,5 +684,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["warm-up"]:
         main_warm_up(sys.argv[2:])
+    elif sys.argv[1:2] == ["vision"]:
+        main_vision(sys.argv[2:])
     else:
         main()
