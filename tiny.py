@@ -49,8 +49,10 @@ def _corpus(n_lines=3000, seed=0):
     return lines
 
 
-def build_tokenizer(vocab_size=512):
-    """A byte-level BPE trained on a small synthetic corpus, wrapped as a HF fast tokenizer."""
+def build_tokenizer(vocab_size=512, extra_lines=()):
+    """A byte-level BPE trained on a small synthetic corpus (plus extra_lines, e.g. the prompt's
+    own instructions, so they take as few tokens as in a real vocabulary), wrapped as a HF fast
+    tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +64,7 @@ def build_tokenizer(vocab_size=512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() + list(extra_lines), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
@@ -90,12 +92,13 @@ def tiny_config(tokenizer, hidden=64, layers=2, heads=4, vision_hidden=32, visio
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
-def build_model(out_dir, seed=0, **config_overrides):
-    """Write a random tiny Qwen2.5-VL checkpoint (weights, config, tokenizer, preprocessor) to out_dir."""
+def build_model(out_dir, seed=0, tokenizer=None, **config_overrides):
+    """Write a random tiny Qwen2.5-VL checkpoint (weights, config, tokenizer, preprocessor) to
+    out_dir; tokenizer: build_tokenizer()'s by default."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **config_overrides))
     # Like the real checkpoint, ship near-greedy defaults: rollouts must never inherit them.

@@ -101,3 +101,38 @@ def test_gradient_share_samples_with_the_project_code(setup, tokenizer):
     check_consistent(res)
     assert res["prompts"] == 2 and res["generations"] == 4 and 0 < res["tokens"] <= 2 * 4 * 8
     assert 0 <= res["zero_advantage_rate"] <= 1 and math.isfinite(res["reward_mean"])
+
+
+def test_next_token_probs_are_the_models_own(setup, tokenizer):
+    """The probability of ">A" after "...<answer" (one merged token) is the model's softmax at
+    the last position of prompt + prefix."""
+    model, samples, budget = setup
+    prompt = data.encode_prompt(samples[0], tokenizer, budget)
+    got = diagnose.next_token_probs(model, tokenizer, prompt, "<think>The shape is red.</think><answer",
+                                    [">" + x for x in "ABCD"])
+    prefix = tokenizer("<think>The shape is red.</think><answer", add_special_tokens=False)["input_ids"]
+    batch = data.collate_prompts([prompt], tokenizer)
+    batch.pop("sample_ids")
+    n = len(prefix)
+    batch = {**batch, "input_ids": torch.cat([batch["input_ids"], torch.tensor([prefix])], 1),
+             "attention_mask": torch.cat([batch["attention_mask"], torch.ones(1, n, dtype=torch.long)], 1),
+             "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros(1, n, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        probs = model(**batch).logits[0, -1].softmax(-1)
+    for x in "ABCD":
+        assert got[">" + x] == pytest.approx(probs[tokenizer.convert_tokens_to_ids(">" + x)].item())
+
+
+def test_link_reads_a_model_whose_letter_ignores_the_reasoning(setup, tokenizer, monkeypatch):
+    """A stub model whose letter is always A and whose stated colour is always red: the letter
+    follows the fact only when the fact is red (1 of 4), its distribution never moves, and the
+    fact is the truth exactly for the red clips."""
+    model, samples, budget = setup
+
+    def fake(model_, tokenizer_, prompt, prefix, candidates):
+        return {c: (1.0 if c in (" red", ">A") else 0.0) for c in candidates}
+    monkeypatch.setattr(diagnose, "next_token_probs", fake)
+    question = "What colour is the moving shape?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
+    picked = [data.Sample(**{**samples[0].__dict__, "question": question})] * 4
+    res = diagnose.link(model, tokenizer, picked, ["red", "red", "blue", "green"], budget)
+    assert res == {"n": 4, "fact_is_true": 0.5, "letter_follows_fact": 0.25, "letter_spread": 0.0}

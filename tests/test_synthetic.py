@@ -127,30 +127,34 @@ def test_rollouts_are_checked_by_the_rule(completion, stated, verdict):
     assert run.stated_and_verdict(COLOUR_Q, completion, list("ABCD")) == (stated, verdict)
 
 
-def warm_up_draws(stated_true, letter_follows, n=4000):
-    """(stated value is the truth, answer follows the stated value) for n warm-up targets."""
+def warm_up_draws(known, letter_follows, n=4000):
+    """(kind, true value, stated value is the truth, answer follows the stated value) for n
+    warm-up targets."""
     import random
     rng = random.Random(0)
     samples = [data.Sample(f"s{i}", "multiple choice", "?", "A") for i in range(n)]
-    truths = {s.sample_id: {"colour": "blue", "shape": "circle", "direction": "up"} for s in samples}
+    truths = {s.sample_id: {k: rng.choice(benchmark.VALUES[k]) for k in run.ATTRIBUTES} for s in samples}
     draws = []
-    for sample, kind, options, truth in run.warm_up_pool(samples, truths, ["colour"], rng):
-        assert kind in ("colour", "direction") and truth == truths[sample.sample_id][kind]
-        target = run.warm_up_target(kind, options, truth, rng, stated_true, letter_follows)
+    for sample, kind, options, truth in run.warm_up_pool(samples, truths, rng):
+        assert truth == truths[sample.sample_id][kind]
+        target = run.warm_up_target(kind, options, truth, rng, known, letter_follows)
         stated, verdict = run.stated_and_verdict(sample.question, target.replace("<|im_end|>", ""), list("ABCD"))
         assert stated is not None and verdict != "none", target
-        draws.append((verdict == "ABCD"[options.index(truth)], stated == verdict))
+        draws.append((kind, truth, verdict == "ABCD"[options.index(truth)], stated == verdict))
     return draws
 
 
-def test_warm_up_targets_state_the_truth_and_follow_it_at_the_set_rates():
-    """stated_true and letter_follows are the rates of true reasoning and of answers that
-    follow it; 1 and 1 are the supervised ceiling's true, consistent targets."""
-    assert all(true and follows for true, follows in warm_up_draws(1.0, 1.0, n=500))
-    draws = warm_up_draws(0.5, 0.75)
-    assert sum(t for t, _ in draws) / len(draws) == pytest.approx(0.5, abs=0.03)
-    assert sum(f for _, f in draws) / len(draws) == pytest.approx(0.75, abs=0.03)
-    assert not any(t for t, _ in warm_up_draws(0.0, 1.0, n=500))   # never the truth: only other values
+def test_warm_up_targets_describe_the_known_values_truly_and_follow_them_at_the_set_rate():
+    """Clips of a known value are described truly, the others by a value drawn from all four
+    (true 1 time in 4); the answer follows the stated value at letter_follows; known = all and
+    letter_follows = 1 are the supervised ceiling's true, consistent targets."""
+    assert all(true and follows for *_, true, follows in warm_up_draws(run.known_values("all"), 1.0, n=500))
+    draws = warm_up_draws({"red", "green"}, 0.75)
+    assert {kind for kind, *_ in draws} == set(run.ATTRIBUTES)
+    assert all(true for kind, truth, true, _ in draws if truth in ("red", "green"))
+    others = [true for kind, truth, true, _ in draws if truth not in ("red", "green")]
+    assert sum(others) / len(others) == pytest.approx(0.25, abs=0.03)
+    assert sum(f for *_, f in draws) / len(draws) == pytest.approx(0.75, abs=0.03)
 
 
 def test_a_warm_model_at_chance_or_collapsed_is_refused():
@@ -160,8 +164,9 @@ def test_a_warm_model_at_chance_or_collapsed_is_refused():
     assert run.warm_problems(summary(54.0, 75.0), spread) == []
     assert len(run.warm_problems(summary(26.0, 75.0), spread)) == 1
     assert len(run.warm_problems(summary(54.0, 30.0), spread)) == 1
-    collapsed = [{"level": "L1", "stated": "D"}] * 7 + spread[:3]
-    assert run.warm_problems(summary(54.0, 75.0), collapsed) == ["70% of L1 answers are one letter"]
+    collapsed = [{"level": "L1", "stated": "D"}] * 19 + spread[:1]
+    assert run.warm_problems(summary(54.0, 75.0), collapsed) == ["95% of L1 answers are one letter"]
+    assert run.warm_problems(summary(54.0, 75.0), [{"level": "L1", "stated": "D"}] * 3 + spread[:1]) == []  # 75%: two guessed colours named alike
 
 
 def test_training_curves_count_zero_advantage_groups(tmp_path):

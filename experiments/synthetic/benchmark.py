@@ -11,10 +11,9 @@ yellow) sliding across a background in one direction (left, right, up, down). Qu
   L2      colour (--kinds)        stripes and checks + pixel noise (new environments)
   L3      direction of motion     plain                            (a question type not trained on)
 
-The trained kinds are colour alone by default: the tiny vision tower of run.py learns to read
-colour in a few hundred steps, shape and direction only after far more (see the experiment's
-README), and a question the features cannot answer caps what any training can reach.
---kinds colour,shape asks about shape too.
+--kinds colour,shape asks about shape too. The experiment (run.py) trains on colour alone: its
+2-layer language model learned to read colour off the clip in a short supervised warm-up, not
+shape, though its vision features tell both (see the experiment's README).
 
 Options are listed in one fixed order per question kind (VALUES), in training rows too (as
 choice_a..d + golden_choice_idx, which the SEED-Bench-R1 loader takes as given), so the step

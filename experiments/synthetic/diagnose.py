@@ -4,6 +4,8 @@ groups give none.
     python experiments/synthetic/diagnose.py grad-share --model out/synthetic/seed0/warm \\
         --data-root out/synthetic/benchmark --n 8 --generations 8 [--out share.json]
     python experiments/synthetic/diagnose.py zero-adv out/synthetic/seed0/grpo
+    python experiments/synthetic/diagnose.py link --model out/synthetic/seed0/warm \
+        --data-root out/synthetic/benchmark --n 20
 
 grad-share samples one rollout (G completions for each of n training prompts) from --model with
 the project's own code (rollout.generate, temperature 1, top-p 1), scores it with plain GRPO's
@@ -20,6 +22,13 @@ completion), so the three class gradients add up to the full gradient. Per class
 A small fact share next to a large answer share means RL moves the answer letter much more than
 the fact the answer should follow from. It also prints the rate of zero-advantage groups (all G
 rewards equal: the group adds nothing to the gradient) and the reward mean and std.
+
+link reads, under teacher forcing, what a model puts after the reasoning template: for each of n
+L1 questions, P(stated value | clip) after "<think>The shape is", and P(answer letter | stated
+value) after "<think>The shape is V.</think><answer" for every value V. It prints how often the
+most likely stated value is the clip's true one (grounding) and how often the most likely letter
+is V's own (the link from reasoning to answer), and the largest change of the letter
+distribution across V: about 0 means the answer ignores the reasoning altogether.
 
 zero-adv reads a train.py run's completions.jsonl (--log-completions) and prints, per step, the
 fraction of groups whose logged rewards (accuracy + format + bonus) are all equal, then the mean.
@@ -223,6 +232,52 @@ def zero_advantage_rate(completions_jsonl, tol=1e-6):
 
 
 # -----------------------------------------------------------------------------
+# teacher forcing: is the fact grounded, does the letter follow it?
+
+
+def next_token_probs(model, tokenizer, prompt, prefix, candidates):
+    """{candidate: P(candidate's first token | prompt + prefix)} for one encoded prompt."""
+    batch = data.collate_prompts([prompt], tokenizer)
+    batch.pop("sample_ids")
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    tail = torch.tensor([ids])                                                  # [1, t]
+    batch["input_ids"] = torch.cat([batch["input_ids"], tail], 1)              # [1, L + t]
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], 1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tail)], 1)
+    with torch.no_grad():
+        probs = model(**batch).logits[0, -1].softmax(-1)                       # [vocab]
+    out = {}
+    for c in candidates:
+        first = tokenizer(prefix + c, add_special_tokens=False)["input_ids"][len(ids)]  # merges like ">A" kept
+        out[c] = probs[first].item()
+    return out
+
+
+def link(model, tokenizer, samples, truths, budget):
+    """Grounding and reasoning-to-answer link under teacher forcing (see the module docstring).
+    truths: the clip's true value per sample (the benchmark's true_<kind>)."""
+    grounded, follows, spread = [], [], []
+    for sample, truth in zip(samples, truths):
+        kind = next(k for k, q in benchmark.QUESTIONS.items() if q in sample.question)
+        values = benchmark.VALUES[kind]
+        prompt = data.encode_prompt(sample, tokenizer, budget)
+        stem = benchmark.reasoning(kind, "@").split("@")[0].rstrip()          # "The shape is" / "... a"
+        fact = next_token_probs(model, tokenizer, prompt, "<think>" + stem, [" " + v for v in values])
+        grounded.append(max(fact, key=fact.get) == " " + truth)
+        letters = []
+        for i, v in enumerate(values):
+            p = next_token_probs(model, tokenizer, prompt, f"<think>{benchmark.reasoning(kind, v)}</think><answer",
+                                 [">" + x for x in "ABCD"])
+            letters.append([p[">" + x] for x in "ABCD"])
+            follows.append(max(range(4), key=lambda j: p[">" + "ABCD"[j]]) == i)
+        letters = torch.tensor(letters)                                         # [values, 4]
+        spread.append((letters - letters.mean(0)).abs().max().item())
+    n = len(samples)
+    return {"n": n, "fact_is_true": sum(grounded) / n, "letter_follows_fact": sum(follows) / len(follows),
+            "letter_spread": sum(spread) / n}
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -261,6 +316,26 @@ def main_zero_adv(args):
     print(f"mean over {len(rates)} steps: {sum(rates) / max(1, len(rates)):.3f}")
 
 
+def main_link(args):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    budget = data.budget_from_checkpoint(args.model, max_frames=args.max_frames, video_min_pixels=args.video_min_pixels,
+                                         video_max_pixels=args.video_max_pixels, image_min_pixels=args.image_min_pixels,
+                                         image_max_pixels=args.image_max_pixels)
+    path = args.data or os.path.join(args.data_root, "annotations", "validation_L1.jsonl")
+    samples, _ = data.load_samples(path, args.data_root)
+    with open(path) as f:
+        rows = {r["sample_id"]: r for r in map(json.loads, f)}
+    samples = samples[:args.n]
+    truths = [rows[s.sample_id]["true_" + rows[s.sample_id]["kind"]] for s in samples]
+    res = link(model, tokenizer, samples, truths, budget)
+    print(f"{res['n']} questions: most likely stated value is the true one {res['fact_is_true']:.2f}; most likely "
+          f"letter is the stated value's {res['letter_follows_fact']:.2f}; letter distribution moves by "
+          f"{res['letter_spread']:.3f} across stated values")
+
+
 def build_parser():
     import run  # the experiment's visual budget
 
@@ -278,6 +353,13 @@ def build_parser():
     gs.add_argument("--out", default=None, help="also write the result as JSON here")
     for key, value in run.budget(run.Settings.size).items():  # run.py's budget_flags
         gs.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
+    ln = sub.add_parser("link", help="teacher-forced grounding of the stated fact and its link to the letter")
+    ln.add_argument("--model", required=True, help="checkpoint directory")
+    ln.add_argument("--data-root", required=True, help="the benchmark directory")
+    ln.add_argument("--data", default=None, help="annotations (default: DATA_ROOT/annotations/validation_L1.jsonl)")
+    ln.add_argument("--n", type=int, default=20, help="the first n questions")
+    for key, value in run.budget(run.Settings.size).items():
+        ln.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
     za = sub.add_parser("zero-adv", help="per-step zero-advantage group rate of a training run")
     za.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
     return parser
@@ -285,7 +367,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    (main_grad_share if args.command == "grad-share" else main_zero_adv)(args)
+    {"grad-share": main_grad_share, "link": main_link, "zero-adv": main_zero_adv}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,33 @@
-"""GRPO versus GRPO-CARE at toy scale, on a CPU: does the consistency bonus keep a model's
-reasoning and answers in agreement while it learns, as the paper reports at 7B?
+"""GRPO versus GRPO-CARE at toy scale, on a CPU: does GRPO gain accuracy, does its reasoning
+drift from its answers, and does the consistency bonus keep them in agreement, as the paper
+reports at 7B? (README.md here has the results and how to read them.)
 
-    python experiments/synthetic/run.py                 # the default run, about 20 min on 2 cores
-    python experiments/synthetic/run.py --smoke         # a handful of steps (the CI test)
+    python experiments/synthetic/run.py                  # the default run, about 45 min on 2 cores
+    python experiments/synthetic/run.py --seeds 3,4,5    # other seeds
+    python experiments/synthetic/run.py --sweep-lrs 1e-4,3e-4,1e-3 --seeds 0   # the lr sweep
+    python experiments/synthetic/run.py --smoke          # a handful of steps (the CI test)
 
-Per seed:
-  1. warm-up: a tiny random Qwen2.5-VL (tiny.py). Its vision tower alone is first trained to
-     tell colour, shape and direction apart on fresh clips (a stand-in for a pretrained vision
-     encoder: the language model learns nothing there). Then supervised examples teach only the
-     output format and the reasoning template of benchmark.py, "<think>The shape is
-     red.</think><answer>A</answer>", where A is the option of the stated value, and the value
-     is drawn at random, never read from the video. So the warm model is consistent by
-     construction and at chance accuracy, for all three question kinds;
-  2. train.py --algo grpo and --algo care from it: same data, steps, seed and sampling seeds;
-  3. evaluate.py on L1/L2/L3 for the warm model and both final policies, with benchmark.py's
-     rule_verdict as the consistency judge (exact, no judge model).
+Once: the benchmark (benchmark.py) and a tiny random Qwen2.5-VL (tiny.py) whose vision tower
+alone is pretrained on fresh clips, decoded exactly as training decodes them, to tell colour,
+shape and direction apart: the stand-in for a pretrained encoder, shared by every seed, with a
+held-out linear probe of what its features tell. Then per seed:
+  1. warm-up (supervised, the whole model): "<think>The shape is red.</think><answer>A</answer>",
+     describing clips of the known values (red and green) truly and the others by a value at
+     random, and answering the stated value's letter with probability letter_follows (0.75):
+     the warm model reads half the colours and guesses the rest, and its answer mostly, not
+     always, follows its reasoning, so the letter can learn to follow the stated fact (the
+     consistent route) or to read the clip directly (the shortcut). Each warm model is checked
+     (warm_problems) and refused if at chance, inconsistent or collapsed onto one answer; the
+     next warm-up seed is then tried, and every try is reported;
+  2. the supervised ceiling: the same warm-up on true, consistent answers (run "sft");
+  3. train.py --algo grpo and --algo care from the warm model: same data, steps, seed, learning
+     rate and sampling seeds; KL and EMA as train.py's defaults (the official recipe);
+  4. evaluate.py on L1/L2/L3 for each model, with benchmark.py's rule_verdict as the
+     consistency judge (exact, no judge model).
 Then OUT/results.json and results.md (mean and spread over seeds) and OUT/curves.png
-(accuracy, rule-checked consistency, bonus rate and reference confidence of the training
-rollouts against step). A step whose output exists is skipped, so an interrupted run picks up
-where it stopped; each command is printed and logged under OUT/seed<k>/.
+(accuracy, rule-checked consistency, bonus rate, reference confidence and zero-advantage groups
+of the training rollouts against step). A step whose output exists is skipped, so an
+interrupted run picks up where it stopped; each command is printed and logged under OUT/.
 """
 
 import argparse
@@ -56,18 +65,18 @@ class Settings:
     size: int = 56                # frame height and width
     kinds: str = "colour"         # the question kinds trained on (and asked in L1, L2)
     # the vision tower's pretraining (once, shared by every seed: the "pretrained encoder")
-    vision_steps: int = 300
+    vision_steps: int = 800
     vision_lr: float = 2e-3
     probe_clips: int = 512        # held-out clips for the linear probe (half fit, half test)
     # warm-up (supervised, from the pretrained encoder): a partly grounded, mostly consistent start
-    warm_up_steps: int = 400
+    warm_up_steps: int = 1500
     warm_up_batch: int = 8
     warm_up_lr: float = 2e-3
-    stated_true: float = 0.5      # the reasoning states the true value this often, else another one
+    known: str = "red,green"      # clips of these values are described truly in the warm-up, others at random
     letter_follows: float = 0.75  # the answer is the stated value's letter this often, else another one
     warm_tries: int = 3           # warm-ups tried per seed until one passes warm_problems
     # RL: the same budget for both algorithms
-    steps: int = 300
+    steps: int = 1000
     prompts: int = 4
     generations: int = 8
     completion_length: int = 32
@@ -187,6 +196,48 @@ def probe(model, n_clips, seed, visual_budget, size, tmp):
     return accuracy
 
 
+def match_text_scale(model, visual_budget, size):
+    """Scale the vision tower's last layer so its output tokens have the norm of the language
+    model's token embeddings (as a real VLM's merger does): the pretraining head drives the
+    norm up (about 40 against 0.16 after 800 steps), and at that size the 2-layer language model
+    of the warm-up learned nothing from its context (not even the answer letter that follows
+    the stated fact). A linear rescale leaves what the probe reads unchanged. Returns the factor."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        pixels, grids, _ = clip_batch(32, random.Random(1), np.random.default_rng(1), visual_budget, size,
+                                      os.path.join(tmp, "clip.mp4"))
+        out = model.model.get_video_features(pixels, grids)
+        tokens = torch.cat(list(out.pooler_output if hasattr(out, "pooler_output") else out))   # [n, hidden]
+        text = model.model.language_model.embed_tokens.weight.norm(dim=-1).mean()
+        scale = (text / tokens.norm(dim=-1).mean()).item()
+        last = model.model.visual.merger.mlp[-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    return scale
+
+
+def toy_tokenizer():
+    """tiny.py's byte-level BPE, with 1,024 tokens learned also from the prompt's own text (the
+    system message, the thinking instruction, the answer line, the questions and the template).
+    With the default 512 tokens the prompt is 357 tokens long, of which 12 are the clip's, and
+    the 2-layer language model never learned to read the clip in the warm-up (a stated fact at
+    chance after 800 steps): a real vocabulary writes the instruction in far fewer tokens."""
+    import data
+    import tiny
+
+    lines = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+             "<|im_end|>\n<|im_start|>assistant\n", data.THINKING, data.ANSWER_LINE["multiple choice"]]
+    lines += [q + "\nOptions:\n" + "".join(f"{'ABCD'[i]}. {v}\n" for i, v in enumerate(benchmark.VALUES[k]))
+              for k, q in benchmark.QUESTIONS.items()]
+    lines += [f"<think>{benchmark.reasoning(k, v)}</think><answer>{x}</answer>" for k in benchmark.VALUES
+              for v in benchmark.VALUES[k] for x in "ABCD"]
+    return tiny.build_tokenizer(vocab_size=1024, extra_lines=lines * 20)
+
+
 def main_vision(argv):
     """`run.py vision ...`: a tiny random Qwen2.5-VL whose vision tower is pretrained, written
     to --model, and the held-out probe of its features before and after, to --model/probe.json."""
@@ -205,7 +256,7 @@ def main_vision(argv):
     p.add_argument("--probe-clips", type=int, default=Settings.probe_clips, help="held-out clips for the probe")
     p.add_argument("--size", type=int, default=Settings.size, help="frame height and width")
     args = p.parse_args(argv)
-    tiny.build_model(args.model, seed=0)
+    tiny.build_model(args.model, seed=0, tokenizer=toy_tokenizer())
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model)
     visual_budget = data.budget_from_checkpoint(args.model, **budget(args.size))
@@ -214,45 +265,48 @@ def main_vision(argv):
         before = probe(model, args.probe_clips, 0, visual_budget, args.size, clip_file)
         pretrain_vision(model, args.steps, 32, args.lr, 0, visual_budget, args.size, clip_file)
         after = probe(model, args.probe_clips, 0, visual_budget, args.size, clip_file)
+    scale = match_text_scale(model, visual_budget, args.size)
     print("probe accuracy (held-out clips): " + ", ".join(f"{k} {before[k]:.2f} -> {after[k]:.2f}" for k in ATTRIBUTES))
     model.save_pretrained(args.model)
     with open(os.path.join(args.model, "probe.json"), "w") as f:
-        json.dump({"steps": args.steps, "clips": args.probe_clips, "before": before, "after": after}, f, indent=1)
+        json.dump({"steps": args.steps, "clips": args.probe_clips, "before": before, "after": after,
+                   "output_scale": scale}, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Warm-up: the format, the template and a partial, mostly consistent reading of the video
 
 
-def warm_up_pool(samples, truths, kinds, rng):
-    """One warm-up prompt per training clip, each asking about a kind drawn from the trained
-    kinds and direction (the warm model knows the template for L3's question, as a pretrained
-    model would, though RL never trains on it), options in the benchmark's fixed order. Returns
-    (sample, kind, options, true value)."""
+def warm_up_pool(samples, truths, rng):
+    """One warm-up prompt per training clip, each asking about colour, shape or direction (the
+    warm model knows the template of every kind, as a pretrained model would, though RL trains
+    on only some; with colour alone in the pool the 2-layer model never learned the answer's
+    link to the stated fact), options in the benchmark's fixed order. Returns (sample, kind,
+    options, the clip's true value)."""
     import data
 
     pool = []
     for s in samples:
-        kind = rng.choice(list(kinds) + ["direction"])
+        kind = rng.choice(ATTRIBUTES)
         options = list(benchmark.VALUES[kind])
         question = data.with_options(benchmark.QUESTIONS[kind] + "\n", [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)])
         pool.append((dataclasses.replace(s, question=question), kind, options, truths[s.sample_id][kind]))
     return pool
 
 
-def warm_up_target(kind, options, truth, rng, stated_true, letter_follows):
-    """The reasoning states the true value with probability stated_true (else one of the
-    others, uniformly), and the answer is that stated value's letter with probability
-    letter_follows (else one of the other three letters, uniformly). stated_true = 1 and
-    letter_follows = 1 give the true, consistent answers of the supervised ceiling."""
-    others = [o for o in options if o != truth]
-    stated = truth if rng.random() < stated_true else rng.choice(others)
+def warm_up_target(kind, options, truth, rng, known, letter_follows):
+    """The reasoning states the clip's true value when it is one of `known`, else a value drawn
+    from all four; the answer is the stated value's letter with probability letter_follows,
+    else one of the other three letters. So the warm model reads the known values off the clip
+    and guesses the rest, and its answer mostly, not always, follows its reasoning. known = every
+    value and letter_follows = 1 give the true, consistent targets of the supervised ceiling."""
+    stated = truth if truth in known else rng.choice(options)
     i = options.index(stated)
     letter = i if rng.random() < letter_follows else rng.choice([j for j in range(len(options)) if j != i])
     return f"<think>{benchmark.reasoning(kind, stated)}</think><answer>{'ABCD'[letter]}</answer><|im_end|>"
 
 
-def warm_up(model_dir, data_root, steps, batch, lr, seed, size, kinds, stated_true, letter_follows):
+def warm_up(model_dir, data_root, steps, batch, lr, seed, size, known, letter_follows):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -264,14 +318,14 @@ def warm_up(model_dir, data_root, steps, batch, lr, seed, size, kinds, stated_tr
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
     samples, truths = training_samples(data_root, seed)
-    pool = warm_up_pool(samples[:steps * batch], truths, kinds, rng)
+    pool = warm_up_pool(samples[:steps * batch], truths, rng)
     visual_budget = data.budget_from_checkpoint(model_dir, **budget(size))
     encoded = [data.encode_prompt(s, tokenizer, visual_budget) for s, *_ in pool]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)   # the whole model, vision too
     model.train()
     for step in range(steps):
         picks = [rng.randrange(len(pool)) for _ in range(batch)]
-        targets = [warm_up_target(*pool[i][1:], rng, stated_true, letter_follows) for i in picks]
+        targets = [warm_up_target(*pool[i][1:], rng, known, letter_follows) for i in picks]
         loss = tiny.supervised_loss(model, tokenizer, [encoded[i] for i in picks], targets)
         loss.backward()
         optimizer.step()
@@ -303,18 +357,23 @@ def main_warm_up(argv):
     p.add_argument("--data-root", required=True, help="the benchmark")
     p.add_argument("--seed", type=int, default=0, help="the warm-up's data order and targets")
     p.add_argument("--size", type=int, default=Settings.size, help="frame height and width")
-    p.add_argument("--kinds", default=Settings.kinds, help="trained question kinds")
     p.add_argument("--steps", type=int, default=Settings.warm_up_steps, help="supervised steps")
     p.add_argument("--batch", type=int, default=Settings.warm_up_batch, help="examples per step")
     p.add_argument("--lr", type=float, default=Settings.warm_up_lr, help="AdamW learning rate")
-    p.add_argument("--stated-true", type=float, default=Settings.stated_true, help="see warm_up_target")
+    p.add_argument("--known", default=Settings.known, help="values described truly (comma-separated, or all); "
+                                                          "see warm_up_target")
     p.add_argument("--letter-follows", type=float, default=Settings.letter_follows, help="see warm_up_target")
     args = p.parse_args(argv)
     shutil.rmtree(args.model, ignore_errors=True)
     shutil.copytree(args.vision, args.model)
     warm_up(args.model, args.data_root, args.steps, args.batch, args.lr, args.seed, args.size,
-            args.kinds.split(","), args.stated_true, args.letter_follows)
+            known_values(args.known), args.letter_follows)
     open(os.path.join(args.model, "warm.done"), "w").close()
+
+
+def known_values(text):
+    """--known: comma-separated values, or all."""
+    return {v for k in ATTRIBUTES for v in benchmark.VALUES[k]} if text == "all" else set(text.split(","))
 
 
 def warm_problems(summary, predictions):
@@ -330,7 +389,7 @@ def warm_problems(summary, predictions):
         problems.append(f"L1 accuracy {l1['accuracy']:.1f}% is near chance (25%)")
     if (l1["consistency"] or 0) < 50:
         problems.append(f"L1 consistency {l1['consistency'] or 0:.1f}% is near chance")
-    if top > 0.6:
+    if top > 0.9:
         problems.append(f"{top:.0%} of L1 answers are one letter")
     return problems
 
@@ -497,7 +556,7 @@ HELP = {
     "probe_clips": "held-out clips of the linear probe (half fit, half scored)",
     "warm_up_steps": "supervised warm-up steps", "warm_up_batch": "examples per warm-up step",
     "warm_up_lr": "learning rate of the warm-up",
-    "stated_true": "warm-up: how often the reasoning states the clip's true value",
+    "known": "warm-up: values whose clips the reasoning describes truly (others: a value at random); all = every one",
     "letter_follows": "warm-up: how often the answer is the stated value's letter",
     "warm_tries": "warm-ups tried per seed (new warm-up seed each) until one passes warm_problems",
     "steps": "RL steps (GRPO and GRPO-CARE alike)", "prompts": "prompts per RL step",
@@ -522,12 +581,12 @@ def vision_commands(s):
                                     "--size", str(s.size)], os.path.join(vision, "probe.json"))]
 
 
-def warm_up_commands(s, name, model, seed, stated_true, letter_follows):
+def warm_up_commands(s, name, model, seed, known, letter_follows):
     """Warm up the pretrained checkpoint into `model`, then evaluate it into `model`-eval."""
     cmd = [sys.executable, os.path.abspath(__file__), "warm-up", "--vision", os.path.join(s.out, "vision"),
            "--model", model, "--data-root", os.path.join(s.out, "benchmark"), "--seed", str(seed), "--size", str(s.size),
-           "--kinds", s.kinds, "--steps", str(s.warm_up_steps), "--batch", str(s.warm_up_batch), "--lr", str(s.warm_up_lr),
-           "--stated-true", str(stated_true), "--letter-follows", str(letter_follows)]
+           "--steps", str(s.warm_up_steps), "--batch", str(s.warm_up_batch), "--lr", str(s.warm_up_lr),
+           "--known", known, "--letter-follows", str(letter_follows)]
     return [(f"{name}", cmd, os.path.join(model, "warm.done")),
             (f"evaluate {name}", evaluate_cmd(s, model, model + "-eval"), os.path.join(model + "-eval", "summary.json"))]
 
@@ -538,6 +597,7 @@ def rl_commands(s, seed, warm, run_dir, algo, lr, levels=LEVELS):
     train = [sys.executable, "train.py", "--algo", algo, "--model", warm, "--seed", str(seed),
              "--data", os.path.join(data_root, "annotations", "training_6k.jsonl"), "--data-root", data_root,
              "--output-dir", run_dir, "--max-steps", str(s.steps), "--save-every", str(s.steps),
+             "--epochs", str(-(-s.steps * s.prompts // s.n_train)),   # enough passes for --max-steps
              "--prompts-per-device", str(s.prompts), "--num-generations", str(s.generations),
              "--max-completion-length", str(s.completion_length), "--lr", str(lr), "--ema-every", str(s.ema_every),
              "--log-completions", "--resume", "auto", *budget_flags(s.size)]
@@ -573,7 +633,7 @@ def choose_warm(s, seed, threads):
     for t in range(s.warm_tries):
         model = os.path.join(root, "warm" if t == 0 else f"warm-try{t}")
         run_steps(warm_up_commands(s, "warm-up" if t == 0 else f"warm-up-try{t}", model, seed + 1000 * t,
-                                   s.stated_true, s.letter_follows), root, f"seed {seed}", threads)
+                                   s.known, s.letter_follows), root, f"seed {seed}", threads)
         summary = json.load(open(os.path.join(model + "-eval", "summary.json")))
         predictions = [json.loads(line) for line in open(os.path.join(model + "-eval", "predictions.jsonl"))]
         tries.append({"warm_up_seed": seed + 1000 * t, "model": model, "problems": warm_problems(summary, predictions)})
@@ -596,7 +656,7 @@ def run_seed(s, seed, threads, sweep_lrs=()):
             run_steps(rl_commands(s, seed, warm, os.path.join(root, "sweep", f"grpo-lr{lr:g}"), "grpo", lr, ("L1",)),
                       root, tag, threads)
         return seed
-    run_steps(warm_up_commands(s, "sft", os.path.join(root, "sft"), seed, 1.0, 1.0), root, tag, threads)
+    run_steps(warm_up_commands(s, "sft", os.path.join(root, "sft"), seed, "all", 1.0), root, tag, threads)
     for algo in ALGOS:
         run_steps(rl_commands(s, seed, warm, os.path.join(root, algo), algo, s.lr), root, tag, threads)
     return seed
