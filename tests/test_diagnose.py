@@ -136,3 +136,15 @@ def test_link_reads_a_model_whose_letter_ignores_the_reasoning(setup, tokenizer,
     picked = [data.Sample(**{**samples[0].__dict__, "question": question})] * 4
     res = diagnose.link(model, tokenizer, picked, ["red", "red", "blue", "green"], budget)
     assert res == {"n": 4, "fact_is_true": 0.5, "letter_follows_fact": 0.25, "letter_spread": 0.0}
+
+
+def test_routes_separates_right_answers_by_where_they_come_from():
+    """Step 1: a blue clip answered through "blue" (right, reasoning true) and a lucky "green, so
+    C" (right elsewhere); step 2: "green, so C" again and a wrong "green, so B"."""
+    rows = [{"step": 1, "sample_id": "b", "accuracy": 1.0, "completion": "<think>The shape is blue.</think><answer>C</answer>"},
+            {"step": 1, "sample_id": "b", "accuracy": 1.0, "completion": "<think>The shape is green.</think><answer>C</answer>"},
+            {"step": 2, "sample_id": "b", "accuracy": 1.0, "completion": "<think>The shape is green.</think><answer>C</answer>"},
+            {"step": 2, "sample_id": "b", "accuracy": 0.0, "completion": "<think>The shape is green.</think><answer>B</answer>"}]
+    res = diagnose.routes(rows, {"b": ("colour", "blue")}, window=1)
+    assert res["first"] == {"blue": {"n": 2, "accuracy": 1.0, "states_truth": 0.5, "right_elsewhere": 0.5}}
+    assert res["last"] == {"blue": {"n": 2, "accuracy": 0.5, "states_truth": 0.0, "right_elsewhere": 0.5}}

@@ -189,6 +189,20 @@ def test_training_curves_count_zero_advantage_groups(tmp_path):
     assert curve["consistency"] == [0.75]   # "red, so B" contradicts itself
 
 
+def test_read_eval_counts_right_answers_the_reasoning_does_not_lead_to(tmp_path):
+    rows = [{"level": "L1", "score": 1.0, "consistent": True}, {"level": "L1", "score": 1.0, "consistent": False},
+            {"level": "L1", "score": 0.0, "consistent": False}, {"level": "L1", "score": 1.0, "consistent": None},
+            {"level": "L2", "score": 1.0, "consistent": False}]
+    with open(tmp_path / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    summary = {"results": {lv: {"accuracy": 0.0} for lv in ("all", "L1", "L2", "L3", "L1/horizontal")}}
+    json.dump(summary, open(tmp_path / "summary.json", "w"))
+    results = run.read_eval(str(tmp_path))["results"]
+    assert results["L1"]["correct_inconsistent"] == 25.0 and results["L2"]["correct_inconsistent"] == 100.0
+    assert results["all"]["correct_inconsistent"] == 40.0
+    assert "correct_inconsistent" not in results["L3"] and "correct_inconsistent" not in results["L1/horizontal"]
+
+
 def test_results_table_mean_and_spread():
     summary = lambda acc, cons: {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
     evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
@@ -246,3 +260,27 @@ def test_supervised_loss_pads_prompts_and_targets_without_changing_them(tiny_mod
         both = tiny.supervised_loss(model, tokenizer, encoded, targets).item()
     n = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets]  # every target token is learned
     assert both == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / sum(n), rel=1e-4)
+
+
+def test_vision_output_is_scaled_to_the_text_embeddings(tiny_model_dir, tmp_path):
+    """match_text_scale: afterwards the vision tokens of fresh clips have the mean norm of the
+    token embeddings, and every feature is the old one times the returned factor."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    budget = data.budget_from_checkpoint(tiny_model_dir, **run.budget(56))
+    pixels, grids, _ = run.clip_batch(4, random.Random(3), np.random.default_rng(3), budget, 56, str(tmp_path / "c.mp4"))
+    with torch.no_grad():
+        before = run.pooled_features(model, pixels, grids)
+    scale = run.match_text_scale(model, budget, 56)
+    with torch.no_grad():
+        after = run.pooled_features(model, pixels, grids)
+        out = model.model.get_video_features(pixels, grids)
+        tokens = torch.cat(list(out.pooler_output if hasattr(out, "pooler_output") else out))
+    torch.testing.assert_close(after, before * scale)
+    text = model.model.language_model.embed_tokens.weight.norm(dim=-1).mean()
+    assert tokens.norm(dim=-1).mean().item() == pytest.approx(text.item(), rel=0.3)   # fitted on other clips

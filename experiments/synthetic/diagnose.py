@@ -4,6 +4,7 @@ groups give none.
     python experiments/synthetic/diagnose.py grad-share --model out/synthetic/seed0/warm \\
         --data-root out/synthetic/benchmark --n 8 --generations 8 [--out share.json]
     python experiments/synthetic/diagnose.py zero-adv out/synthetic/seed0/grpo
+    python experiments/synthetic/diagnose.py routes out/synthetic/seed0/grpo --data-root out/synthetic/benchmark
     python experiments/synthetic/diagnose.py link --model out/synthetic/seed0/warm \
         --data-root out/synthetic/benchmark --n 20
 
@@ -29,6 +30,12 @@ value) after "<think>The shape is V.</think><answer" for every value V. It print
 most likely stated value is the clip's true one (grounding) and how often the most likely letter
 is V's own (the link from reasoning to answer), and the largest change of the letter
 distribution across V: about 0 means the answer ignores the reasoning altogether.
+
+routes reads a train.py run's completions.jsonl with the benchmark's true values and prints, per
+true value of the asked attribute, for the first and the last --window steps: rollout accuracy,
+how often the reasoning states the true value, and how often the answer is right while the
+reasoning states another value (the answer did not come from the reasoning: the shortcut, or a
+lucky letter). Accuracy that rises for a value the reasoning still misnames is the shortcut.
 
 zero-adv reads a train.py run's completions.jsonl (--log-completions) and prints, per step, the
 fraction of groups whose logged rewards (accuracy + format + bonus) are all equal, then the mean.
@@ -278,6 +285,36 @@ def link(model, tokenizer, samples, truths, budget):
 
 
 # -----------------------------------------------------------------------------
+# routes: does the right answer come from the reasoning?
+
+
+def routes(completions, truths, window=50):
+    """completions: completions.jsonl rows (step, sample_id, completion, accuracy); truths:
+    {sample_id: (kind, true value)}. Returns {"first"|"last": {value: {"n", "accuracy",
+    "states_truth", "right_elsewhere"}}} over the first and last `window` steps."""
+    last = max(r["step"] for r in completions)
+    spans = {"first": (1, window), "last": (last - window + 1, last)}
+    out = {}
+    for name, (lo, hi) in spans.items():
+        per = defaultdict(lambda: {"n": 0, "accuracy": 0.0, "states_truth": 0.0, "right_elsewhere": 0.0})
+        for r in completions:
+            if not lo <= r["step"] <= hi:
+                continue
+            kind, truth = truths[r["sample_id"]]
+            think = THINK_RE.search(r["completion"])
+            named = re.findall(r"\b(" + "|".join(benchmark.VALUES[kind]) + r")\b", think.group(1).lower()) if think else []
+            stated = named[-1] if named else None
+            v = per[truth]
+            v["n"] += 1
+            v["accuracy"] += r["accuracy"]
+            v["states_truth"] += stated == truth
+            v["right_elsewhere"] += r["accuracy"] == 1 and stated != truth
+        out[name] = {k: {"n": v["n"], **{m: v[m] / v["n"] for m in ("accuracy", "states_truth", "right_elsewhere")}}
+                     for k, v in sorted(per.items())}
+    return out
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -336,6 +373,19 @@ def main_link(args):
           f"{res['letter_spread']:.3f} across stated values")
 
 
+def main_routes(args):
+    path = os.path.join(args.run, "completions.jsonl") if os.path.isdir(args.run) else args.run
+    with open(path) as f:
+        completions = [json.loads(line) for line in f]
+    with open(os.path.join(args.data_root, "annotations", "training_6k.jsonl")) as f:
+        truths = {r["sample_id"]: (r["kind"], r["true_" + r["kind"]]) for r in map(json.loads, f)}
+    res = routes(completions, truths, args.window)
+    for name, per in res.items():
+        print(f"{name} {args.window} steps\n  {'value':10} {'n':>6} {'accuracy':>9} {'states truth':>13} {'right elsewhere':>16}")
+        for value, v in per.items():
+            print(f"  {value:10} {v['n']:6d} {v['accuracy']:9.2f} {v['states_truth']:13.2f} {v['right_elsewhere']:16.2f}")
+
+
 def build_parser():
     import run  # the experiment's visual budget
 
@@ -360,6 +410,10 @@ def build_parser():
     ln.add_argument("--n", type=int, default=20, help="the first n questions")
     for key, value in run.budget(run.Settings.size).items():
         ln.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
+    ro = sub.add_parser("routes", help="per true value: accuracy, true reasoning, right answers without it")
+    ro.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
+    ro.add_argument("--data-root", required=True, help="the benchmark directory (its training_6k.jsonl has the truths)")
+    ro.add_argument("--window", type=int, default=50, help="steps at the start and at the end")
     za = sub.add_parser("zero-adv", help="per-step zero-advantage group rate of a training run")
     za.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
     return parser
@@ -367,7 +421,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    {"grad-share": main_grad_share, "link": main_link, "zero-adv": main_zero_adv}[args.command](args)
+    {"grad-share": main_grad_share, "link": main_link, "routes": main_routes, "zero-adv": main_zero_adv}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -448,15 +448,32 @@ def mean_std(values):
     return mean, std
 
 
+def read_eval(eval_dir):
+    """An evaluation's summary.json, with one more metric per level read from its
+    predictions: correct_inconsistent, the % of answers that are right while their reasoning
+    leads to another option (the answer did not come from the reasoning: a shortcut or luck)."""
+    summary = json.load(open(os.path.join(eval_dir, "summary.json")))
+    rows = [json.loads(line) for line in open(os.path.join(eval_dir, "predictions.jsonl"))]
+    for level, entry in summary["results"].items():
+        picked = [r for r in rows if level == "all" or r.get("level") == level]
+        if level in ("all",) + LEVELS and picked:
+            entry["correct_inconsistent"] = 100 * sum(r["score"] == 1 and r.get("consistent") is False
+                                                      for r in picked) / len(picked)
+    return summary
+
+
+METRICS = ("accuracy", "consistency", "correct_inconsistent")
+
+
 def results_table(evals, seeds, runs=RUNS):
-    """{run: {level: {accuracy|consistency: {mean, std, per_seed}}}} from the eval summaries."""
+    """{run: {level: {metric: {mean, std, per_seed}}}} from the eval summaries (read_eval)."""
     table = {}
     for model in runs:
         table[model] = {}
         for level in ("all",) + LEVELS:
             row = {}
-            for metric in ("accuracy", "consistency"):
-                per_seed = [evals[(seed, model)]["results"][level][metric] for seed in seeds]
+            for metric in METRICS:
+                per_seed = [evals[(seed, model)]["results"][level].get(metric) for seed in seeds]
                 mean, std = mean_std(per_seed)
                 row[metric] = {"mean": mean, "std": std, "per_seed": per_seed}
             table[model][level] = row
@@ -473,7 +490,7 @@ def markdown(table, seeds, settings):
              "| level | metric | warm-up | SFT ceiling | GRPO | GRPO-CARE | GRPO - warm | CARE - GRPO |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for level in LEVELS + ("all",):
-        for metric in ("accuracy", "consistency"):
+        for metric in METRICS:
             cells = [table[m][level][metric] for m in RUNS]
             diff = []
             for a, b in (("grpo", "warm"), ("care", "grpo")):
@@ -717,11 +734,11 @@ def main(argv=None):
     for seed in seeds:
         root = os.path.join(s.out, f"seed{seed}")
         warm[f"seed{seed}"] = json.load(open(os.path.join(root, "warm.json")))
-        evals[(seed, "warm")] = json.load(open(os.path.join(warm[f"seed{seed}"][-1]["model"] + "-eval", "summary.json")))
-        evals[(seed, "sft")] = json.load(open(os.path.join(root, "sft-eval", "summary.json")))
+        evals[(seed, "warm")] = read_eval(warm[f"seed{seed}"][-1]["model"] + "-eval")
+        evals[(seed, "sft")] = read_eval(os.path.join(root, "sft-eval"))
         for algo in ALGOS:
             curves[(seed, algo)] = training_curves(os.path.join(root, algo), questions)
-            evals[(seed, algo)] = json.load(open(os.path.join(root, algo, "eval", "summary.json")))
+            evals[(seed, algo)] = read_eval(os.path.join(root, algo, "eval"))
     table = results_table(evals, seeds)
     probe_result = json.load(open(os.path.join(s.out, "vision", "probe.json")))
     with open(os.path.join(s.out, "results.json"), "w") as f:
