@@ -167,6 +167,12 @@ def test_a_warm_model_at_chance_or_collapsed_is_refused():
     collapsed = [{"level": "L1", "stated": "D"}] * 19 + spread[:1]
     assert run.warm_problems(summary(54.0, 75.0), collapsed) == ["95% of L1 answers are one letter"]
     assert run.warm_problems(summary(54.0, 75.0), [{"level": "L1", "stated": "D"}] * 3 + spread[:1]) == []  # 75%: two guessed colours named alike
+    # a known value read on 1 of 2 of its clips (the other known value on 2 of 2; unknown values do not count)
+    rows = [{"level": "L1", "stated": x, "sample_id": f"s{i}", "score": sc}
+            for i, (x, sc) in enumerate(zip("ABCDAB", (1.0, 1.0, 0.0, 0.0, 0.0, 1.0)))]
+    truths = {"s0": "red", "s1": "green", "s2": "blue", "s3": "yellow", "s4": "red", "s5": "green"}
+    assert run.warm_problems(summary(54.0, 75.0), rows, truths, {"red", "green"}) == ["reads red on 50% of its L1 clips"]
+    assert run.warm_problems(summary(54.0, 75.0), rows, truths, {"green"}) == []
 
 
 def test_training_curves_count_zero_advantage_groups(tmp_path):
@@ -208,13 +214,14 @@ def test_results_table_mean_and_spread():
     evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
              (0, "sft"): summary(90.0, 100.0), (1, "sft"): summary(92.0, 100.0),
              (0, "grpo"): summary(40.0, 80.0), (1, "grpo"): summary(50.0, 60.0),
-             (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0)}
+             (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0),
+             (0, "care_frozen"): summary(40.0, 85.0), (1, "care_frozen"): summary(50.0, 85.0)}
     table = run.results_table(evals, [0, 1])
     assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
     md = run.markdown(table, [0, 1], run.Settings())
-    # per seed: GRPO - warm -20, -40; CARE - GRPO +10, +40
-    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | -30.0 ± 14.1 | 25.0 ± 21.2 |"
-            in md)
+    # per seed: GRPO - warm -20, -40; CARE - GRPO +10, +40; frozen - GRPO +5, +25
+    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 85.0 ± 0.0 | -30.0 ± 14.1 | "
+            "25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
 
 
 def test_the_experiment_runs_end_to_end(tmp_path):
@@ -225,11 +232,11 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     results = json.load(open(out / "results.json"))
     assert set(results["probe"]["after"]) == {"colour", "shape", "direction"}
     assert [t["warm_up_seed"] for t in results["warm_models"]["seed0"]] == [0]
-    for model in ("warm", "sft", "grpo", "care"):
+    for model in ("warm", "sft", "grpo", "care", "care_frozen"):
         for level in ("L1", "L2", "L3"):
             row = results["results"][model][level]
             assert 0 <= row["accuracy"]["mean"] <= 100 and len(row["accuracy"]["per_seed"]) == 1
-    for algo in ("grpo", "care"):
+    for algo in ("grpo", "care", "care_frozen"):
         curve = results["curves"][f"seed0/{algo}"]
         assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"] +
                                                 curve["zero_advantage_rate"])

@@ -5,6 +5,7 @@ groups give none.
         --data-root out/synthetic/benchmark --n 8 --generations 8 [--out share.json]
     python experiments/synthetic/diagnose.py zero-adv out/synthetic/seed0/grpo
     python experiments/synthetic/diagnose.py routes out/synthetic/seed0/grpo --data-root out/synthetic/benchmark
+    python experiments/synthetic/diagnose.py bonus out/synthetic/seed0/care --data-root out/synthetic/benchmark
     python experiments/synthetic/diagnose.py link --model out/synthetic/seed0/warm \
         --data-root out/synthetic/benchmark --n 20
 
@@ -36,6 +37,11 @@ true value of the asked attribute, for the first and the last --window steps: ro
 how often the reasoning states the true value, and how often the answer is right while the
 reasoning states another value (the answer did not come from the reasoning: the shortcut, or a
 lucky letter). Accuracy that rises for a value the reasoning still misnames is the shortcut.
+
+bonus reads a CARE run's completions.jsonl and splits its right answers, per window of steps, into
+those whose reasoning leads to the answer (by benchmark.rule_verdict) and those whose reasoning
+leads elsewhere, with each one's mean reference confidence ref_p and bonus rate: the bonus does
+its job where the first get it and the second do not. Also for groups holding both kinds only.
 
 zero-adv reads a train.py run's completions.jsonl (--log-completions) and prints, per step, the
 fraction of groups whose logged rewards (accuracy + format + bonus) are all equal, then the mean.
@@ -314,6 +320,33 @@ def routes(completions, truths, window=50):
     return out
 
 
+def bonus_split(completions, questions, windows):
+    """completions: a CARE run's completions.jsonl rows; questions: {sample_id: question with its
+    lettered options}; windows: [(first step, last step)]. Per window, for right answers with a
+    reference confidence: {"consistent"|"inconsistent"|"mixed consistent"|"mixed inconsistent":
+    {"n", "ref_p", "bonus_rate"}}, "mixed" counting only groups that hold both kinds."""
+    out = []
+    for lo, hi in windows:
+        groups = defaultdict(list)
+        for r in completions:
+            if lo <= r["step"] <= hi and r["accuracy"] == 1 and r.get("ref_p") is not None:
+                think = THINK_RE.search(r["completion"])
+                verdict = benchmark.rule_verdict(questions[r["sample_id"]], think.group(1) if think else "")
+                stated = rewards.extract_answer(r["completion"])
+                groups[(r["step"], r["sample_id"])].append((verdict == (stated or "").strip(), r["ref_p"], r["bonus"] > 0))
+        split = defaultdict(list)
+        for rows in groups.values():
+            mixed = len({c for c, _, _ in rows}) == 2
+            for consistent, p, got in rows:
+                name = "consistent" if consistent else "inconsistent"
+                split[name].append((p, got))
+                if mixed:
+                    split["mixed " + name].append((p, got))
+        out.append({"steps": [lo, hi], **{k: {"n": len(v), "ref_p": sum(p for p, _ in v) / len(v),
+                                               "bonus_rate": sum(g for _, g in v) / len(v)} for k, v in split.items()}})
+    return out
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -386,6 +419,19 @@ def main_routes(args):
             print(f"  {value:10} {v['n']:6d} {v['accuracy']:9.2f} {v['states_truth']:13.2f} {v['right_elsewhere']:16.2f}")
 
 
+def main_bonus(args):
+    path = os.path.join(args.run, "completions.jsonl") if os.path.isdir(args.run) else args.run
+    with open(path) as f:
+        completions = [json.loads(line) for line in f]
+    samples, _ = data.load_samples(os.path.join(args.data_root, "annotations", "training_6k.jsonl"), args.data_root)
+    questions = {s.sample_id: s.question for s in samples}
+    last = max(r["step"] for r in completions)
+    windows = [(lo, min(lo + args.window - 1, last)) for lo in range(1, last + 1, args.window)]
+    for w in bonus_split(completions, questions, windows):
+        print(f"steps {w['steps'][0]}-{w['steps'][1]}: " + "; ".join(
+            f"{k} n={v['n']} ref_p={v['ref_p']:.2f} bonus={v['bonus_rate']:.2f}" for k, v in w.items() if k != "steps"))
+
+
 def build_parser():
     import run  # the experiment's visual budget
 
@@ -414,6 +460,10 @@ def build_parser():
     ro.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
     ro.add_argument("--data-root", required=True, help="the benchmark directory (its training_6k.jsonl has the truths)")
     ro.add_argument("--window", type=int, default=50, help="steps at the start and at the end")
+    bo = sub.add_parser("bonus", help="reference confidence and bonus of right answers, consistent or not")
+    bo.add_argument("run", help="a train.py --algo care output directory run with --log-completions")
+    bo.add_argument("--data-root", required=True, help="the benchmark directory")
+    bo.add_argument("--window", type=int, default=100, help="steps per window")
     za = sub.add_parser("zero-adv", help="per-step zero-advantage group rate of a training run")
     za.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
     return parser
@@ -421,7 +471,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    {"grad-share": main_grad_share, "link": main_link, "routes": main_routes, "zero-adv": main_zero_adv}[args.command](args)
+    {"grad-share": main_grad_share, "link": main_link, "routes": main_routes, "bonus": main_bonus, "zero-adv": main_zero_adv}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 drift from its answers, and does the consistency bonus keep them in agreement, as the paper
 reports at 7B? (README.md here has the results and how to read them.)
 
-    python experiments/synthetic/run.py                  # the default run, about 45 min on 2 cores
+    python experiments/synthetic/run.py                  # the default run, about 40 min on 2 cores
     python experiments/synthetic/run.py --seeds 3,4,5    # other seeds
     python experiments/synthetic/run.py --sweep-lrs 1e-4,3e-4,1e-3 --seeds 0   # the lr sweep
     python experiments/synthetic/run.py --smoke          # a handful of steps (the CI test)
@@ -47,8 +47,14 @@ sys.path.insert(0, HERE)
 
 import benchmark  # noqa: E402
 
-ALGOS = ("grpo", "care")
-RUNS = ("warm", "sft") + ALGOS   # sft: the supervised ceiling (true, consistent answers)
+# The RL runs and their train.py flags. care_frozen is CARE with a frozen reference (--ema-decay
+# 1.0), the public code's effective behaviour: it tells whether the EMA reference's drift
+# towards the policy is what lets the bonus reward answers their reasoning does not lead to.
+ALGOS = {"grpo": ["--algo", "grpo"], "care": ["--algo", "care"],
+         "care_frozen": ["--algo", "care", "--ema-decay", "1.0"]}
+RUNS = ("warm", "sft") + tuple(ALGOS)   # sft: the supervised ceiling (true, consistent answers)
+LABELS = {"warm": "warm-up", "sft": "SFT ceiling", "grpo": "GRPO", "care": "GRPO-CARE",
+          "care_frozen": "CARE, frozen ref."}
 LEVELS = ("L1", "L2", "L3")
 ATTRIBUTES = ("colour", "shape", "direction")
 
@@ -376,13 +382,16 @@ def known_values(text):
     return {v for k in ATTRIBUTES for v in benchmark.VALUES[k]} if text == "all" else set(text.split(","))
 
 
-def warm_problems(summary, predictions):
+def warm_problems(summary, predictions, truths=None, known=()):
     """Why a warm model is no start for the experiment (empty: it is): L1 accuracy at chance,
-    reasoning and answer agreeing no more than chance, or one answer for every question."""
-    from collections import Counter
+    reasoning and answer agreeing no more than chance, one answer for every question, or (with
+    truths = {sample_id: true answer} of L1) a known value it reads on fewer than 80% of its
+    clips: it has not learnt what the warm-up taught."""
+    from collections import Counter, defaultdict
 
     l1 = summary["results"]["L1"]
-    letters = Counter(p["stated"] for p in predictions if p.get("level") == "L1")
+    rows = [p for p in predictions if p.get("level") == "L1"]
+    letters = Counter(p["stated"] for p in rows)
     top = max(letters.values()) / max(1, sum(letters.values())) if letters else 1.0
     problems = []
     if l1["accuracy"] < 35:
@@ -391,6 +400,13 @@ def warm_problems(summary, predictions):
         problems.append(f"L1 consistency {l1['consistency'] or 0:.1f}% is near chance")
     if top > 0.9:
         problems.append(f"{top:.0%} of L1 answers are one letter")
+    by_value = defaultdict(list)
+    for p in rows:
+        if truths and truths.get(p["sample_id"]) in known:
+            by_value[truths[p["sample_id"]]].append(p["score"])
+    for value, scores in sorted(by_value.items()):
+        if sum(scores) / len(scores) < 0.8:
+            problems.append(f"reads {value} on {sum(scores) / len(scores):.0%} of its L1 clips")
     return problems
 
 
@@ -487,13 +503,13 @@ def markdown(table, seeds, settings):
              f"{settings.steps} RL steps of {settings.prompts} prompts x {settings.generations} completions at lr "
              f"{settings.lr:g}; {settings.n_val} questions per level; consistency judged by rule. SFT: the supervised "
              f"ceiling (the warm-up's recipe on true, consistent answers).", "",
-             "| level | metric | warm-up | SFT ceiling | GRPO | GRPO-CARE | GRPO - warm | CARE - GRPO |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | GRPO - warm | CARE - GRPO | "
+             "frozen - GRPO |", "| --- | --- |" + " ---: |" * (len(RUNS) + 3)]
     for level in LEVELS + ("all",):
         for metric in METRICS:
             cells = [table[m][level][metric] for m in RUNS]
             diff = []
-            for a, b in (("grpo", "warm"), ("care", "grpo")):
+            for a, b in (("grpo", "warm"), ("care", "grpo"), ("care_frozen", "grpo")):
                 d = [x - y for x, y in zip(table[a][level][metric]["per_seed"], table[b][level][metric]["per_seed"])
                      if None not in (x, y)]
                 mean, std = mean_std(d)
@@ -521,13 +537,13 @@ def plot(curves, seeds, path, window):
               ("zero_advantage_rate", "groups with zero advantage"))
     fig, axes = plt.subplots(1, 5, figsize=(20, 4), sharex=True)
     for ax, (key, title) in zip(axes.flat, panels):
-        for algo, colour in zip(ALGOS, ("tab:blue", "tab:red")):
+        for algo, colour in zip(ALGOS, ("tab:blue", "tab:red", "tab:green")):
             if algo == "grpo" and key in ("bonus_rate", "ref_confidence"):
                 continue  # GRPO has no bonus and never scores answers with its reference
             runs = [curves[(seed, algo)] for seed in seeds]
             steps = runs[0]["step"]
             ys = np.array([smooth(r[key], window) for r in runs], dtype=float)
-            ax.plot(steps, np.nanmean(ys, 0), color=colour, label="GRPO-CARE" if algo == "care" else "GRPO")
+            ax.plot(steps, np.nanmean(ys, 0), color=colour, label=LABELS[algo])
             ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=colour, alpha=0.15)
         ax.set_title(title)
         ax.set_ylim(0, 1.02)
@@ -611,7 +627,7 @@ def warm_up_commands(s, name, model, seed, known, letter_follows):
 def rl_commands(s, seed, warm, run_dir, algo, lr, levels=LEVELS):
     data_root = os.path.join(s.out, "benchmark")
     final = os.path.join(run_dir, f"checkpoint-{s.steps:06d}")
-    train = [sys.executable, "train.py", "--algo", algo, "--model", warm, "--seed", str(seed),
+    train = [sys.executable, "train.py", *ALGOS[algo], "--model", warm, "--seed", str(seed),
              "--data", os.path.join(data_root, "annotations", "training_6k.jsonl"), "--data-root", data_root,
              "--output-dir", run_dir, "--max-steps", str(s.steps), "--save-every", str(s.steps),
              "--epochs", str(-(-s.steps * s.prompts // s.n_train)),   # enough passes for --max-steps
@@ -646,6 +662,8 @@ def choose_warm(s, seed, threads):
     warm_tries are spent: the last one is used and its problems are reported). Every try is
     recorded in seed<k>/warm.json."""
     root = os.path.join(s.out, f"seed{seed}")
+    with open(os.path.join(s.out, "benchmark", "annotations", "validation_L1.jsonl")) as f:
+        truths = {r["sample_id"]: r["answer"] for r in map(json.loads, f)}
     tries = []
     for t in range(s.warm_tries):
         model = os.path.join(root, "warm" if t == 0 else f"warm-try{t}")
@@ -653,7 +671,8 @@ def choose_warm(s, seed, threads):
                                    s.known, s.letter_follows), root, f"seed {seed}", threads)
         summary = json.load(open(os.path.join(model + "-eval", "summary.json")))
         predictions = [json.loads(line) for line in open(os.path.join(model + "-eval", "predictions.jsonl"))]
-        tries.append({"warm_up_seed": seed + 1000 * t, "model": model, "problems": warm_problems(summary, predictions)})
+        tries.append({"warm_up_seed": seed + 1000 * t, "model": model,
+                      "problems": warm_problems(summary, predictions, truths, known_values(s.known))})
         print(f"[seed {seed}] warm model {model}: " + ("; ".join(tries[-1]["problems"]) or "passes"), flush=True)
         if not tries[-1]["problems"]:
             break
