@@ -186,13 +186,16 @@ def test_training_curves_count_zero_advantage_groups(tmp_path):
                  advantage=-0.7),
             dict(step=1, sample_id="b", completion="<think>The shape is green.</think><answer>B</answer>", accuracy=1.0,
                  advantage=0.7)]
+    # group c: rewards 0, 1, 2 -> advantages -1.2, 0, 1.2: one zero, yet a learning signal
+    rows += [dict(step=1, sample_id="c", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
+                  advantage=a) for a in (-1.2, 0.0, 1.2)]
     with open(tmp_path / "completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(tmp_path / "log.jsonl", "w") as f:
         f.write(json.dumps({"step": 1, "bonus_rate": 0.25, "ref_confidence": 0.5}) + "\n")
-    curve = run.training_curves(str(tmp_path), {"a": q, "b": q})
-    assert curve["zero_advantage_rate"] == [0.5] and curve["accuracy"] == [0.75]
-    assert curve["consistency"] == [0.75]   # "red, so B" contradicts itself
+    curve = run.training_curves(str(tmp_path), {"a": q, "b": q, "c": q})
+    assert curve["zero_advantage_rate"] == [pytest.approx(1 / 3)] and curve["accuracy"] == [6 / 7]
+    assert curve["consistency"] == [6 / 7]   # "red, so B" contradicts itself
 
 
 def test_read_eval_counts_right_answers_the_reasoning_does_not_lead_to(tmp_path):
