@@ -562,7 +562,10 @@ def plot(curves, seeds, path, window):
 
 
 def parse_settings(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass   # the docstring as written, and every flag's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     for f in dataclasses.fields(Settings):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name])
     p.add_argument("--smoke", action="store_true", help="a handful of steps on a few questions (the CI test)")
