@@ -1,4 +1,4 @@
-"""GRPO-CARE rewards, advantages and the policy loss (SPEC sections 1.4-1.7).
+"""GRPO-CARE rewards, advantages and the policy loss.
 
 Every tensor of per-completion values is [P, G]: P prompts, G sampled completions per
 prompt. Every statistic is taken within one prompt's group (dim=1), never across the

@@ -67,7 +67,8 @@ class VisualBudget:
 
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
     """Patch geometry and normalisation come from the checkpoint (they are baked into its vision
-    tower); pixel and frame budgets stay ours (SPEC), whatever min/max_pixels the checkpoint lists."""
+    tower); pixel and frame budgets stay ours (the training defaults), whatever min/max_pixels the
+    checkpoint lists."""
     kw = {}
     path = os.path.join(model_dir, "preprocessor_config.json")
     if os.path.exists(path):

@@ -11,7 +11,7 @@ found from character offsets, because byte-level BPE merges tags with their neig
 (Qwen2's tokenizer turns "<answer>A</answer>" into "<answer", ">A", "</", "answer", ">"): the
 public code's "search for 'answer' and drop the last 3 tokens" scores the wrong tokens.
 
-The reference is kept in fp32 and really updated (SPEC section 2): a 0.5% step on bf16
+The reference is kept in fp32 and really updated: a 0.5% step on bf16
 weights is mostly rounded away, and ema_decay = 1.0 gives a frozen reference (plain GRPO).
 """
 

@@ -1,4 +1,4 @@
-"""Rule-based rewards for GRPO-CARE (SPEC 1.3).
+"""Rule-based rewards for GRPO-CARE.
 
 The base reward of completion i is r_b[i] = acc[i] + fmt[i], both weighted 1:
 - fmt: 1 iff the completion is exactly "<think>...</think> <answer>...</answer>".
@@ -138,7 +138,7 @@ SCORERS = {
 }
 assert tuple(SCORERS) == PROBLEM_TYPES
 # Evaluation scores regression answers by mean relative accuracy; training keeps the smooth
-# 1 - relative error as its reward (SPEC 1.3).
+# 1 - relative error as its reward.
 EVAL_SCORERS = {**SCORERS, "regression": mean_relative_accuracy}
 
 # -----------------------------------------------------------------------------

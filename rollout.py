@@ -35,7 +35,7 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 
 def sampling_config(tokenizer, max_new_tokens, temperature=1.0, top_p=0.95, top_k=0,
                     repetition_penalty=1.0, do_sample=True):
-    """Every setting that shapes the sampling distribution, spelled out (SPEC 1.2).
+    """Every setting that shapes the sampling distribution, spelled out.
 
     The visual placeholder tokens are never sampled: an <|image_pad|> inside a completion would
     make the scoring forward look for image features that do not exist. A trained model never

@@ -1,6 +1,6 @@
 """Per-GPU memory of one GRPO-CARE training step, part by part, and whether it fits.
 
-    python bench/memory.py                        # Qwen2.5-VL-7B, 4 x 80 GB, SPEC section 5 settings
+    python bench/memory.py                        # Qwen2.5-VL-7B, 4 x 80 GB, the paper's settings
     python bench/memory.py --gpus 2 --frames 32   # any other setting (see --help)
     python bench/memory.py --config path/to/config.json
     python bench/memory.py --measure              # the same model against measured peaks, tiny models on CPU
