@@ -176,19 +176,15 @@ def test_a_warm_model_at_chance_or_collapsed_is_refused():
 
 
 def test_training_curves_count_zero_advantage_groups(tmp_path):
-    """Groups are (step, sample_id); a group whose advantages are all 0 gives no gradient."""
+    """Groups are (step, sample_id); a group whose rewards (accuracy + format + bonus) are all
+    equal gives no gradient: here a, not b (1 and 0 right) nor c (formats differ)."""
     q = COLOUR_Q
-    rows = [dict(step=1, sample_id="a", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
-                 advantage=0.0),
-            dict(step=1, sample_id="a", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
-                 advantage=0.0),
-            dict(step=1, sample_id="b", completion="<think>The shape is red.</think><answer>B</answer>", accuracy=0.0,
-                 advantage=-0.7),
-            dict(step=1, sample_id="b", completion="<think>The shape is green.</think><answer>B</answer>", accuracy=1.0,
-                 advantage=0.7)]
-    # group c: rewards 0, 1, 2 -> advantages -1.2, 0, 1.2: one zero, yet a learning signal
-    rows += [dict(step=1, sample_id="c", completion="<think>The shape is red.</think><answer>A</answer>", accuracy=1.0,
-                  advantage=a) for a in (-1.2, 0.0, 1.2)]
+
+    def row(sid, reasoning, letter, acc, fmt=1.0):
+        return dict(step=1, sample_id=sid, completion=f"<think>The shape is {reasoning}.</think><answer>{letter}</answer>",
+                    accuracy=acc, format=fmt, bonus=0.0, advantage=0.0)
+    rows = [row("a", "red", "A", 1.0), row("a", "red", "A", 1.0), row("b", "red", "B", 0.0), row("b", "green", "B", 1.0),
+            row("c", "red", "A", 1.0, 0.0), row("c", "red", "A", 1.0), row("c", "red", "A", 1.0)]
     with open(tmp_path / "completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(tmp_path / "log.jsonl", "w") as f:

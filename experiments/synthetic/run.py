@@ -427,8 +427,9 @@ def training_curves(run_dir, questions):
     """Per step, from the training rollouts: accuracy, rule-checked consistency (of the
     completions that answer an option), bonus rate, mean reference confidence, and the
     zero-advantage rate (groups whose completions all score the same: no gradient)."""
+    import diagnose
     import evaluate
-    per_step, groups = {}, {}
+    per_step = {}
     with open(os.path.join(run_dir, "completions.jsonl")) as f:
         for line in f:
             r = json.loads(line)
@@ -440,10 +441,6 @@ def training_curves(run_dir, questions):
             if stated is not None:
                 s["answered"] += 1
                 s["consistent"] += stated == verdict
-            groups.setdefault((r["step"], r["sample_id"]), []).append(r["advantage"])
-    zero = {}
-    for (step, _), adv in groups.items():
-        zero.setdefault(step, []).append(all(a == 0 for a in adv))
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = {r["step"]: r for r in map(json.loads, f)}
     steps = sorted(per_step)
@@ -452,7 +449,8 @@ def training_curves(run_dir, questions):
             "consistency": [per_step[k]["consistent"] / max(1, per_step[k]["answered"]) for k in steps],
             "bonus_rate": [log[k]["bonus_rate"] for k in steps],
             "ref_confidence": [log[k]["ref_confidence"] for k in steps],
-            "zero_advantage_rate": [sum(zero[k]) / len(zero[k]) for k in steps]}
+            "zero_advantage_rate": diagnose.zero_advantage_rate(os.path.join(run_dir, "completions.jsonl"))[
+                "zero_advantage_rate"]}
 
 
 def mean_std(values):
