@@ -351,15 +351,25 @@ def bonus_split(completions, questions, windows):
 # command line
 
 
+def budget_of(args):
+    """The visual budget of --model under the budget flags (add_budget_flags)."""
+    import run
+    return data.budget_from_checkpoint(args.model, **{k: getattr(args, k) for k in run.budget(run.Settings.size)})
+
+
+def add_budget_flags(parser):
+    import run  # the experiment's visual budget, as run.py's budget_flags passes it
+    for key, value in run.budget(run.Settings.size).items():
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
+
+
 def main_grad_share(args):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).to(args.device)
-    budget = data.budget_from_checkpoint(args.model, max_frames=args.max_frames, video_min_pixels=args.video_min_pixels,
-                                         video_max_pixels=args.video_max_pixels, image_min_pixels=args.image_min_pixels,
-                                         image_max_pixels=args.image_max_pixels)
+    budget = budget_of(args)
     path = args.data or os.path.join(args.data_root, "annotations", "training_6k.jsonl")
     samples, _ = data.load_samples(path, args.data_root, seed=args.seed)
     samples = random.Random(args.seed).sample(samples, min(args.n, len(samples)))
@@ -391,9 +401,7 @@ def main_link(args):
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
-    budget = data.budget_from_checkpoint(args.model, max_frames=args.max_frames, video_min_pixels=args.video_min_pixels,
-                                         video_max_pixels=args.video_max_pixels, image_min_pixels=args.image_min_pixels,
-                                         image_max_pixels=args.image_max_pixels)
+    budget = budget_of(args)
     path = args.data or os.path.join(args.data_root, "annotations", "validation_L1.jsonl")
     samples, _ = data.load_samples(path, args.data_root)
     with open(path) as f:
@@ -433,8 +441,6 @@ def main_bonus(args):
 
 
 def build_parser():
-    import run  # the experiment's visual budget
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gs = sub.add_parser("grad-share", help="gradient share of fact, answer and other tokens in one rollout")
@@ -447,15 +453,13 @@ def build_parser():
     gs.add_argument("--max-new-tokens", type=int, default=32, help="longest completion, in tokens")
     gs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     gs.add_argument("--out", default=None, help="also write the result as JSON here")
-    for key, value in run.budget(run.Settings.size).items():  # run.py's budget_flags
-        gs.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
+    add_budget_flags(gs)
     ln = sub.add_parser("link", help="teacher-forced grounding of the stated fact and its link to the letter")
     ln.add_argument("--model", required=True, help="checkpoint directory")
     ln.add_argument("--data-root", required=True, help="the benchmark directory")
     ln.add_argument("--data", default=None, help="annotations (default: DATA_ROOT/annotations/validation_L1.jsonl)")
     ln.add_argument("--n", type=int, default=20, help="the first n questions")
-    for key, value in run.budget(run.Settings.size).items():
-        ln.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
+    add_budget_flags(ln)
     ro = sub.add_parser("routes", help="per true value: accuracy, true reasoning, right answers without it")
     ro.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
     ro.add_argument("--data-root", required=True, help="the benchmark directory (its training_6k.jsonl has the truths)")
