@@ -33,7 +33,7 @@ import math
 import torch
 
 
-def _capped_mean(x, dim=1):
+def _mean_within_range(x, dim=1):
     # A group mean can round to just above its largest member (e.g. three equal 0.3s), which
     # would make "x >= mean" false for everyone. Clamping into [min, max] is a no-op in exact
     # arithmetic and makes groups of equal values behave as the maths says they should.
@@ -56,43 +56,43 @@ def reference_confidence(answer_logp, has_span, conf_cap=0.95):
 
 def high_accuracy_mask(acc, has_span):
     """H: samples clearly right (acc > 0.1), at least as good as their group, with a span."""
-    return (acc > 0.1) & (acc >= _capped_mean(acc)) & has_span
+    return (acc > 0.1) & (acc >= _mean_within_range(acc)) & has_span
 
 
-def consistency_bonus(acc, p, has_span, margin=0.0, bonus_coef=0.5):
-    """Bonus for high-accuracy samples whose reference confidence is >= the H-mean - margin.
+def consistency_bonus(acc, p, has_span, margin=0.0, bonus_coef=0.5, with_high=False):
+    """Bonus for high-accuracy samples whose reference confidence p is >= the H-mean - margin.
 
     Returns (bonus [P,G], consistent [P,G] bool); consistent = H & C, the rewarded samples.
+    with_high: also return H [P,G] bool.
     """
     high = high_accuracy_mask(acc, has_span)
     n_high = high.sum(1, keepdim=True)
     # mean of p over H only; clamp(min=1) avoids 0/0 in groups with an empty H, whose
     # members are all excluded below anyway (consistent requires membership of H).
     mu = torch.where(high, p, torch.zeros_like(p)).sum(1, keepdim=True) / n_high.clamp(min=1)
-    # same float-rounding guard as _capped_mean: the most confident member of H always passes
+    # same float-rounding guard as _mean_within_range: the most confident member of H always passes
     top = torch.where(high, p, torch.full_like(p, -math.inf)).amax(1, keepdim=True)
     mu = torch.minimum(mu, top)
     consistent = high & (p >= mu - margin)
     bonus = bonus_coef * acc * consistent.to(acc.dtype)
-    return bonus, consistent
+    return (bonus, consistent, high) if with_high else (bonus, consistent)
 
 
 def care_rewards(acc, fmt, answer_logp, has_span, margin=0.0, bonus_coef=0.5, conf_cap=0.95):
-    """Everything the training loop needs from the CARE reward in one call ([P,G] tensors)."""
-    p = reference_confidence(answer_logp, has_span, conf_cap)
-    bonus, consistent = consistency_bonus(acc, p, has_span, margin, bonus_coef)
-    return {
-        "reward": acc + fmt + bonus,
-        "bonus": bonus,
-        "consistent": consistent,
-        "p": p,
-        "high_acc": high_accuracy_mask(acc, has_span),
-    }
+    """Everything the training loop needs from the CARE reward in one call ([P,G] tensors):
+    reward r, bonus b, consistent (H & C), ref_conf p, high_acc H."""
+    ref_conf = reference_confidence(answer_logp, has_span, conf_cap)                   # [P, G]
+    bonus, consistent, high = consistency_bonus(acc, ref_conf, has_span, margin, bonus_coef, with_high=True)
+    return {"reward": acc + fmt + bonus, "bonus": bonus, "consistent": consistent, "ref_conf": ref_conf,
+            "high_acc": high}
 
 
 def grpo_rewards(acc, fmt):
-    """Plain GRPO baseline: accuracy + format, no consistency term."""
-    return {"reward": acc + fmt}
+    """Plain GRPO baseline: accuracy + format, no consistency term. The same fields as
+    care_rewards (bonus, ref_conf zero; nobody consistent or in H), so the loop has one path."""
+    zero = torch.zeros_like(acc)
+    none = torch.zeros_like(acc, dtype=torch.bool)
+    return {"reward": acc + fmt, "bonus": zero, "consistent": none, "ref_conf": zero, "high_acc": none}
 
 
 # -----------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def group_advantages(rewards, eps=1e-4):
         std = rewards.std(1, keepdim=True)
     else:
         std = torch.zeros_like(rewards)
-    return (rewards - _capped_mean(rewards)) / (std + eps)
+    return (rewards - _mean_within_range(rewards)) / (std + eps)
 
 
 # -----------------------------------------------------------------------------

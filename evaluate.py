@@ -45,6 +45,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import data
+import encoding
 import results
 import rewards
 import rollout
@@ -316,7 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--second-per-grid", type=float, default=0.0, metavar="S",
                    help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
                         "1.0 = the public code's fixed value (use what the model was trained with)")
-    p.add_argument("--frame-rounding", choices=data.FRAME_ROUNDINGS, default="nearest",
+    p.add_argument("--frame-rounding", choices=encoding.FRAME_ROUNDINGS, default="nearest",
                    help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
                         "code: clamp, then round down)")
     p.add_argument("--allow-outside-data-root", action="store_true",
@@ -450,7 +451,7 @@ def main(argv=None):
 
     def budget(frames):
         if frames not in budgets:
-            budgets[frames] = data.budget_from_checkpoint(
+            budgets[frames] = encoding.budget_from_checkpoint(
                 args.model, fps=args.fps, min_frames=min(args.min_frames, frames), max_frames=frames,
                 video_min_pixels=args.video_min_pixels, video_max_pixels=args.video_max_pixels,
                 image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels,
@@ -480,7 +481,7 @@ def main(argv=None):
             if all(item[0] in done for item in kept):  # all but the skipped samples are done
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
-                       for key, v in data.collate_prompts(encoded, tokenizer).items()}
+                       for key, v in encoding.collate_prompts(encoded, tokenizer).items()}
             torch.manual_seed(args.seed * 1_000_003 + k)  # the batch's own seed, whatever the process
             texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
             rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
@@ -516,7 +517,7 @@ def encode_batch(batch, tokenizer, budget, skip_bad, rank, skips):
     kept, encoded = [], []
     for item in batch:
         try:
-            encoded.append(data.encode_prompt(item[1], tokenizer, budget(item[3])))
+            encoded.append(encoding.encode_prompt(item[1], tokenizer, budget(item[3])))
             kept.append(item)
         except data.DataError as e:
             if not skip_bad:

@@ -1,28 +1,29 @@
-"""Group sampling: G completions per prompt, and the per-token log-probs of those completions.
+"""Group sampling: G completions per prompt (generate), and the per-token log-probs of those
+completions under a model (completion_logprobs).
 
-A rollout is one batch of P prompts (left-padded by data.collate_prompts) and the P*G sampled
-completions, row n belonging to prompt n // G. The same rows are later scored by the policy
-(with gradient) and by the reference model (CARE's answer likelihood, or GRPO's KL), so the
-code that turns a rollout into model inputs lives here too.
+A rollout is one batch of P prompts (left-padded by encoding.collate_prompts) and the P*G
+sampled completions, row n belonging to prompt n // G. The same rows are later scored by the
+policy (with gradient) and by the reference model (CARE's answer likelihood, or GRPO's KL).
 
-All G samples of a group share one prompt, with its video and image, and it goes through the
-model once per group: generation prefills it once and the samples continue from copies of its
-KV cache (prefilled); scoring packs it with its G completions into one row (packed_inputs).
+How a group's shared prompt goes through the model once, in both (a speed-up that changes no
+number), is prefix_sharing.py's business; the public code's way is bench/baselines.py.
+Reaches into library internals are tagged `internal:` with the reason.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+import prefix_sharing
+from encoding import model_inputs, select_prompt
 
 
 @dataclass
 class Rollout:
-    prompts: dict                  # collated prompt batch for the P prompts (data.collate_prompts)
+    prompts: dict                  # collated prompt batch for the P prompts (encoding.collate_prompts)
     completion_ids: torch.Tensor   # [P*G, T] sampled tokens, padded after the end of turn
     completion_mask: torch.Tensor  # [P*G, T] 1.0 up to and including the first <|im_end|>
     truncated: torch.Tensor        # [P*G] bool: never reached <|im_end|> within max_new_tokens
@@ -72,14 +73,8 @@ def completion_mask_from_ids(completion_ids, eos_id):
     return mask, ~has_eos
 
 
-def model_inputs(prompts):
-    """The prompt batch as keyword arguments for a Qwen2.5-VL forward or generate call."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids") + VISUAL_KEYS
-    return {k: prompts[k] for k in keys if k in prompts}
-
-
 @torch.no_grad()
-def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, share=True):
+def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, group_inputs=None):
     """Sample num_generations completions for each prompt of the collated batch.
 
     seeds=None: one generate call for the whole batch (evaluation). With one seed per prompt
@@ -87,9 +82,12 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
     the completions a prompt gets then depend on (run seed, step, prompt) only, not on which
     rank it landed on or which prompts share its batch, so a 2-process run samples exactly what
     a 1-process run with the same global batch samples, and a resumed run what the
-    uninterrupted run would have. Each group's prompt is encoded and prefilled once and the G
-    samples continue from copies of its KV cache (share=False: the prompt repeated G times, the
-    public code's way, kept as the baseline for bench/step.py)."""
+    uninterrupted run would have.
+
+    group_inputs(model, prompt, G) gives generate()'s inputs for one group: by default
+    prefix_sharing.prefilled (the prompt prefilled once, its KV cache copied G times);
+    bench/baselines.repeated_prompt repeats the prompt G times instead."""
+    group_inputs = group_inputs or prefix_sharing.prefilled
     was_training = model.training
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
     g = num_generations
@@ -111,7 +109,7 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
             one = select_prompt(prompts, i)
             torch.manual_seed(seed)
             gen_config.num_return_sequences = 1
-            out = sample(**prefilled(model, one, g)) if share else sample(**model_inputs(repeat_prompts(one, g)))
+            out = sample(**group_inputs(model, one, g))
             rows.extend(out[:, one["input_ids"].shape[1]:])
     model.train(was_training)
     pad = gen_config.pad_token_id
@@ -123,160 +121,6 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
     texts = [tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True)
              for ids, m in zip(completion_ids, mask)]
     return Rollout(prompts, completion_ids, mask, truncated, texts, num_generations)
-
-
-def prefilled(model, prompt, num_generations):
-    """generate() inputs for G samples of one prompt whose video, image and text (all but the
-    last token) went through the model once: its KV cache, copied G times, is passed as
-    past_key_values, so generate() only runs the last prompt token and the new ones. Without
-    this, generate() expands the prompt to G rows first and prefills it G times."""
-    g = num_generations
-    text = ("input_ids", "attention_mask", "mm_token_type_ids")
-    head = {k: (v[:, :-1] if k in text else v) for k, v in model_inputs(prompt).items()}
-    model.model.rope_deltas = None  # left over from an earlier call: not this prompt's
-    cache = model(**head, use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(g)
-    # The prefill left the prompt's 3D-RoPE offset in model.model.rope_deltas (one row, which
-    # generate() broadcasts over the G rows): the new tokens continue the prompt's positions.
-    return {**{k: prompt[k].repeat_interleave(g, dim=0) for k in text}, "past_key_values": cache}
-
-
-def select_prompt(prompts, i):
-    """Prompt i of a collated batch as a batch of its own: left padding removed, and its own
-    image and video patches (the visual tensors are concatenated over the prompts that have
-    one, in prompt order)."""
-    keep = prompts["attention_mask"][i].bool()
-    out = {k: prompts[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    mm = prompts["mm_token_type_ids"]
-    for kind, pix, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
-        has = (mm == kind).any(dim=1)  # which prompts carry this kind of visual
-        if grid not in prompts or not has[i]:
-            continue
-        row = int(has[:i].sum())
-        sizes = prompts[grid].prod(-1).tolist()
-        start = sum(sizes[:row])
-        out[pix] = prompts[pix][start:start + sizes[row]]
-        out[grid] = prompts[grid][row:row + 1]
-        if kind == 2 and "second_per_grid_ts" in prompts:
-            out["second_per_grid_ts"] = prompts["second_per_grid_ts"][row:row + 1]
-    return out
-
-
-def repeat_prompts(prompts, num_generations):
-    """The prompt batch with each prompt repeated G times in place (p0 x G, p1 x G, ...), the row
-    order of the completions. Visual tensors are concatenated per prompt, so they are split by
-    each prompt's patch count and repeated as whole blocks."""
-    g = num_generations
-    out = {k: prompts[k].repeat_interleave(g, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        if grid not in prompts:
-            continue
-        sizes = prompts[grid].prod(-1).tolist()
-        blocks = torch.split(prompts[pix], sizes)
-        # Each prompt has at most one image and one video, so per-prompt blocks are the visuals.
-        out[pix] = torch.cat([b for b in blocks for _ in range(g)])
-        out[grid] = prompts[grid].repeat_interleave(g, dim=0)
-    if "second_per_grid_ts" in prompts:
-        out["second_per_grid_ts"] = prompts["second_per_grid_ts"].repeat_interleave(g, dim=0)
-    return out
-
-
-def repeated_inputs(rollout):
-    """Prompt + completion as P*G separate full sequences: the public code's way, each prompt
-    (its video included) repeated G times. Kept as the baseline that the tests and
-    bench/step.py compare packed_inputs to.
-
-    Returns (inputs, source): source = (rows, cols) of the position whose output predicts each
-    completion token under the mask, in row-major order."""
-    prompts = repeat_prompts(rollout.prompts, rollout.num_generations)
-    ids, mask = rollout.completion_ids, rollout.completion_mask.long()
-    inputs = model_inputs(prompts)
-    inputs["input_ids"] = torch.cat([prompts["input_ids"], ids], dim=1)
-    inputs["attention_mask"] = torch.cat([prompts["attention_mask"], mask], dim=1)
-    inputs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(ids)], dim=1).int()
-    rows, t = mask.nonzero(as_tuple=True)
-    return inputs, (rows, prompts["input_ids"].shape[1] + t - 1)
-
-
-def prompt_positions(model, prompts):
-    """[3, P, width] Qwen2.5-VL 3D-RoPE positions of the prompts: video and image tokens get
-    (time, height, width) positions, text tokens one position in all three."""
-    grids = {k: prompts[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in prompts}
-    if not grids:  # text only
-        pos = (prompts["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        return pos[None].expand(3, -1, -1)
-    pos, _ = model.model.get_rope_index(prompts["input_ids"], prompts["mm_token_type_ids"],
-                                        attention_mask=prompts["attention_mask"], **grids)
-    return pos
-
-
-def pack_group(model, prompt, completion_ids, completion_mask):
-    """One prompt (a batch of one, without padding: select_prompt) and its G completions as one
-    row [prompt | c_1 | ... | c_G]: (ids [L], positions [3, L], segment [L], cols).
-
-    segment is 0 on the prompt and i + 1 on completion i; every c_i is positioned right after
-    the prompt, as if it were the only continuation. cols[k] is the position whose output
-    predicts the k-th completion token under the mask (row-major); the first token of every
-    c_i is predicted by the prompt's last position."""
-    device, width = prompt["input_ids"].device, prompt["input_ids"].shape[1]
-    positions = [prompt_positions(model, prompt)[:, 0]]
-    after_prompt = positions[0].max() + 1  # the text continues here (Qwen2.5-VL's 3D RoPE)
-    ids, segment, cols = [prompt["input_ids"][0]], [torch.zeros(width, dtype=torch.long, device=device)], []
-    at = width
-    for i, n in enumerate(completion_mask.sum(1).long().tolist()):  # n: up to and including the end of turn
-        ids.append(completion_ids[i, :n])
-        segment.append(torch.full((n,), i + 1, device=device))
-        positions.append((after_prompt + torch.arange(n, device=device)).expand(3, n))
-        cols += [width - 1] + list(range(at, at + n - 1))
-        at += n
-    return torch.cat(ids), torch.cat(positions, dim=1), torch.cat(segment), cols
-
-
-def packed_inputs(model, rollout):
-    """Each prompt and its G completions packed into one row (pack_group), with an attention
-    mask under which c_i sees the prompt and its own earlier tokens only.
-
-    Attention is causal, so the prompt's hidden states and keys/values are the same in all G
-    sequences prompt + c_i: computing them once gives every completion token exactly what G
-    separate sequences give it, but the prompt (thousands of video tokens) and its video go
-    through the model once per group instead of G times, in forward and in backward, and the
-    G completions' gradients meet in that one prompt. The P rows are right-padded to one
-    length and scored in one forward; nothing reads the padding's outputs.
-
-    Returns (inputs, source) as repeated_inputs does."""
-    prompts, g = rollout.prompts, rollout.num_generations
-    groups = [pack_group(model, select_prompt(prompts, i), rollout.completion_ids[i * g:(i + 1) * g],
-                         rollout.completion_mask[i * g:(i + 1) * g]) for i in range(prompts["input_ids"].shape[0])]
-    pad = lambda xs, value: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=value)
-    ids = pad([x[0] for x in groups], 0)
-    positions = pad([x[1].T for x in groups], 0).permute(2, 0, 1)  # [3, P, L]
-    segment = pad([x[2] for x in groups], -1)
-    q, k = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
-    allowed = causal & ((k == 0) | (k == q))  # the prompt, and earlier tokens of the same completion
-    rows = torch.cat([torch.full((len(x[3]),), r) for r, x in enumerate(groups)]).to(ids.device)
-    cols = torch.tensor([c for x in groups for c in x[3]], device=ids.device)
-    inputs = {key: prompts[key] for key in VISUAL_KEYS if key in prompts}
-    # A ready-made mask per attention type goes to the layers as it is (transformers does not
-    # build its causal mask then).
-    inputs.update(input_ids=ids, position_ids=positions, attention_mask={"full_attention": allowed[:, None]})
-    return inputs, (rows, cols)
-
-
-@contextmanager
-def sdpa_attention(model):
-    """Run the language model's attention through torch's scaled_dot_product_attention inside
-    the block: the packed rows need an arbitrary boolean mask, which flash-attention 2 (used for
-    generation when installed) cannot take. The vision tower keeps its own implementation."""
-    config = model.model.language_model.config
-    if any(t != "full_attention" for t in config.layer_types):
-        raise ValueError(f"packed scoring supports full attention only, the model has {set(config.layer_types)}")
-    saved = config._attn_implementation
-    config._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
 
 
 def _chunk_logprobs(hidden, weight, targets):
@@ -312,6 +156,7 @@ def lm_head_as_logprobs(model, source, targets, chunk_size):
     sharded weight. Only completion tokens reach it: the prompt (thousands of video tokens)
     never gets full-vocabulary logits."""
     head = model.lm_head
+    # internal: an instance attribute shadows the class's forward for the block; del restores it.
     head.forward = lambda hidden: chunked_logprobs(hidden[source], head.weight, targets, chunk_size)
     try:
         yield
@@ -319,16 +164,18 @@ def lm_head_as_logprobs(model, source, targets, chunk_size):
         del head.forward  # back to the class's forward
 
 
-def completion_logprobs(model, rollout, chunk_size=1024, packed=True):
+def completion_logprobs(model, rollout, chunk_size=1024, layout=None):
     """[P*G, T] log-prob of each sampled completion token under model, 0 after the end of turn
-    (grad flows if enabled). packed: each group in one row (packed_inputs), so its prompt and
-    video go through the model once; False: the P*G sequences repeated in full (the public
-    code's way; the baseline). One forward either way, so under FSDP every process issues the
-    same collectives whatever its prompts hold, and however many were skipped."""
-    mask = rollout.completion_mask.bool()
-    inputs, source = packed_inputs(model, rollout) if packed else repeated_inputs(rollout)
-    attention = sdpa_attention(model) if packed else nullcontext()
+    (grad flows if enabled).
+
+    layout(model, rollout) -> (inputs, source, attention) lays the rollout out for one forward:
+    by default prefix_sharing.packed (each group in one row, its prompt and video through the
+    model once); bench/baselines.repeated gives the P*G sequences in full. One forward either
+    way, so under FSDP every process issues the same collectives whatever its prompts hold."""
+    layout = layout or prefix_sharing.packed
+    mask = rollout.completion_mask.bool()                          # [P*G, T]
+    inputs, source, attention = layout(model, rollout)
     with attention, lm_head_as_logprobs(model, source, rollout.completion_ids[mask], chunk_size):
-        flat = model(**inputs, use_cache=False).logits
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
+        flat = model(**inputs, use_cache=False).logits             # [N] one per completion token
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)  # [P*G, T]
     return out.index_put((mask,), flat)

@@ -255,9 +255,9 @@ def supervised_loss(model, tokenizer, encoded, targets):
     Prompts are left-padded as for generation, targets right-padded, so one batch holds both."""
     import torch
 
-    import data
+    import encoding
 
-    batch = data.collate_prompts(encoded, tokenizer)
+    batch = encoding.collate_prompts(encoded, tokenizer)
     batch.pop("sample_ids")
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
     tail = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_token_id, dtype=torch.long)
@@ -280,19 +280,20 @@ def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, *
     Targets are "<think>the square is <colour></think><answer><letter></answer>" with a random
     colour and letter: the model learns the format but not the answer, so RL starts from
     formatted answers at about chance accuracy, where rewards, advantages and CARE's bonus are
-    all non-trivial. Uses the real prompt path (data.encode_prompt with video and image)."""
+    all non-trivial. Uses the real prompt path (encoding.encode_prompt with video and image)."""
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     import data
+    import encoding
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
     samples, _ = data.load_samples(annotation_file, data_root, seed=seed)
-    vb = data.budget_from_checkpoint(model_dir, **budget)
-    encoded = [data.encode_prompt(s, tokenizer, vb) for s in samples]
+    vb = encoding.budget_from_checkpoint(model_dir, **budget)
+    encoded = [encoding.encode_prompt(s, tokenizer, vb) for s in samples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):

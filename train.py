@@ -36,6 +36,7 @@ from transformers import (
 import care
 import checkpoint
 import data
+import encoding
 import fsdp
 import reference
 import rewards
@@ -288,7 +289,7 @@ def encode_batch(cfg, samples, indices, tokenizer, budget, skipped):
     kept, encoded = [], []
     for i in indices:
         try:
-            enc = data.encode_prompt(samples[i], tokenizer, budget)
+            enc = encoding.encode_prompt(samples[i], tokenizer, budget)
             if len(enc["input_ids"]) > cfg.max_prompt_length:
                 raise data.DataError(f"sample {samples[i].sample_id}: prompt has {len(enc['input_ids'])} tokens, "
                                      f"more than --max-prompt-length {cfg.max_prompt_length} "
@@ -461,7 +462,7 @@ def check_media(cfg, accelerator, samples, budget):
     bad = []
     for i in tqdm(range(rank, len(samples), world), desc="check data", disable=not accelerator.is_main_process):
         try:
-            data.check_media(samples[i], budget)
+            encoding.check_media(samples[i], budget)
         except data.DataError as e:
             bad.append((i, str(e)))
     bad = sorted(gather_object(bad) if world > 1 else bad)
@@ -494,7 +495,7 @@ def run(cfg, accelerator, resume):
     torch.manual_seed(cfg.seed + accelerator.process_index)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    budget = data.budget_from_checkpoint(
+    budget = encoding.budget_from_checkpoint(
         cfg.model, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
         video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
         image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
@@ -560,7 +561,7 @@ def run(cfg, accelerator, resume):
             raise data.DataError(f"step {step + 1}: a process has no readable sample left "
                                  f"(prompts per process: {step_ids}); skipped: {skipped}")
         prompts = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
-                   for k, v in data.collate_prompts(encoded, tokenizer).items()}
+                   for k, v in encoding.collate_prompts(encoded, tokenizer).items()}
 
         seeds = [rollout_seed(cfg.seed, step, i) for i in kept]
         with phase("rollout", cfg), fsdp.gathered(policy), accelerator.autocast():

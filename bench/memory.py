@@ -145,7 +145,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     t = s.completion if completion is None else completion
     seq, b = sp + t, s.prompts_per_device * s.num_generations
     m = b * t  # completion tokens scored
-    # Scoring forwards: each prompt and its G completions in one row (rollout.packed_inputs),
+    # Scoring forwards: each prompt and its G completions in one row (prefix_sharing.packed),
     # under a boolean mask that sdpa turns into an additive one in the compute dtype; the public
     # code runs b full sequences.
     row = seq if s.repeat_prompts else sp + s.num_generations * t
@@ -342,10 +342,11 @@ def measure(name, dims, overrides, workdir, vocab=4096):
                               "--min-frames", str(s.frames), "--mixed-precision", "no",
                               *[f"--{k.replace('_', '-')}={v}" for k, v in px.items()]])
     import data
+    import encoding
     import reference
     import rollout
     accelerator = train.fsdp.make_accelerator("no")
-    budget = data.budget_from_checkpoint(model_dir, fps=cfg.fps, min_frames=s.frames, max_frames=s.frames, **px)
+    budget = encoding.budget_from_checkpoint(model_dir, fps=cfg.fps, min_frames=s.frames, max_frames=s.frames, **px)
     samples, _ = data.load_samples(cfg.data, cfg.data_root)
     sample = next(x for x in samples if x.video)
     model = train.load_policy(cfg)
@@ -354,8 +355,8 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     ref = train.fsdp.prepare_reference(accelerator, reference.make_reference(train.load_model(cfg)))
     gen = rollout.sampling_config(tokenizer, s.completion)
     gen.min_new_tokens = s.completion  # every completion exactly s.completion tokens
-    enc = data.encode_prompt(sample, tokenizer, budget)
-    prompts = data.collate_prompts([enc], tokenizer)
+    enc = encoding.encode_prompt(sample, tokenizer, budget)
+    prompts = encoding.collate_prompts([enc], tokenizer)
     patches = sum(int(prompts[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in prompts)
 
     def step(tracker=None):

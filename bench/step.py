@@ -34,9 +34,11 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import care  # noqa: E402
 import data  # noqa: E402
+import encoding  # noqa: E402
 import reference  # noqa: E402
 import rollout  # noqa: E402
 import tiny  # noqa: E402
+import baselines  # noqa: E402
 from memory import LiveBytes  # noqa: E402
 
 # Vision tower 0.137M parameters, language-model layers 1.33M: a ratio of 0.103, as in
@@ -79,11 +81,11 @@ def run(ours, args, model_dir, root):
     policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = reference.make_reference(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)).to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    budget = data.budget_from_checkpoint(model_dir, **BUDGET)
+    budget = encoding.budget_from_checkpoint(model_dir, **BUDGET)
     samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", root)
     sample = next(s for s in samples if s.video and s.image)
     prompts = {k: (v.to(device) if torch.is_tensor(v) else v)
-               for k, v in data.collate_prompts([data.encode_prompt(sample, tokenizer, budget)], tokenizer).items()}
+               for k, v in encoding.collate_prompts([encoding.encode_prompt(sample, tokenizer, budget)], tokenizer).items()}
     gen = rollout.sampling_config(tokenizer, args.completion)
     gen.min_new_tokens = args.completion  # the same amount of work in both paths
     meters = {m: VisionMeter(m, budget.temporal_patch_size) for m in (policy, ref)}
@@ -105,14 +107,15 @@ def run(ours, args, model_dir, root):
         sync()
         t0 = time.perf_counter()
         with tracker or torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            roll = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step], share=ours)
+            roll = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step],
+                                    group_inputs=None if ours else baselines.repeated_prompt)
             sync()
             t1 = time.perf_counter()
             with torch.no_grad():
-                rollout.completion_logprobs(ref, roll, chunk, packed=ours)
+                rollout.completion_logprobs(ref, roll, chunk, layout=None if ours else baselines.repeated)
             sync()
             t2 = time.perf_counter()
-            logp = rollout.completion_logprobs(policy, roll, chunk, packed=ours)
+            logp = rollout.completion_logprobs(policy, roll, chunk, layout=None if ours else baselines.repeated)
             loss, _ = care.policy_loss(logp, torch.linspace(-1, 1, g, device=device), roll.completion_mask)
             loss.backward()
             optimizer.step()

@@ -124,23 +124,25 @@ def main(model_dir, out_path):
     # there; the sharded forwards and the backward must still line up across processes, and
     # give the unsharded gradients.
     import data
+    import encoding
+    from bench import baselines
     data_root = os.path.join(os.path.dirname(out_path), f"data-rank{rank}")
     tiny.build_seed_bench(data_root, n_train=8, n_val=1, n_frames=4)
     samples, _ = data.load_samples(f"{data_root}/annotations/training_6k.jsonl", data_root)
     mine = [s for s in samples if bool(s.video) == (rank == 1)][:1 + rank]
-    budget = data.budget_from_checkpoint(model_dir, max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56,
+    budget = encoding.budget_from_checkpoint(model_dir, max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56,
                                          video_min_pixels=28 * 28, image_min_pixels=28 * 28)
-    prompts = data.collate_prompts([data.encode_prompt(s, tokenizer, budget) for s in mine], tokenizer)
+    prompts = encoding.collate_prompts([encoding.encode_prompt(s, tokenizer, budget) for s in mine], tokenizer)
     with fsdp.gathered(policy):
         roll = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5),
                                 seeds=list(range(len(mine))))
     for packed in (True, False):
         with torch.no_grad():
-            rollout.completion_logprobs(ref, roll, packed=packed)
+            rollout.completion_logprobs(ref, roll, layout=None if packed else baselines.repeated)
         fsdp.reshard(ref)
-        rollout.completion_logprobs(policy, roll, packed=packed).sum().backward()
+        rollout.completion_logprobs(policy, roll, layout=None if packed else baselines.repeated).sum().backward()
         full_policy.zero_grad()
-        lp_full = rollout.completion_logprobs(full_policy, roll, packed=packed)
+        lp_full = rollout.completion_logprobs(full_policy, roll, layout=None if packed else baselines.repeated)
         lp_full.sum().backward()
         # FSDP averages gradients over the processes: compare this process's slice of the mean.
         for name in ("lm_head.weight", "model.visual.patch_embed.proj.weight"):

@@ -84,7 +84,7 @@ def test_confidence_cap():
     l = logs([[0.97, 0.99, 0.2, 0.2]])
     # cap 0.95: p = [0.95, 0.95, 0.2, 0.2]; H = {0, 1}, mu = 0.95 -> both consistent
     out = care.care_rewards(acc, torch.zeros_like(acc), l, span(4))
-    assert torch.allclose(out["p"], t([[0.95, 0.95, 0.2, 0.2]]))
+    assert torch.allclose(out["ref_conf"], t([[0.95, 0.95, 0.2, 0.2]]))
     assert out["consistent"].tolist() == [[True, True, False, False]]
     # no cap: mu = (0.97+0.99)/2 = 0.98 -> only sample 1
     out = care.care_rewards(acc, torch.zeros_like(acc), l, span(4), conf_cap=1.0)
@@ -112,7 +112,7 @@ def test_samples_without_answer_span_excluded():
     # sample 2 has no span: p = 0, not in H. H = {0, 1, 3}, mu = (0.6+0.8+0.7)/3 = 0.7
     # -> C & H = {1, 3}. (Counting sample 2 in H would give mu = 0.525 and reward sample 0.)
     out = care.care_rewards(acc, torch.ones_like(acc), l, span(4, off=[2]))
-    assert torch.allclose(out["p"], t([[0.6, 0.8, 0.0, 0.7]]))
+    assert torch.allclose(out["ref_conf"], t([[0.6, 0.8, 0.0, 0.7]]))
     assert out["high_acc"].tolist() == [[True, True, False, True]]
     assert out["consistent"].tolist() == [[False, True, False, True]]
     assert torch.allclose(out["reward"], t([[2.0, 2.5, 2.0, 2.5]]))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tiny
-from data import (THINKING, DataError, Sample, VisualBudget, budget_from_checkpoint, chat_prompt, check_media,
-                  collate_prompts, encode_prompt, load_samples, load_seed_bench_r1, load_video_r1, patchify_frames,
-                  prompt_text, read_video)
+from data import DataError, Sample, load_samples, load_seed_bench_r1, load_video_r1
+from encoding import (THINKING, VisualBudget, budget_from_checkpoint, chat_prompt, check_media, collate_prompts,
+                      encode_prompt, patchify_frames, prompt_text, read_video)
 
 
 def rows(path):

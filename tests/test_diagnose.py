@@ -11,6 +11,7 @@ from conftest import ROOT, SMALL_BUDGET
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import data
+import encoding
 
 sys.path.insert(0, os.path.join(ROOT, "experiments", "synthetic"))
 import diagnose  # noqa: E402
@@ -59,7 +60,7 @@ def setup(tiny_model_dir, tokenizer, seed_bench_root):
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
     return model, samples[:2], budget
 
 
@@ -107,11 +108,11 @@ def test_next_token_probs_are_the_models_own(setup, tokenizer):
     """The probability of ">A" after "...<answer" (one merged token) is the model's softmax at
     the last position of prompt + prefix."""
     model, samples, budget = setup
-    prompt = data.encode_prompt(samples[0], tokenizer, budget)
+    prompt = encoding.encode_prompt(samples[0], tokenizer, budget)
     got = diagnose.next_token_probs(model, tokenizer, prompt, "<think>The shape is red.</think><answer",
                                     [">" + x for x in "ABCD"])
     prefix = tokenizer("<think>The shape is red.</think><answer", add_special_tokens=False)["input_ids"]
-    batch = data.collate_prompts([prompt], tokenizer)
+    batch = encoding.collate_prompts([prompt], tokenizer)
     batch.pop("sample_ids")
     n = len(prefix)
     batch = {**batch, "input_ids": torch.cat([batch["input_ids"], torch.tensor([prefix])], 1),

@@ -550,10 +550,10 @@ def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_
 def test_the_public_video_switches_reach_the_prompts(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
     """--second-per-grid and --frame-rounding evaluate a model the way it was trained (e.g. with
     train.py --reproduce-official); both reach the visual budget and are recorded settings."""
-    import data
+    import encoding
     budgets = []
-    real = data.encode_prompt
-    monkeypatch.setattr(data, "encode_prompt", lambda s, tok, budget: budgets.append(budget) or real(s, tok, budget))
+    real = encoding.encode_prompt
+    monkeypatch.setattr(encoding, "encode_prompt", lambda s, tok, budget: budgets.append(budget) or real(s, tok, budget))
     evaluate.main(["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root,
                    "--output-dir", str(tmp_path), "--limit", "1", "--judge", "none", *SMALL,
                    "--second-per-grid", "1.0", "--frame-rounding", "floor"])

@@ -11,6 +11,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import care
 import data
+import encoding
 import rollout
 
 
@@ -18,10 +19,10 @@ def test_a_few_dozen_steps_raise_a_toy_reward(tiny_model_dir, tokenizer, seed_be
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = data.budget_from_checkpoint(tiny_model_dir, max_frames=4, video_max_pixels=56 * 56,
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, max_frames=4, video_max_pixels=56 * 56,
                                          image_max_pixels=56 * 56, video_min_pixels=28 * 28,
                                          image_min_pixels=28 * 28)
-    encoded = [data.encode_prompt(s, tokenizer, budget) for s in samples[:4]]
+    encoded = [encoding.encode_prompt(s, tokenizer, budget) for s in samples[:4]]
     target = torch.zeros(len(tokenizer), dtype=torch.bool)
     target[torch.randperm(len(tokenizer))[: len(tokenizer) // 8]] = True
     g, p = 8, 2
@@ -30,7 +31,7 @@ def test_a_few_dozen_steps_raise_a_toy_reward(tiny_model_dir, tokenizer, seed_be
 
     history = []
     for step in range(30):
-        batch = data.collate_prompts([encoded[(2 * step + i) % len(encoded)] for i in range(p)], tokenizer)
+        batch = encoding.collate_prompts([encoded[(2 * step + i) % len(encoded)] for i in range(p)], tokenizer)
         roll = rollout.generate(model, batch, tokenizer, g, config)
         mask = roll.completion_mask
         reward = ((target[roll.completion_ids].float() * mask).sum(1) / mask.sum(1)).view(p, g)

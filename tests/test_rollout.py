@@ -8,7 +8,9 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import data
+import encoding
 import rollout
+from bench import baselines
 
 SMALL = dict(max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56, video_min_pixels=28 * 28,
              image_min_pixels=28 * 28)
@@ -22,10 +24,10 @@ def model(tiny_model_dir):
 @pytest.fixture(scope="module")
 def prompts(tiny_model_dir, tokenizer, seed_bench_root):
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL)
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL)
     with_video = next(s for s in samples if s.video)
     image_only = next(s for s in samples if not s.video)
-    return [data.encode_prompt(s, tokenizer, budget) for s in (with_video, image_only)]
+    return [encoding.encode_prompt(s, tokenizer, budget) for s in (with_video, image_only)]
 
 
 def test_completion_mask_covers_up_to_first_eos():
@@ -38,9 +40,9 @@ def test_completion_mask_covers_up_to_first_eos():
 def test_sampling_ignores_checkpoint_generation_config(model, tokenizer, prompts):
     # The tiny checkpoint ships top_k=1 (like Qwen2.5-VL's near-greedy defaults).
     assert model.generation_config.top_k == 1
-    batch = data.collate_prompts(prompts[:1], tokenizer)
+    batch = encoding.collate_prompts(prompts[:1], tokenizer)
     torch.manual_seed(0)
-    inherited = model.generate(**rollout.model_inputs(batch), max_new_tokens=8, num_return_sequences=8)
+    inherited = model.generate(**encoding.model_inputs(batch), max_new_tokens=8, num_return_sequences=8)
     assert len({tuple(r.tolist()) for r in inherited}) == 1  # premise: top_k=1 collapses the group
 
     config = rollout.sampling_config(tokenizer, max_new_tokens=8)
@@ -51,7 +53,7 @@ def test_sampling_ignores_checkpoint_generation_config(model, tokenizer, prompts
 
 
 def test_visual_placeholders_are_never_sampled(model, tokenizer, prompts):
-    batch = data.collate_prompts(prompts, tokenizer)
+    batch = encoding.collate_prompts(prompts, tokenizer)
     torch.manual_seed(0)
     roll = rollout.generate(model, batch, tokenizer, 8, rollout.sampling_config(tokenizer, max_new_tokens=32))
     banned = set(tokenizer.convert_tokens_to_ids(list(rollout.VISION_TOKENS)))
@@ -63,13 +65,13 @@ def test_two_prompts_score_like_one(model, tokenizer, prompts):
     the same log-probs as scoring its prompt alone."""
     torch.manual_seed(0)
     g = 3
-    both = data.collate_prompts(prompts, tokenizer)
+    both = encoding.collate_prompts(prompts, tokenizer)
     roll = rollout.generate(model, both, tokenizer, g, rollout.sampling_config(tokenizer, max_new_tokens=10))
     with torch.no_grad():
         logp = rollout.completion_logprobs(model, roll)
         for i, enc in enumerate(prompts):
             rows = slice(i * g, (i + 1) * g)
-            single = rollout.Rollout(data.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
+            single = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
                                      roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], g)
             alone = rollout.completion_logprobs(model, single)
             m = roll.completion_mask[rows].bool()
@@ -80,7 +82,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
     """Values and gradients of the chunked log-probs equal log_softmax over full logits, for any
     chunk size (1 token, a few tokens, more than the whole completion); 0 after the end of turn."""
     torch.manual_seed(1)
-    batch = data.collate_prompts(prompts, tokenizer)
+    batch = encoding.collate_prompts(prompts, tokenizer)
     roll = rollout.generate(model, batch, tokenizer, 3, rollout.sampling_config(tokenizer, max_new_tokens=12))
     t = roll.completion_ids.shape[1]
     # A random model rarely ends its turn: end some rows early by hand (padding after them).
@@ -89,7 +91,7 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
     mask = roll.completion_mask.bool()
 
     model.zero_grad()
-    full = model(**rollout.repeated_inputs(roll)[0]).logits.log_softmax(-1)
+    full = model(**baselines.repeated(model, roll)[0]).logits.log_softmax(-1)
     expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
     (expected * mask).sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -104,13 +106,13 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
                                        msg=lambda m, name=name, chunk=chunk: f"{name} (chunk {chunk}): {m}")
     model.zero_grad()
     # The head is restored: a plain forward gives logits again.
-    assert model(**rollout.repeated_inputs(roll)[0]).logits.shape[-1] == model.config.text_config.vocab_size
+    assert model(**baselines.repeated(model, roll)[0]).logits.shape[-1] == model.config.text_config.vocab_size
 
 
 def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeypatch):
     """Only chunk_size positions go through the LM head per call, and only completion tokens."""
     torch.manual_seed(2)
-    roll = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 2,
+    roll = rollout.generate(model, encoding.collate_prompts(prompts, tokenizer), tokenizer, 2,
                             rollout.sampling_config(tokenizer, max_new_tokens=9))
     seen = []
     real = rollout._chunk_logprobs
@@ -122,10 +124,10 @@ def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeyp
 
 
 def test_select_prompt_is_the_prompt_alone(prompts, tokenizer):
-    both = data.collate_prompts(prompts, tokenizer)
+    both = encoding.collate_prompts(prompts, tokenizer)
     for i, enc in enumerate(prompts):
-        alone = data.collate_prompts([enc], tokenizer)
-        picked = rollout.select_prompt(both, i)
+        alone = encoding.collate_prompts([enc], tokenizer)
+        picked = encoding.select_prompt(both, i)
         assert sorted(picked) == sorted(k for k in alone if k != "sample_ids")
         for key, value in picked.items():
             assert torch.equal(value, alone[key]), key
@@ -135,11 +137,11 @@ def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
     """With a seed per prompt, a prompt's group is the same whether it is sampled alone or next
     to another prompt (what makes a 2-process run equal a 1-process run)."""
     config = rollout.sampling_config(tokenizer, max_new_tokens=8)
-    both = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[11, 22])
+    both = rollout.generate(model, encoding.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[11, 22])
     for i, (enc, seed) in enumerate(zip(prompts, (11, 22))):
-        alone = rollout.generate(model, data.collate_prompts([enc], tokenizer), tokenizer, 3, config, seeds=[seed])
+        alone = rollout.generate(model, encoding.collate_prompts([enc], tokenizer), tokenizer, 3, config, seeds=[seed])
         assert both.texts[3 * i:3 * i + 3] == alone.texts
-    other = rollout.generate(model, data.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[12, 22])
+    other = rollout.generate(model, encoding.collate_prompts(prompts, tokenizer), tokenizer, 3, config, seeds=[12, 22])
     assert other.texts[:3] != both.texts[:3] and other.texts[3:] == both.texts[3:]
 
 
@@ -149,11 +151,11 @@ def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
 def three_kinds(tiny_model_dir, tokenizer, seed_bench_root):
     """A video-only, an image-only and a video-plus-image prompt."""
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL)
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL)
     both = next(s for s in samples if s.video and s.image)
     image_only = next(s for s in samples if not s.video)
     video_only = dataclasses.replace(both, sample_id="video-only", image=None)
-    return [data.encode_prompt(s, tokenizer, budget) for s in (video_only, image_only, both)]
+    return [encoding.encode_prompt(s, tokenizer, budget) for s in (video_only, image_only, both)]
 
 
 def encoder_calls(model):
@@ -177,14 +179,14 @@ def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(tiny_model_
     model.model.visual.requires_grad_(train_vision)
     g = 3
     torch.manual_seed(3)
-    roll = rollout.generate(model, data.collate_prompts([three_kinds[k] for k in kinds], tokenizer), tokenizer,
+    roll = rollout.generate(model, encoding.collate_prompts([three_kinds[k] for k in kinds], tokenizer), tokenizer,
                             g, rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[5] * len(kinds))
     adv = torch.linspace(-1, 1, g * len(kinds))
     results = {}
     for packed in (True, False):
         model.zero_grad()
         calls = encoder_calls(model)
-        logp = rollout.completion_logprobs(model, roll, chunk_size=4, packed=packed)
+        logp = rollout.completion_logprobs(model, roll, chunk_size=4, layout=None if packed else baselines.repeated)
         loss, _ = care.policy_loss(logp, adv, roll.completion_mask)
         loss.backward()
         model.model.visual._forward_hooks.clear()
@@ -209,7 +211,7 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, to
     continue from copies of its cache: the same tokens as G separate prefills, for 1 vision call
     and 1 prefill instead of G of each."""
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
-    batch = data.collate_prompts([three_kinds[kind]], tokenizer)
+    batch = encoding.collate_prompts([three_kinds[kind]], tokenizer)
     config = rollout.sampling_config(tokenizer, max_new_tokens=10)
     prefills = []
     model.model.language_model.register_forward_hook(
@@ -220,7 +222,8 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, to
     for share in (True, False):
         calls = encoder_calls(model)
         prefills.clear()
-        roll = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9], share=share)
+        roll = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9],
+                                group_inputs=None if share else baselines.repeated_prompt)
         model.model.visual._forward_hooks.clear()
         runs[share] = (roll, sum(len(c) for c in calls), sum(prefills))
     (shared, vision_s, prefill_s), (repeated, vision_r, prefill_r) = runs[True], runs[False]
@@ -238,7 +241,7 @@ def test_padded_packed_rows_score_like_each_row_alone(model, tokenizer, three_ki
     GPUs fall back to when the fused kernels decline a mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(4)
-    roll = rollout.generate(model, data.collate_prompts(three_kinds, tokenizer), tokenizer, 2,
+    roll = rollout.generate(model, encoding.collate_prompts(three_kinds, tokenizer), tokenizer, 2,
                             rollout.sampling_config(tokenizer, max_new_tokens=5), seeds=[1, 2, 3])
     lengths = [three_kinds[i]["input_ids"].shape[0] + int(roll.completion_mask[2 * i:2 * i + 2].sum()) for i in range(3)]
     assert len(set(lengths)) > 1  # premise: the rows are padded
@@ -246,7 +249,7 @@ def test_padded_packed_rows_score_like_each_row_alone(model, tokenizer, three_ki
         together = rollout.completion_logprobs(model, roll)
         for i, enc in enumerate(three_kinds):
             rows = slice(2 * i, 2 * i + 2)
-            alone = rollout.Rollout(data.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
+            alone = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
                                     roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], 2)
             torch.testing.assert_close(together[rows], rollout.completion_logprobs(model, alone), rtol=1e-5, atol=1e-5)
 
@@ -256,14 +259,14 @@ def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokeni
     packed rows with sdpa, which takes their mask, and gets its own attention back after."""
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     torch.manual_seed(5)
-    roll = rollout.generate(model, data.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
+    roll = rollout.generate(model, encoding.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
                             rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[3])
     seen = []
     layer = model.model.language_model.layers[0].self_attn
     layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.config._attn_implementation))
     with torch.no_grad():
         packed = rollout.completion_logprobs(model, roll)
-        repeated = rollout.completion_logprobs(model, roll, packed=False)
+        repeated = rollout.completion_logprobs(model, roll, layout=baselines.repeated)
     assert seen == ["sdpa", "eager"]
     assert model.model.language_model.config._attn_implementation == "eager"
     mask = roll.completion_mask.bool()

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 import data
+import encoding
 
 sys.path.insert(0, os.path.join(ROOT, "experiments", "synthetic"))
 import benchmark  # noqa: E402
@@ -256,9 +257,9 @@ def test_supervised_loss_pads_prompts_and_targets_without_changing_them(tiny_mod
     import tiny
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = data.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
     short = data.Sample(**{**samples[3].__dict__, "question": "Colour?\nOptions:\nA. red\nB. blue\n"})
-    encoded = [data.encode_prompt(s, tokenizer, budget) for s in (samples[0], short)]
+    encoded = [encoding.encode_prompt(s, tokenizer, budget) for s in (samples[0], short)]
     assert len(encoded[0]["input_ids"]) != len(encoded[1]["input_ids"])
     targets = ["<think>The shape is red.</think><answer>A</answer><|im_end|>", "<answer>B</answer><|im_end|>"]
     with torch.no_grad():
@@ -278,7 +279,7 @@ def test_vision_output_is_scaled_to_the_text_embeddings(tiny_model_dir, tmp_path
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    budget = data.budget_from_checkpoint(tiny_model_dir, **run.budget(56))
+    budget = encoding.budget_from_checkpoint(tiny_model_dir, **run.budget(56))
     pixels, grids, _ = run.clip_batch(4, random.Random(3), np.random.default_rng(3), budget, 56, str(tmp_path / "c.mp4"))
     with torch.no_grad():
         before = run.pooled_features(model, pixels, grids)

@@ -67,6 +67,7 @@ sys.path.insert(0, HERE)
 import benchmark  # noqa: E402
 import care  # noqa: E402
 import data  # noqa: E402
+import encoding  # noqa: E402
 import reference  # noqa: E402
 import rewards  # noqa: E402
 import rollout  # noqa: E402
@@ -135,8 +136,8 @@ def token_classes(tokenizer, completion_ids, completion_mask, values=None):
 
 
 def encode_prompts(samples, tokenizer, budget, device="cpu"):
-    """The collated prompt batch of samples (data.encode_prompt + collate_prompts) on device."""
-    batch = data.collate_prompts([data.encode_prompt(s, tokenizer, budget) for s in samples], tokenizer)
+    """The collated prompt batch of samples (encoding.encode_prompt + collate_prompts) on device."""
+    batch = encoding.collate_prompts([encoding.encode_prompt(s, tokenizer, budget) for s in samples], tokenizer)
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -250,7 +251,7 @@ def zero_advantage_rate(completions_jsonl, tol=1e-6):
 
 def next_token_probs(model, tokenizer, prompt, prefix, candidates):
     """{candidate: P(candidate's first token | prompt + prefix)} for one encoded prompt."""
-    batch = data.collate_prompts([prompt], tokenizer)
+    batch = encoding.collate_prompts([prompt], tokenizer)
     batch.pop("sample_ids")
     ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     tail = torch.tensor([ids])                                                  # [1, t]
@@ -273,7 +274,7 @@ def link(model, tokenizer, samples, truths, budget):
     for sample, truth in zip(samples, truths):
         kind = next(k for k, q in benchmark.QUESTIONS.items() if q in sample.question)
         values = benchmark.VALUES[kind]
-        prompt = data.encode_prompt(sample, tokenizer, budget)
+        prompt = encoding.encode_prompt(sample, tokenizer, budget)
         stem = benchmark.reasoning(kind, "@").split("@")[0].rstrip()          # "The shape is" / "... a"
         fact = next_token_probs(model, tokenizer, prompt, "<think>" + stem, [" " + v for v in values])
         grounded.append(max(fact, key=fact.get) == " " + truth)
@@ -354,7 +355,7 @@ def bonus_split(completions, questions, windows):
 def budget_of(args):
     """The visual budget of --model under the budget flags (add_budget_flags)."""
     import run
-    return data.budget_from_checkpoint(args.model, **{k: getattr(args, k) for k in run.budget(run.Settings.size)})
+    return encoding.budget_from_checkpoint(args.model, **{k: getattr(args, k) for k in run.budget(run.Settings.size)})
 
 
 def add_budget_flags(parser):

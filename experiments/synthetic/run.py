@@ -113,26 +113,26 @@ def budget_flags(size):
 
 def decoded_clip(truth, bg, np_rng, visual_budget, size, tmp):
     """A fresh clip through the benchmark's own path: written as mp4, then decoded and sampled
-    by data.read_video (4 of 8 frames at the default budget), exactly as training sees it."""
-    import data
+    by encoding.read_video (4 of 8 frames at the default budget), exactly as training sees it."""
+    import encoding
     import tiny
 
     frames = benchmark.clip(truth["shape"], truth["colour"], truth["direction"], bg, np_rng, 8, size, size)
     tiny.write_video(tmp, frames)
-    return data.read_video(tmp, visual_budget)[0]
+    return encoding.read_video(tmp, visual_budget)[0]
 
 
 def clip_batch(n, rng, np_rng, visual_budget, size, tmp):
     """(pixel patches, grids, labels [n, attributes]) of n fresh clips on plain backgrounds."""
     import torch
 
-    import data
+    import encoding
 
     pixels, grids, labels = [], [], []
     for _ in range(n):
         truth = {k: rng.choice(benchmark.VALUES[k]) for k in ATTRIBUTES}
         frames = decoded_clip(truth, rng.choice(list(benchmark.PLAIN)), np_rng, visual_budget, size, tmp)
-        p, g = data.patchify_frames(frames, visual_budget.video_min_pixels, visual_budget.video_max_pixels, visual_budget)
+        p, g = encoding.patchify_frames(frames, visual_budget.video_min_pixels, visual_budget.video_max_pixels, visual_budget)
         pixels.append(p)
         grids.append(g)
         labels.append([benchmark.VALUES[k].index(truth[k]) for k in ATTRIBUTES])
@@ -232,11 +232,11 @@ def toy_tokenizer():
     With the default 512 tokens the prompt is 357 tokens long, of which 12 are the clip's, and
     the 2-layer language model never learned to read the clip in the warm-up (a stated fact at
     chance after 800 steps): a real vocabulary writes the instruction in far fewer tokens."""
-    import data
+    import encoding
     import tiny
 
     lines = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
-             "<|im_end|>\n<|im_start|>assistant\n", data.THINKING, data.ANSWER_LINE["multiple choice"]]
+             "<|im_end|>\n<|im_start|>assistant\n", encoding.THINKING, encoding.ANSWER_LINE["multiple choice"]]
     lines += [q + "\nOptions:\n" + "".join(f"{'ABCD'[i]}. {v}\n" for i, v in enumerate(benchmark.VALUES[k]))
               for k, q in benchmark.QUESTIONS.items()]
     lines += [f"<think>{benchmark.reasoning(k, v)}</think><answer>{x}</answer>" for k in benchmark.VALUES
@@ -252,7 +252,7 @@ def main_vision(argv):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    import data
+    import encoding
     import tiny
 
     p = argparse.ArgumentParser(prog="run.py vision")
@@ -265,7 +265,7 @@ def main_vision(argv):
     tiny.build_model(args.model, seed=0, tokenizer=toy_tokenizer())
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model)
-    visual_budget = data.budget_from_checkpoint(args.model, **budget(args.size))
+    visual_budget = encoding.budget_from_checkpoint(args.model, **budget(args.size))
     with tempfile.TemporaryDirectory() as tmp:
         clip_file = os.path.join(tmp, "clip.mp4")
         before = probe(model, args.probe_clips, 0, visual_budget, args.size, clip_file)
@@ -316,7 +316,7 @@ def warm_up(model_dir, data_root, steps, batch, lr, seed, size, known, letter_fo
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    import data
+    import encoding
     import tiny
 
     rng = random.Random(seed)
@@ -325,8 +325,8 @@ def warm_up(model_dir, data_root, steps, batch, lr, seed, size, known, letter_fo
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
     samples, truths = training_samples(data_root, seed)
     pool = warm_up_pool(samples[:steps * batch], truths, rng)
-    visual_budget = data.budget_from_checkpoint(model_dir, **budget(size))
-    encoded = [data.encode_prompt(s, tokenizer, visual_budget) for s, *_ in pool]
+    visual_budget = encoding.budget_from_checkpoint(model_dir, **budget(size))
+    encoded = [encoding.encode_prompt(s, tokenizer, visual_budget) for s, *_ in pool]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)   # the whole model, vision too
     model.train()
     for step in range(steps):

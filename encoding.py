@@ -1,0 +1,350 @@
+"""Encoding: a Sample as Qwen2.5-VL model inputs. The chat prompt with the thinking instruction,
+the video and image decoded within the visual budget and cut into the patches the vision tower
+eats, prompts batched (left-padded) and split again.
+
+torchvision is not available here, and transformers' Qwen2-VL video processor needs it, so all
+visual preprocessing lives here, one code path for CPU and GPU. It reproduces the HF PIL image
+processor (image_processing_pil_qwen2_vl) exactly: smart_resize, PIL bicubic resize on uint8,
+rescale in float64 then cast to float32, normalise in float32, the same patch layout.
+tests/test_data.py checks bit-equality against it.
+
+    budget = budget_from_checkpoint(model_dir)                    # the visual budget defaults
+    kept, encoded, skipped = encode_batch(samples, tokenizer, budget, max_prompt_length=16384)
+    batch = collate_prompts(encoded, tokenizer)
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import decord
+import numpy as np
+import torch
+from PIL import Image
+
+from data import DataError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+FRAME_ROUNDINGS = ("nearest", "floor")
+
+
+@dataclass
+class VisualBudget:
+    fps: float = 2.0                    # frames sampled per second of video
+    min_frames: int = 4
+    max_frames: int = 16
+    # How read_video turns fps into a frame count (see frame_count). "nearest" (ours): the
+    # fps-based count rounded to the nearest multiple of temporal_patch_size, then clamped, so the
+    # sampled fps stays as close as it can to the fps asked for. "floor" reproduces the public
+    # code (qwen_vl_utils' smart_nframes): clamped first, then rounded down.
+    frame_rounding: str = "nearest"
+    # Seconds per temporal patch, the spacing of the temporal 3D-RoPE positions. 0 (ours): measured,
+    # temporal_patch_size / the fps read_video really sampled, so positions follow the real frame
+    # spacing. A positive value is used as is: 1.0 reproduces the public code, which never passes
+    # the fps and so spaces every clip 1 s per temporal patch.
+    second_per_grid: float = 0.0
+    video_min_pixels: int = 4 * 28 * 28     # per frame, after resize
+    video_max_pixels: int = 128 * 28 * 28
+    image_min_pixels: int = 4 * 28 * 28
+    image_max_pixels: int = 256 * 28 * 28
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        # Checked here, not when the first video is read, so a bad setting fails before a run.
+        if self.frame_rounding not in FRAME_ROUNDINGS:
+            raise ValueError(f"frame_rounding must be one of {FRAME_ROUNDINGS}, got {self.frame_rounding!r}")
+        if not self.second_per_grid >= 0:
+            raise ValueError(f"second_per_grid must be 0 (measured) or positive, got {self.second_per_grid}")
+
+
+def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
+    """Patch geometry and normalisation come from the checkpoint (they are baked into its vision
+    tower); pixel and frame budgets stay ours (the training defaults), whatever min/max_pixels the
+    checkpoint lists."""
+    kw = {}
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+        kw = {k: int(cfg[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if k in cfg}
+        kw.update({k: tuple(float(v) for v in cfg[k]) for k in ("image_mean", "image_std") if k in cfg})
+    kw.update(overrides)
+    return VisualBudget(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+# The one thinking instruction, asking for what the public GRPO-CARE prompt asks (in our words):
+# an inner dialogue with hesitation and self-checks, self-verification, then both tag pairs.
+THINKING = ("Think about this question the way a person would when pondering it deeply: reason it out as an "
+            "inner dialogue, with natural thinking expressions such as 'let me think', 'wait', 'hmm', "
+            "'oh, I see' or 'let me break it down'. Reflect on your reasoning and verify it before you settle. "
+            "Put your reasoning inside <think> </think>, then your final answer inside <answer> </answer>.")
+ANSWER_LINE = {
+    "multiple choice": "Inside <answer> </answer> give only the single option letter (A, B, C, D).",
+    "numerical": "Inside <answer> </answer> give only the number.",
+    "OCR": "Inside <answer> </answer> give only the transcribed text.",
+    "free-form": "Inside <answer> </answer> give only your text answer.",
+}
+ANSWER_LINE["regression"] = ANSWER_LINE["numerical"]
+VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
+
+
+def prompt_text(sample) -> str:
+    question = sample.question if sample.question.endswith("\n") else sample.question + "\n"
+    return f"{question}{THINKING}\n{ANSWER_LINE[sample.problem_type]}"
+
+
+def chat_prompt(sample) -> str:
+    """Qwen2.5-VL's chat template with the default system message; one placeholder per visual,
+    video first. encode_prompt expands each placeholder to the visual's token count."""
+    user = ""
+    if sample.video:
+        user += f"<|vision_start|>{VIDEO_PAD}<|vision_end|>"
+    if sample.image:
+        user += f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"{user}{prompt_text(sample)}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels: decode, resize, normalise, patchify
+
+def frame_count(total, video_fps, budget):
+    """How many frames read_video samples from a clip of `total` frames at `video_fps`: about
+    budget.fps per second, within [min_frames, max_frames] and never more than the clip has, a
+    multiple of temporal_patch_size and at least one temporal patch (a clip shorter than that
+    repeats its last frame). Odd min/max_frames round inwards, so the budgets are hard limits."""
+    tps = budget.temporal_patch_size
+    wanted = total / video_fps * budget.fps
+    lo = math.ceil(budget.min_frames / tps) * tps
+    hi = min(budget.max_frames, total) // tps * tps
+    if budget.frame_rounding == "floor":   # the public code: clamp, then round down
+        return max(tps, math.floor(min(max(wanted, lo), hi, total) / tps) * tps)
+    return min(max(round(wanted / tps) * tps, lo, tps), max(tps, hi))   # round, then clamp
+
+
+def _undecodable(sample_id, path, e):
+    # decord raises bare RuntimeErrors/DECORDErrors for broken files
+    return DataError(f"sample {sample_id}: cannot decode video {path}: {type(e).__name__}: {e}")
+
+
+def read_video(path, budget, sample_id="?"):
+    """Uniformly sample frame_count frames, first and last included. Returns (uint8 [T,H,W,3],
+    the fps actually sampled), T a multiple of temporal_patch_size."""
+    if not os.path.isfile(path):
+        raise DataError(f"sample {sample_id}: video file not found: {path}")
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        total, video_fps = len(vr), float(vr.get_avg_fps())
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
+    if total == 0 or not math.isfinite(video_fps) or video_fps <= 0:
+        raise DataError(f"sample {sample_id}: video {path} has {total} frames at {video_fps} fps")
+    nframes = frame_count(total, video_fps, budget)
+    idx = torch.linspace(0, total - 1, nframes).round().long()
+    try:
+        frames = vr.get_batch(idx.tolist()).asnumpy()
+    except Exception as e:
+        raise _undecodable(sample_id, path, e) from e
+    return frames, nframes / total * video_fps
+
+
+def read_image(path, sample_id="?"):
+    """uint8 [H,W,3] RGB; transparency composited onto white, as the HF processor does."""
+    try:
+        with Image.open(path) as img:
+            if "A" in img.getbands() or img.info.get("transparency") is not None:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+            return np.array(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"sample {sample_id}: cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def check_media(sample, budget):
+    """Decode the sample's video (the frames `budget` samples) and image now, raising the
+    DataError that encode_prompt would raise later: an up-front pass over a data set finds its
+    broken files before a run starts, not hours into it. Returns None."""
+    if sample.video:
+        read_video(sample.video, budget, sample.sample_id)
+    if sample.image:
+        read_image(sample.image, sample.sample_id)
+
+
+def smart_resize(height, width, factor, min_pixels, max_pixels):
+    """The size closest to (height, width) with both sides multiples of `factor` and area in
+    [min_pixels, max_pixels], aspect ratio kept as well as possible (same as HF/Qwen)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify_frames(frames, min_pixels, max_pixels, budget):
+    """uint8 [T,H,W,3] -> (float32 patches [grid_t*grid_h*grid_w, 3*tps*ps*ps], grid_thw [3]).
+    An image is a one-frame clip; padding to tps frames repeats it, which is what HF does."""
+    ps, m, tps = budget.patch_size, budget.merge_size, budget.temporal_patch_size
+    t, height, width, _ = frames.shape
+    h, w = smart_resize(height, width, ps * m, min_pixels, max_pixels)
+    mean, std = np.array(budget.image_mean, np.float32), np.array(budget.image_std, np.float32)
+    out = []
+    for frame in frames:
+        # HF's PIL processor step for step (bicubic on uint8, rescale in float64 then cast,
+        # normalise in float32), so the tests can demand bit equality, not closeness.
+        x = np.asarray(Image.fromarray(frame).resize((w, h), resample=Image.BICUBIC))
+        x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+        out.append(((x - mean) / std).transpose(2, 0, 1))
+    out += [out[-1]] * (-t % tps)
+    x = np.stack(out)   # [T', C, h, w]
+    grid_t, grid_h, grid_w = len(out) // tps, h // ps, w // ps
+    # Qwen2-VL layout: tokens ordered (t, merge-block row, merge-block col, row in block, col in
+    # block) so the merger's 2x2 groups are contiguous; features ordered (C, tps, ps, ps).
+    x = x.reshape(grid_t, tps, 3, grid_h // m, m, ps, grid_w // m, m, ps)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, 3 * tps * ps * ps)
+    return torch.from_numpy(patches), torch.tensor([grid_t, grid_h, grid_w], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenised prompts and batches
+
+def _token_id(tokenizer, token):
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no single id for {token}")
+    return tid
+
+
+def encode_prompt(sample, tokenizer, budget) -> dict:
+    out = {"sample_id": sample.sample_id}
+    n_tokens = {}   # placeholder id -> how many tokens it expands to
+    try:
+        if sample.video:
+            frames, fps = read_video(sample.video, budget, sample.sample_id)
+            pv, thw = patchify_frames(frames, budget.video_min_pixels, budget.video_max_pixels, budget)
+            # Seconds per temporal patch: drives the temporal 3D-RoPE spacing (see VisualBudget).
+            seconds = budget.second_per_grid or budget.temporal_patch_size / fps
+            out.update(pixel_values_videos=pv, video_grid_thw=thw[None],
+                       second_per_grid_ts=torch.tensor([seconds], dtype=torch.float32))
+            n_tokens[_token_id(tokenizer, VIDEO_PAD)] = int(thw.prod()) // budget.merge_size ** 2
+        if sample.image:
+            frame = read_image(sample.image, sample.sample_id)
+            pv, thw = patchify_frames(frame[None], budget.image_min_pixels, budget.image_max_pixels, budget)
+            out.update(pixel_values=pv, image_grid_thw=thw[None])
+            n_tokens[_token_id(tokenizer, IMAGE_PAD)] = int(thw.prod()) // budget.merge_size ** 2
+    except DataError:
+        raise
+    except ValueError as e:   # smart_resize on absurd aspect ratios
+        raise DataError(f"sample {sample.sample_id}: {e}") from e
+    ids = tokenizer(chat_prompt(sample), add_special_tokens=False)["input_ids"]
+    # Exactly one placeholder per visual; a question quoting "<|image_pad|>" would break the
+    # token/feature alignment in the model, so refuse it here with a readable message.
+    for token in (VIDEO_PAD, IMAGE_PAD):
+        tid = _token_id(tokenizer, token)
+        if ids.count(tid) != (1 if tid in n_tokens else 0):
+            raise DataError(f"sample {sample.sample_id}: prompt has {ids.count(tid)} {token} tokens")
+    expanded = []
+    for tid in ids:
+        expanded.extend([tid] * n_tokens.get(tid, 1))
+    out["input_ids"] = torch.tensor(expanded, dtype=torch.long)
+    return out
+
+
+def collate_prompts(encoded, tokenizer) -> dict:
+    """Left-pad (generation appends on the right) and concatenate the visuals in prompt order,
+    which is the order the model consumes grid_thw rows in."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("tokenizer has no pad_token_id")
+    length = max(len(e["input_ids"]) for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        input_ids[i, length - n:] = e["input_ids"]
+        attention_mask[i, length - n:] = 1
+    # 0 text, 1 image placeholder, 2 video placeholder: Qwen2.5-VL's get_rope_index groups runs
+    # of these to lay out 3D positions. Padding is text (0), masked out anyway.
+    mm = torch.zeros_like(input_ids)
+    mm[input_ids == _token_id(tokenizer, IMAGE_PAD)] = 1
+    mm[input_ids == _token_id(tokenizer, VIDEO_PAD)] = 2
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm * attention_mask,
+             "sample_ids": [e["sample_id"] for e in encoded]}
+    for key in VISUAL_KEYS:
+        if visuals := [e[key] for e in encoded if key in e]:
+            batch[key] = torch.cat(visuals)
+    return batch
+
+
+def encode_batch(samples, tokenizer, budget, max_prompt_length=None, skip_bad=False):
+    """Encode each sample's prompt (budget: one VisualBudget, or a list with one per sample).
+    Returns (kept, encoded, skipped): the indices of the samples that could be read, their
+    encoded prompts, and one message per sample left out. A sample that cannot be read, or
+    whose prompt is longer than max_prompt_length tokens, raises its DataError unless skip_bad,
+    which leaves it out and says why in skipped. Training and evaluation both encode here."""
+    budgets = budget if isinstance(budget, list) else [budget] * len(samples)
+    kept, encoded, skipped = [], [], []
+    for i, (sample, sample_budget) in enumerate(zip(samples, budgets)):
+        try:
+            enc = encode_prompt(sample, tokenizer, sample_budget)
+            if max_prompt_length is not None and len(enc["input_ids"]) > max_prompt_length:
+                raise DataError(f"sample {sample.sample_id}: prompt has {len(enc['input_ids'])} tokens, more than "
+                                f"--max-prompt-length {max_prompt_length} (lower the frame or pixel budget)")
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
+        kept.append(i)
+        encoded.append(enc)
+    return kept, encoded, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# A collated batch as model inputs, and one prompt of it
+
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def model_inputs(prompts):
+    """The prompt batch as keyword arguments for a Qwen2.5-VL forward or generate call."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids") + VISUAL_KEYS
+    return {k: prompts[k] for k in keys if k in prompts}
+
+
+def select_prompt(prompts, i):
+    """Prompt i of a collated batch as a batch of its own: left padding removed, and its own
+    image and video patches (the visual tensors are concatenated over the prompts that have
+    one, in prompt order)."""
+    keep = prompts["attention_mask"][i].bool()
+    out = {k: prompts[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    mm = prompts["mm_token_type_ids"]
+    for kind, pix, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+        has = (mm == kind).any(dim=1)  # [P] which prompts carry this kind of visual
+        if grid not in prompts or not has[i]:
+            continue
+        row = int(has[:i].sum())
+        sizes = prompts[grid].prod(-1).tolist()  # patches per visual
+        start = sum(sizes[:row])
+        out[pix] = prompts[pix][start:start + sizes[row]]
+        out[grid] = prompts[grid][row:row + 1]
+        if kind == 2 and "second_per_grid_ts" in prompts:
+            out["second_per_grid_ts"] = prompts["second_per_grid_ts"][row:row + 1]
+    return out
