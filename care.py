@@ -26,6 +26,9 @@ and then over sequences:
     L = -(1/N) sum_n (1/|o_n|) sum_t m_nt * [ min(rho_nt A_n, clip(rho_nt, 1-e, 1+e) A_n)
                                               - beta * KL3_nt ]
     rho = exp(logp - old_logp),    KL3 = exp(ref - logp) - (ref - logp) - 1
+
+Each formula, its edge cases and its defaults: docs/algorithm.md, sections 4 to 7 and 10
+(e.g. docs/algorithm.md#5-the-consistency-bonus).
 """
 
 import math

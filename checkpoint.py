@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 
 import fsdp
+import models
 
 
 class RunError(ValueError):
@@ -47,6 +48,35 @@ FREE_ON_RESUME = {"output_dir", "resume", "overwrite", "allow_config_change", "s
                   "log_completions", "check_data", "skip_bad_samples", "allow_outside_data_root",
                   "logprob_chunk_size", "gradient_checkpointing", "attn_implementation", "prompts_per_device",
                   "reproduce_official"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's inputs and settings, before anything loads
+
+
+def check_inputs(cfg):
+    """Name a missing --model, --data or --data-root before anything is loaded. A --model that
+    looks like a hub id (org/name, no such local directory) is left to from_pretrained."""
+    first = cfg.model.split("/")[0]
+    local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1 \
+        or os.path.isdir(first)
+    if local and not os.path.isdir(cfg.model):
+        raise RunError(f"--model {cfg.model}: no such directory")
+    if not os.path.isfile(cfg.data):
+        raise RunError(f"--data {cfg.data}: no such file")
+    if not os.path.isdir(cfg.data_root):
+        raise RunError(f"--data-root {cfg.data_root}: no such directory")
+
+
+def resolved(cfg):
+    """The settings as this machine will really use them, as checkpoints record them: 'auto'
+    choices made, paths absolute (a hub id stays as it is)."""
+    local = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    return dataclasses.replace(
+        cfg, model=local(cfg.model), data=os.path.abspath(cfg.data), data_root=os.path.abspath(cfg.data_root),
+        mixed_precision=(("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto"
+                         else cfg.mixed_precision),
+        attn_implementation=models.pick_attn_implementation(cfg.attn_implementation))
 
 
 # ---------------------------------------------------------------------------------------------

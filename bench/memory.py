@@ -324,10 +324,13 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     estimated peaks per phase."""
 
     import tiny
+    import config
+    import fsdp
+    import models
     import train
 
     tokenizer = tiny.build_tokenizer()
-    config = tiny_case_config(tokenizer, dims, vocab)
+    model_config = tiny_case_config(tokenizer, dims, vocab)
     model_dir = os.path.join(workdir, name)
     data_root = os.path.join(workdir, "data")
     # CPU sdpa runs its fused (flash) kernel: no score matrix, like flash-attention 2 on GPU.
@@ -335,7 +338,7 @@ def measure(name, dims, overrides, workdir, vocab=4096):
                            cuda_overhead_gib=0.0, text_tokens=0), **overrides})
     px = dict(video_min_pixels=s.video_max_pixels, video_max_pixels=s.video_max_pixels,
               image_min_pixels=s.image_max_pixels, image_max_pixels=s.image_max_pixels)
-    cfg = train.parse_config(["--model", model_dir, "--data", f"{data_root}/annotations/training_6k.jsonl",
+    cfg = config.parse_config(["--model", model_dir, "--data", f"{data_root}/annotations/training_6k.jsonl",
                               "--data-root", data_root, "--num-generations", str(s.num_generations),
                               "--prompts-per-device", "1", "--max-completion-length", str(s.completion),
                               "--logprob-chunk-size", str(s.chunk), "--max-frames", str(s.frames),
@@ -345,14 +348,14 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     import encoding
     import reference
     import rollout
-    accelerator = train.fsdp.make_accelerator("no")
+    accelerator = fsdp.make_accelerator("no")
     budget = encoding.budget_from_checkpoint(model_dir, fps=cfg.fps, min_frames=s.frames, max_frames=s.frames, **px)
     samples, _ = data.load_samples(cfg.data, cfg.data_root)
     sample = next(x for x in samples if x.video)
-    model = train.load_policy(cfg)
+    model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, 10)
     model, optimizer = accelerator.prepare(model, optimizer)  # FSDP2 under torchrun, as in train.py
-    ref = train.fsdp.prepare_reference(accelerator, reference.make_reference(train.load_model(cfg)))
+    ref = fsdp.prepare_reference(accelerator, reference.make_reference(models.load_model(cfg.model, cfg.attn_implementation)))
     gen = rollout.sampling_config(tokenizer, s.completion)
     gen.min_new_tokens = s.completion  # every completion exactly s.completion tokens
     enc = encoding.encode_prompt(sample, tokenizer, budget)
@@ -365,14 +368,15 @@ def measure(name, dims, overrides, workdir, vocab=4096):
             if tracker:
                 tracker.reset_peak()
             if phase == "rollout":
-                with train.fsdp.gathered(model):
+                with fsdp.gathered(model):
                     roll = rollout.generate(model, prompts, tokenizer, s.num_generations, gen, seeds=[0])
             elif phase == "reference":
-                parts = train.score_rollout(cfg, roll, [sample], ref, tokenizer)
-                train.fsdp.reshard(ref)
+                scores = train.score_rollout(cfg, roll, [sample], ref, tokenizer)
+                fsdp.reshard(ref)
             else:
-                train.policy_update(cfg, accelerator, model, optimizer, scheduler, roll, parts["advantages"],
-                                    ref, 1, [sample.sample_id])
+                batch = train.Batch(1, [sample], prompts, [0], [[sample.sample_id]], [])
+                train.policy_update(cfg, accelerator, model, optimizer, scheduler, ref, roll, scores["advantages"],
+                                    batch)
             if tracker:
                 peaks[phase] = tracker.peak
         return peaks, roll
@@ -381,14 +385,14 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     tracker = LiveBytes()
     for obj in (model, ref):
         for t in list(obj.parameters()) + list(obj.buffers()):
-            tracker.add(train.fsdp.local(t))
+            tracker.add(fsdp.local(t))
     for state in optimizer.state.values():
         for t in state.values():
-            tracker.add(train.fsdp.local(t))
+            tracker.add(fsdp.local(t))
     static = tracker.now
     with tracker:
         measured, roll = step(tracker)
-    shapes = shapes_of(config)
+    shapes = shapes_of(model_config)
     est = estimate(shapes, s, prompt_tokens=int(prompts["input_ids"].shape[1]), patches=patches,
                    completion=int(roll.completion_ids.shape[1]))
     est_static = est["static_gib"] * GiB

@@ -87,8 +87,9 @@ def read_state(ckpt, part):
 @pytest.fixture(scope="session")
 def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     """Two CARE steps in one process, 2 prompts a step, a checkpoint after each, completions logged."""
+    import config
     import train
     out = tmp_path_factory.mktemp("care")
-    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, out, "--algo", "care",
+    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, out, "--algo", "care",
                                               "--max-steps", "2", "--save-every", "1", "--log-completions")))
     return out

@@ -168,10 +168,10 @@ def main(model_dir, out_path):
 
     # 5. A NaN on one process stops both, naming that process's samples (a process that stopped
     # alone would leave the other waiting in the next collective).
-    import train
+    import guards
     value = torch.tensor([1.0, float("nan") if rank == 1 else 2.0])
     try:
-        train.stop_if_not_finite(accelerator, "reward", value, 3, [f"sample-of-rank-{rank}"])
+        guards.stop_if_not_finite(accelerator, "reward", value, 3, [f"sample-of-rank-{rank}"])
         raise AssertionError("no stop")
     except FloatingPointError as e:
         assert "step 3: non-finite reward" in str(e) and "sample-of-rank-1" in str(e), str(e)

@@ -64,10 +64,11 @@ def test_estimate_agrees_with_a_measured_step():
 def test_policy_checkpoints_its_layers(tiny_model_dir):
     """from_pretrained returns eval mode, where transformers skips checkpointing: load_policy must
     return a model in train mode, which keeps far fewer activations after its forward."""
-    import train
+    import models
+    import config
 
     def held_after_forward(*flags):
-        model = train.load_policy(train.parse_config(["--model", tiny_model_dir, *flags]))
+        model = models.load_policy(config.parse_config(["--model", tiny_model_dir, *flags]))
         ids = torch.randint(10, 400, (4, 200), generator=torch.Generator().manual_seed(0))
         tracker = memory.LiveBytes()
         with tracker:

@@ -12,12 +12,14 @@ import torch
 from conftest import corrupt_one_video, read_log, train_argv
 
 import checkpoint
+import config
 import data
+import models
 import train
 
 
 def run(model_dir, root, out, *extra):
-    return train.train(train.parse_config(train_argv(model_dir, root, out, *extra)))
+    return train.train(config.parse_config(train_argv(model_dir, root, out, *extra)))
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def no_model(monkeypatch):
     """Fail the test if a model gets loaded: these refusals must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the refusal")
-    monkeypatch.setattr(train, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def copy_checkpoint(care_run, out, step=1):
@@ -55,27 +57,27 @@ def copy_checkpoint(care_run, out, step=1):
 ])
 def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        train.parse_config(flags)
+        config.parse_config(flags)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err
     assert err.strip().count("\n") == 0, err
 
 
 def test_help_explains_every_setting_with_its_default():
-    text = " ".join(train.build_parser().format_help().split())  # unwrapped
-    for f in dataclasses.fields(train.Config):
+    text = " ".join(config.build_parser().format_help().split())  # unwrapped
+    for f in dataclasses.fields(config.Config):
         assert f.metadata.get("help"), f"{f.name} has no help line"
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
-    assert text.count("(default: ") == len(dataclasses.fields(train.Config))
+    assert text.count("(default: ") == len(dataclasses.fields(config.Config))
 
 
 def test_reproduce_official_sets_the_public_behaviour_and_explicit_flags_win():
-    cfg = train.parse_config(["--reproduce-official"])
+    cfg = config.parse_config(["--reproduce-official"])
     assert (cfg.ema_decay, cfg.second_per_grid, cfg.top_k, cfg.frame_rounding) == (1.0, 1.0, 50, "floor")
-    cfg = train.parse_config(["--reproduce-official", "--top-k", "0", "--ema-decay", "0.99"])
+    cfg = config.parse_config(["--reproduce-official", "--top-k", "0", "--ema-decay", "0.99"])
     assert (cfg.ema_decay, cfg.second_per_grid, cfg.top_k, cfg.frame_rounding) == (0.99, 1.0, 0, "floor")
-    ours = train.parse_config([])
+    ours = config.parse_config([])
     assert (ours.ema_decay, ours.second_per_grid, ours.top_k, ours.frame_rounding) == (0.995, 0.0, 0, "nearest")
 
 
@@ -93,7 +95,7 @@ def test_missing_inputs_are_named_before_anything_loads(warm_model_dir, seed_ben
     else:
         argv += [flag, value]
     with pytest.raises(checkpoint.RunError, match=message):
-        train.train(train.parse_config(argv))
+        train.train(config.parse_config(argv))
 
 
 # --- one run per directory ---------------------------------------------------------------------

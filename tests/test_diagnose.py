@@ -30,7 +30,7 @@ def test_zero_advantage_rate(tmp_path):
             for sid, rows in by_id.items():
                 for acc, fmt, bonus in rows:
                     f.write(json.dumps({"step": step, "sample_id": sid, "completion": "", "accuracy": acc,
-                                        "format": fmt, "bonus": bonus, "advantage": 0.0, "ref_p": None}) + "\n")
+                                        "format": fmt, "bonus": bonus, "advantage": 0.0, "ref_conf": None}) + "\n")
     assert diagnose.zero_advantage_rate(path) == {"step": [1, 2], "zero_advantage_rate": [0.5, 2 / 3]}
 
 
@@ -153,17 +153,17 @@ def test_routes_separates_right_answers_by_where_they_come_from():
 
 def test_bonus_split_by_consistency_and_mixed_groups():
     """Group (1, a) holds a consistent and an inconsistent right answer (mixed); group (1, b) one
-    consistent right answer; wrong answers and answers without ref_p are left out."""
+    consistent right answer; wrong answers and answers without ref_conf are left out."""
     q = "What colour is the moving shape?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
 
     def row(sid, reasoning, letter, acc, p, bonus):
-        return {"step": 1, "sample_id": sid, "accuracy": acc, "ref_p": p, "bonus": bonus,
+        return {"step": 1, "sample_id": sid, "accuracy": acc, "ref_conf": p, "bonus": bonus,
                 "completion": f"<think>The shape is {reasoning}.</think><answer>{letter}</answer>"}
     rows = [row("a", "blue", "C", 1.0, 0.9, 0.5), row("a", "green", "C", 1.0, 0.3, 0.0),
             row("a", "green", "B", 0.0, 0.8, 0.0), row("b", "blue", "C", 1.0, 0.7, 0.5),
             row("b", "red", "C", 1.0, None, 0.0)]
     (w,) = diagnose.bonus_split(rows, {"a": q, "b": q}, [(1, 1)])
-    assert w["consistent"] == {"n": 2, "ref_p": pytest.approx(0.8), "bonus_rate": 1.0}
-    assert w["inconsistent"] == {"n": 1, "ref_p": 0.3, "bonus_rate": 0.0}
-    assert w["mixed consistent"] == {"n": 1, "ref_p": 0.9, "bonus_rate": 1.0}
-    assert w["mixed inconsistent"] == {"n": 1, "ref_p": 0.3, "bonus_rate": 0.0}
+    assert w["consistent"] == {"n": 2, "ref_conf": pytest.approx(0.8), "bonus_rate": 1.0}
+    assert w["inconsistent"] == {"n": 1, "ref_conf": 0.3, "bonus_rate": 0.0}
+    assert w["mixed consistent"] == {"n": 1, "ref_conf": 0.9, "bonus_rate": 1.0}
+    assert w["mixed inconsistent"] == {"n": 1, "ref_conf": 0.3, "bonus_rate": 0.0}

@@ -21,6 +21,7 @@ from conftest import ROOT, read_log, read_state, train_argv
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import config
 import train
 
 STEP_KEYS = ("reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "grad_norm", "lr")
@@ -110,7 +111,7 @@ def test_two_process_resume_continues_the_same_run(two_process_run, warm_model_d
                                            "--max-steps", "2", "--save-every", "1", "--resume", "auto"))
     resumed, full = read_log(tmp_path), read_log(two_process_run)
     assert [r["step"] for r in resumed] == [2]
-    for key in (*STEP_KEYS, "loss", "ref_confidence"):
+    for key in (*STEP_KEYS, "loss", "ref_conf"):
         assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-6, abs=1e-9), key
     a, b = policy_weights(two_process_run / "checkpoint-000002"), policy_weights(tmp_path / "checkpoint-000002")
     for k in a:
@@ -125,7 +126,7 @@ def test_a_2_process_checkpoint_resumes_on_1_process(two_process_run, care_run, 
                                                      seed_bench_root, tmp_path):
     """The sharded state is resharded on load: step 2 on one process continues the same run."""
     shutil.copytree(two_process_run / "checkpoint-000001", tmp_path / "checkpoint-000001")
-    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
+    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
                                               "--max-steps", "2", "--save-every", "1", "--resume", "auto")))
     resumed, one = read_log(tmp_path), read_log(care_run)
     assert [r["step"] for r in resumed] == [2]

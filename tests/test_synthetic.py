@@ -189,7 +189,7 @@ def test_training_curves_count_zero_advantage_groups(tmp_path):
     with open(tmp_path / "completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(tmp_path / "log.jsonl", "w") as f:
-        f.write(json.dumps({"step": 1, "bonus_rate": 0.25, "ref_confidence": 0.5}) + "\n")
+        f.write(json.dumps({"step": 1, "bonus_rate": 0.25, "ref_conf": 0.5}) + "\n")
     curve = run.training_curves(str(tmp_path), {"a": q, "b": q, "c": q})
     assert curve["zero_advantage_rate"] == [pytest.approx(1 / 3)] and curve["accuracy"] == [6 / 7]
     assert curve["consistency"] == [6 / 7]   # "red, so B" contradicts itself

@@ -10,11 +10,12 @@ from conftest import corrupt_one_video, read_log, read_state, train_argv
 from safetensors.torch import load_file
 
 import evaluate
+import config
 import train
 
 
 def run(model_dir, root, out, *extra):
-    return train.train(train.parse_config(train_argv(model_dir, root, out, *extra)))
+    return train.train(config.parse_config(train_argv(model_dir, root, out, *extra)))
 
 
 def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
@@ -22,7 +23,7 @@ def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     assert [r["step"] for r in log] == [1, 2]
     # Cosine over the 2 optimizer steps, no warmup: lr after step 1 = 1e-3 * (1 + cos(pi/2)) / 2.
     assert log[0]["lr"] == pytest.approx(5e-4) and log[1]["lr"] == pytest.approx(0.0, abs=1e-12)
-    for key in ("loss", "reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "ref_confidence",
+    for key in ("loss", "reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "ref_conf",
                 "adv_std", "completion_len", "truncation_rate", "step_time", "lr", "grad_norm"):
         assert key in log[0], key
     # The warm model answers in format part of the time: rewards and advantages are not all 0.
@@ -53,9 +54,9 @@ def test_completions_are_logged_with_their_rewards(care_run):
         assert {r["sample_id"] for r in mine} == set(log[step - 1]["samples"][0])
         assert sum(r["accuracy"] for r in mine) / 8 == pytest.approx(log[step - 1]["reward_acc"])
         assert sum(r["bonus"] > 0 for r in mine) / 8 == pytest.approx(log[step - 1]["bonus_rate"])
-        with_p = [r["ref_p"] for r in mine if r["ref_p"] is not None]
+        with_p = [r["ref_conf"] for r in mine if r["ref_conf"] is not None]
         if with_p:
-            assert sum(with_p) / len(with_p) == pytest.approx(log[step - 1]["ref_confidence"])
+            assert sum(with_p) / len(with_p) == pytest.approx(log[step - 1]["ref_conf"])
     assert all(isinstance(r["completion"], str) and 0 <= r["format"] <= 1 for r in rows)
 
 

@@ -12,9 +12,14 @@ import torch
 from conftest import read_state, train_argv
 
 import care
+import config
 import data
+import encoding
+import fsdp
 import reference
 import rollout
+import metrics
+import models
 import train
 
 MC = "multiple choice"
@@ -51,7 +56,7 @@ HAS_SPAN = torch.tensor([True] * 7 + [False])
 
 
 def score(monkeypatch, *flags):
-    cfg = train.parse_config(["--algo", "care", "--num-generations", "4", *flags])
+    cfg = config.parse_config(["--algo", "care", "--num-generations", "4", *flags])
     ref = torch.nn.Linear(1, 1)  # stands in for the reference model: only its identity matters
     calls = []
     spy(monkeypatch, reference, "answer_logprob", calls, result=lambda *a, **k: (LOGP, HAS_SPAN))
@@ -73,7 +78,7 @@ def test_score_rollout_passes_every_care_setting(monkeypatch):
     torch.testing.assert_close(parts["acc"], acc)   # each prompt scored against its own solution
     torch.testing.assert_close(parts["fmt"], fmt)
     torch.testing.assert_close(parts["bonus"], want["bonus"])
-    torch.testing.assert_close(parts["p"], want["p"])
+    torch.testing.assert_close(parts["ref_conf"], want["ref_conf"])
     torch.testing.assert_close(parts["reward"], acc + fmt + want["bonus"])
     # Each setting matters for these inputs: a wire cut to its default would change the bonus.
     for default in (expected(0.0, 0.7, 0.9), expected(0.3, 0.5, 0.9), expected(0.3, 0.7, 0.95)):
@@ -94,7 +99,7 @@ def test_the_reference_scores_the_answers(monkeypatch):
 
 
 def test_grpo_has_no_bonus_and_asks_no_reference(monkeypatch):
-    cfg = train.parse_config(["--algo", "grpo", "--num-generations", "4"])
+    cfg = config.parse_config(["--algo", "grpo", "--num-generations", "4"])
     calls = []
     spy(monkeypatch, reference, "answer_logprob", calls)
     parts = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, None, tokenizer=None)
@@ -117,12 +122,12 @@ def spied_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     spy(mp, care, "policy_loss", calls["loss"])
     spy(mp, reference, "answer_logprob", calls["scorer"])
     spy(mp, reference, "ema_update", calls["ema"])
-    real_policy, real_ref = train.load_policy, train.fsdp.prepare_reference
-    mp.setattr(train, "load_policy", lambda cfg: calls["policy"].append(real_policy(cfg)) or calls["policy"][-1])
+    real_policy, real_ref = models.load_policy, fsdp.prepare_reference
+    mp.setattr(models, "load_policy", lambda cfg: calls["policy"].append(real_policy(cfg)) or calls["policy"][-1])
     mp.setattr(train.fsdp, "prepare_reference",
                lambda acc, ref: calls["reference"].append(real_ref(acc, ref)) or calls["reference"][-1])
     try:
-        train.train(train.parse_config(train_argv(
+        train.train(config.parse_config(train_argv(
             warm_model_dir, seed_bench_root, out, "--algo", "care", "--max-steps", "3", "--save-every", "1",
             "--ema-every", "2", "--ema-decay", "0.9", "--consistency-margin", "0.05", "--log-completions")))
     finally:
@@ -142,8 +147,8 @@ def test_the_loss_gets_the_advantages_of_accuracy_format_and_bonus(spied_run):
         acc, fmt, bonus = field("accuracy"), field("format"), field("bonus")
         torch.testing.assert_close(args[1].cpu().view(-1, 4), care.group_advantages(acc + fmt + bonus))
         torch.testing.assert_close(args[1].cpu().view(-1, 4), field("advantage"))  # what the log says
-        has_span = torch.tensor([r["ref_p"] is not None for r in mine]).view(-1, 4)
-        p = torch.tensor([r["ref_p"] or 0.0 for r in mine]).view(-1, 4)
+        has_span = torch.tensor([r["ref_conf"] is not None for r in mine]).view(-1, 4)
+        p = torch.tensor([r["ref_conf"] or 0.0 for r in mine]).view(-1, 4)
         recomputed, _ = care.consistency_bonus(acc, p, has_span, margin=0.05, bonus_coef=0.5)
         torch.testing.assert_close(bonus, recomputed)
     assert any(r["bonus"] > 0 for r in rows), "no bonus in the run: the check above would be blind to it"
@@ -180,9 +185,9 @@ def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video
     rounded down; each reaches the piece that uses it."""
     sampling, budgets, ema = [], [], []
     spy(monkeypatch, rollout, "sampling_config", sampling)
-    spy(monkeypatch, data, "encode_prompt", budgets)
+    spy(monkeypatch, encoding, "encode_prompt", budgets)
     spy(monkeypatch, reference, "ema_update", ema)
-    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
+    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
                                               "--max-steps", "2", "--reproduce-official")))
     assert sampling[0][0][4] == 50  # top_k
     budget = budgets[0][0][2]
@@ -216,7 +221,7 @@ def grpo_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     real_build = train.build_optimizer
     mp.setattr(train, "build_optimizer", lambda *a: calls["optimizer"].append(real_build(*a)) or calls["optimizer"][-1])
     try:
-        cfg = train.parse_config(train_argv(warm_model_dir, seed_bench_root, out, *GRPO_FLAGS))
+        cfg = config.parse_config(train_argv(warm_model_dir, seed_bench_root, out, *GRPO_FLAGS))
         train.train(cfg)
     finally:
         mp.undo()
@@ -273,7 +278,7 @@ def test_the_optimizer_gets_its_settings(grpo_run):
 
 
 def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_bench_root, tmp_path):
-    train.train(train.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo",
+    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo",
                                               "--beta", "0", "--epochs", "2", "--max-completion-length", "2",
                                               "--save-every", "100")))
     from conftest import read_log
@@ -287,17 +292,17 @@ def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_
 
 
 def test_freeze_vision_freezes_the_vision_tower_only(tiny_model_dir):
-    frozen = train.load_policy(train.parse_config(["--model", tiny_model_dir, "--freeze-vision"]))
+    frozen = models.load_policy(config.parse_config(["--model", tiny_model_dir, "--freeze-vision"]))
     assert not any(p.requires_grad for p in frozen.model.visual.parameters())
     assert all(p.requires_grad for n, p in frozen.named_parameters() if ".visual." not in f".{n}")
-    trained = train.load_policy(train.parse_config(["--model", tiny_model_dir]))
+    trained = models.load_policy(config.parse_config(["--model", tiny_model_dir]))
     assert all(p.requires_grad for p in trained.parameters())
 
 
 def test_zero_advantage_groups_counts_groups_with_one_reward():
     """A group whose G rewards are all equal has zero advantages: counted, the others not."""
     reward = torch.tensor([[2.0, 2.0, 2.0, 2.0], [2.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
-    parts = {"reward": reward, "acc": reward, "fmt": reward, "bonus": torch.zeros(3, 4), "p": torch.zeros(3, 4),
+    parts = {"reward": reward, "acc": reward, "fmt": reward, "bonus": torch.zeros(3, 4), "ref_conf": torch.zeros(3, 4),
              "has_span": torch.zeros(3, 4, dtype=torch.bool), "advantages": care.group_advantages(reward)}
     roll = SimpleNamespace(completion_mask=torch.ones(12, 5), truncated=torch.zeros(12, dtype=torch.bool))
-    assert train.step_metrics(parts, roll, {})["zero_adv_groups"] == pytest.approx(2 / 3)
+    assert metrics.step_metrics(parts, roll, {})["zero_adv_groups"] == pytest.approx(2 / 3)

@@ -40,7 +40,7 @@ lucky letter). Accuracy that rises for a value the reasoning still misnames is t
 
 bonus reads a CARE run's completions.jsonl and splits its right answers, per window of steps, into
 those whose reasoning leads to the answer (by benchmark.rule_verdict) and those whose reasoning
-leads elsewhere, with each one's mean reference confidence ref_p and bonus rate: the bonus does
+leads elsewhere, with each one's mean reference confidence ref_conf and bonus rate: the bonus does
 its job where the first get it and the second do not. Also for groups holding both kinds only.
 
 zero-adv reads a train.py run's completions.jsonl (--log-completions) and prints, per step, the
@@ -325,16 +325,16 @@ def bonus_split(completions, questions, windows):
     """completions: a CARE run's completions.jsonl rows; questions: {sample_id: question with its
     lettered options}; windows: [(first step, last step)]. Per window, for right answers with a
     reference confidence: {"consistent"|"inconsistent"|"mixed consistent"|"mixed inconsistent":
-    {"n", "ref_p", "bonus_rate"}}, "mixed" counting only groups that hold both kinds."""
+    {"n", "ref_conf", "bonus_rate"}}, "mixed" counting only groups that hold both kinds."""
     out = []
     for lo, hi in windows:
         groups = defaultdict(list)
         for r in completions:
-            if lo <= r["step"] <= hi and r["accuracy"] == 1 and r.get("ref_p") is not None:
+            if lo <= r["step"] <= hi and r["accuracy"] == 1 and r.get("ref_conf") is not None:
                 think = THINK_RE.search(r["completion"])
                 verdict = benchmark.rule_verdict(questions[r["sample_id"]], think.group(1) if think else "")
                 stated = rewards.extract_answer(r["completion"])
-                groups[(r["step"], r["sample_id"])].append((verdict == (stated or "").strip(), r["ref_p"], r["bonus"] > 0))
+                groups[(r["step"], r["sample_id"])].append((verdict == (stated or "").strip(), r["ref_conf"], r["bonus"] > 0))
         split = defaultdict(list)
         for rows in groups.values():
             mixed = len({c for c, _, _ in rows}) == 2
@@ -343,7 +343,7 @@ def bonus_split(completions, questions, windows):
                 split[name].append((p, got))
                 if mixed:
                     split["mixed " + name].append((p, got))
-        out.append({"steps": [lo, hi], **{k: {"n": len(v), "ref_p": sum(p for p, _ in v) / len(v),
+        out.append({"steps": [lo, hi], **{k: {"n": len(v), "ref_conf": sum(p for p, _ in v) / len(v),
                                                "bonus_rate": sum(g for _, g in v) / len(v)} for k, v in split.items()}})
     return out
 
@@ -438,7 +438,7 @@ def main_bonus(args):
     windows = [(lo, min(lo + args.window - 1, last)) for lo in range(1, last + 1, args.window)]
     for w in bonus_split(completions, questions, windows):
         print(f"steps {w['steps'][0]}-{w['steps'][1]}: " + "; ".join(
-            f"{k} n={v['n']} ref_p={v['ref_p']:.2f} bonus={v['bonus_rate']:.2f}" for k, v in w.items() if k != "steps"))
+            f"{k} n={v['n']} ref_conf={v['ref_conf']:.2f} bonus={v['bonus_rate']:.2f}" for k, v in w.items() if k != "steps"))
 
 
 def build_parser():

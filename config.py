@@ -1,0 +1,214 @@
+"""The settings of a training run (train.py), as a dataclass and as a command line: one --flag
+per field with its help line and default, the valid range of each, and --reproduce-official.
+
+    cfg = parse_config(["--algo", "care", "--lr", "1e-6"])   # what `python train.py ...` does
+
+Every default is the official GRPO-CARE setting unless its help line says otherwise;
+docs/algorithm.md gives the source of each.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import encoding
+
+
+def setting(default, help):
+    """A settings field with its --help line (the default is appended by argparse)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser_for(config_cls, doc=None, defaults=True):
+    """One --flag per field of config_cls, with its help line. defaults=False leaves a flag that
+    is not given out of the result, which tells what the user set explicitly."""
+    parser = Parser(description=doc, formatter_class=HelpFormatter, usage="%(prog)s [--flag value ...]")
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if defaults else argparse.SUPPRESS
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+    return parser
+
+
+def given(config_cls, argv):
+    """The settings given explicitly on the command line, by field name."""
+    return vars(parser_for(config_cls, defaults=False).parse_args(argv))
+
+
+def parse(config_cls, argv=None, doc=None, checks=None, adjust=None):
+    """config_cls from the command line. adjust(cfg, argv) may change it (presets); checks(cfg)
+    returns (condition, message) pairs, and the first false one is the error."""
+    parser = parser_for(config_cls, doc)
+    cfg = config_cls(**vars(parser.parse_args(argv)))
+    if adjust:
+        adjust(cfg, argv)
+    for ok, message in checks(cfg) if checks else []:
+        if not ok:
+            parser.error(message)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's settings
+
+BUDGET = encoding.VisualBudget()
+
+
+@dataclass
+class Config:
+    model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", "initial policy: a local checkpoint directory or a hub id")
+    data: str = setting("SEED-Bench-R1/annotations/training_6k.jsonl", "training annotations (JSONL or JSON list)")
+    data_root: str = setting("SEED-Bench-R1", "directory the videos and images in --data are relative to")
+    output_dir: str = setting("runs/care", "where log.jsonl and the checkpoints go (one run per directory)")
+    algo: str = setting("care", "care (accuracy + format + consistency bonus, EMA reference) or grpo (KL to a frozen reference)")
+    seed: int = setting(42, "fixes the data order, every group's sampling seed and the initial RNG state")
+    # batch: P prompts per process, G completions per prompt
+    prompts_per_device: int = setting(1, "P: prompts per process per step (global batch = processes x P)")
+    num_generations: int = setting(8, "G: completions sampled per prompt (a group)")
+    epochs: int = setting(1, "passes over the training data")
+    max_steps: int = setting(-1, "stop after this many steps if > 0 (also sets the cosine schedule's length)")
+    # rollout
+    max_prompt_length: int = setting(16384, "a longer prompt (text + visual tokens) is a data error")
+    max_completion_length: int = setting(768, "new tokens per completion; longer ones are cut and marked truncated")
+    temperature: float = setting(1.0, "sampling temperature of the rollouts")
+    top_p: float = setting(0.95, "nucleus sampling of the rollouts")
+    top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
+    repetition_penalty: float = setting(1.0, "1.0 = off")
+    # reward and CARE
+    bonus_coef: float = setting(0.5, "CARE: consistency bonus = bonus_coef x accuracy")
+    conf_cap: float = setting(0.95, "CARE: the reference confidence is capped at this value")
+    consistency_margin: float = setting(0.0, "CARE: consistent if confidence >= mean over high-accuracy peers - margin "
+                                             "(0.01 when targeting general video benchmarks)")
+    ema_decay: float = setting(0.995, "CARE: reference <- decay x reference + (1 - decay) x policy; 1.0 = frozen")
+    ema_every: int = setting(10, "CARE: steps between reference updates")
+    # loss; beta < 0 means "the algorithm's default": 0 for care, 0.04 for grpo
+    num_iterations: int = setting(1, "policy updates per rollout (> 1 uses the PPO clipped ratio)")
+    epsilon: float = setting(0.2, "PPO clip range (only with --num-iterations > 1)")
+    beta: float = setting(-1.0, "KL coefficient to the reference; < 0 = the algorithm's default (care 0, grpo 0.04)")
+    # optimizer
+    lr: float = setting(1e-6, "peak learning rate (AdamW, cosine decay)")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on norms and biases)")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    warmup_steps: int = setting(0, "linear warmup steps before the cosine decay")
+    max_grad_norm: float = setting(5.0, "gradient-norm clip")
+    freeze_vision: bool = setting(False, "do not train the vision tower (the official recipe trains it)")
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
+    logprob_chunk_size: int = setting(1024, "completion tokens per LM-head chunk when scoring (bounds logits memory)")
+    mixed_precision: str = setting("auto", "auto (bf16 on GPU, no on CPU) | bf16 | no")
+    attn_implementation: str = setting("auto", "auto (flash_attention_2 if installed on GPU, else sdpa) | sdpa | eager")
+    # visual budget (defaults: encoding.VisualBudget)
+    fps: float = setting(BUDGET.fps, "video frames sampled per second")
+    min_frames: int = setting(BUDGET.min_frames, "fewest video frames")
+    max_frames: int = setting(BUDGET.max_frames, "most video frames")
+    video_min_pixels: int = setting(BUDGET.video_min_pixels, "fewest pixels per video frame after resizing")
+    video_max_pixels: int = setting(BUDGET.video_max_pixels, "most pixels per video frame after resizing")
+    image_min_pixels: int = setting(BUDGET.image_min_pixels, "fewest pixels of the observation image after resizing")
+    image_max_pixels: int = setting(BUDGET.image_max_pixels, "most pixels of the observation image after resizing")
+    second_per_grid: float = setting(BUDGET.second_per_grid, "seconds per temporal patch in the video positions: 0 = measured from the "
+                                          "sampled fps; 1.0 = the public code's fixed value")
+    frame_rounding: str = setting(BUDGET.frame_rounding, "frame count: nearest (round to the temporal patch, then clamp) | "
+                                             "floor (the public code: clamp, then round down to even)")
+    reproduce_official: bool = setting(False, "the public code's effective behaviour: frozen reference "
+                                              "(--ema-decay 1.0), --second-per-grid 1.0, --top-k 50, "
+                                              "--frame-rounding floor; flags given explicitly win")
+    # data checks
+    skip_bad_samples: bool = setting(False, "skip (and count) unreadable samples instead of stopping")
+    check_data: bool = setting(False, "decode every video and image before step 1")
+    allow_outside_data_root: bool = setting(False, "allow media paths that lead outside --data-root")
+    # bookkeeping
+    save_every: int = setting(500, "steps between checkpoints (the last step is always saved)")
+    keep_last: int = setting(0, "keep only the newest N checkpoints; 0 = keep all")
+    resume: str = setting("", "a checkpoint directory, or auto for the newest complete one in --output-dir")
+    overwrite: bool = setting(False, "delete the run already in --output-dir and start a new one")
+    allow_config_change: bool = setting(False, "resume even if the run-defining settings differ from the checkpoint's")
+    log_completions: bool = setting(False, "also write every completion and its rewards to completions.jsonl")
+
+
+# What --reproduce-official sets (unless the flag is given explicitly): the public code's
+# effective behaviour. Its EMA write is discarded under ZeRO-3, so its reference stays frozen;
+# it never passes the sampled fps (1.0 s per temporal patch); it inherits transformers' top-k 50;
+# qwen_vl_utils clamps the frame count and then rounds it down to even.
+OFFICIAL = {"ema_decay": 1.0, "second_per_grid": 1.0, "top_k": 50, "frame_rounding": "floor"}
+
+
+def check_settings(cfg):
+    """Every setting with a valid range, as (condition, message); the first false one is reported."""
+    return [
+        (cfg.algo in ("care", "grpo"), f"--algo must be care or grpo, got {cfg.algo!r}"),
+        (cfg.num_generations >= 2, f"--num-generations must be >= 2 (group statistics need two samples), "
+                                   f"got {cfg.num_generations}"),
+        (cfg.prompts_per_device >= 1, f"--prompts-per-device must be >= 1, got {cfg.prompts_per_device}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.max_steps != 0, "--max-steps must be > 0, or < 0 for whole epochs"),
+        (cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}"),
+        (cfg.ema_every >= 1, f"--ema-every must be >= 1, got {cfg.ema_every}"),
+        (cfg.keep_last >= 0, f"--keep-last must be >= 0, got {cfg.keep_last}"),
+        (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
+        (cfg.logprob_chunk_size >= 1, f"--logprob-chunk-size must be >= 1, got {cfg.logprob_chunk_size}"),
+        (cfg.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {cfg.max_prompt_length}"),
+        (cfg.max_completion_length >= 1, f"--max-completion-length must be >= 1, got {cfg.max_completion_length}"),
+        (0 < cfg.ema_decay <= 1, f"--ema-decay must be in (0, 1], got {cfg.ema_decay}"),
+        (cfg.bonus_coef >= 0, f"--bonus-coef must be >= 0, got {cfg.bonus_coef}"),
+        (cfg.consistency_margin >= 0, f"--consistency-margin must be >= 0, got {cfg.consistency_margin}"),
+        (0 < cfg.conf_cap <= 1, f"--conf-cap must be in (0, 1], got {cfg.conf_cap}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+        (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
+        (cfg.epsilon > 0, f"--epsilon must be > 0, got {cfg.epsilon}"),
+        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
+        (cfg.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {cfg.repetition_penalty}"),
+        (cfg.fps > 0, f"--fps must be > 0, got {cfg.fps}"),
+        (1 <= cfg.min_frames <= cfg.max_frames, f"need 1 <= --min-frames <= --max-frames, got "
+                                                f"{cfg.min_frames} and {cfg.max_frames}"),
+        (1 <= cfg.video_min_pixels <= cfg.video_max_pixels, f"need 1 <= --video-min-pixels <= --video-max-pixels, "
+                                                            f"got {cfg.video_min_pixels} and {cfg.video_max_pixels}"),
+        (1 <= cfg.image_min_pixels <= cfg.image_max_pixels, f"need 1 <= --image-min-pixels <= --image-max-pixels, "
+                                                            f"got {cfg.image_min_pixels} and {cfg.image_max_pixels}"),
+        (cfg.second_per_grid >= 0, f"--second-per-grid must be >= 0 (0 = measured), got {cfg.second_per_grid}"),
+        (cfg.frame_rounding in ("nearest", "floor"), f"--frame-rounding must be nearest or floor, "
+                                                      f"got {cfg.frame_rounding!r}"),
+        (cfg.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be auto, bf16 or no, "
+                                                         f"got {cfg.mixed_precision!r}"),
+        (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
+         f"--attn-implementation must be auto, flash_attention_2, sdpa or eager, got {cfg.attn_implementation!r}"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: pick one"),
+    ]
+
+
+def official_where_not_given(cfg, argv):
+    if cfg.reproduce_official:
+        explicit = given(Config, argv)
+        for name, value in OFFICIAL.items():
+            if name not in explicit:
+                setattr(cfg, name, value)
+
+
+def parse_config(argv=None, doc=None):
+    """Config from the command line (doc: the --help text, train.py's docstring)."""
+    cfg = parse(Config, argv, doc=doc, checks=check_settings, adjust=official_where_not_given)
+    if cfg.beta < 0:  # the algorithm's default
+        cfg.beta = 0.0 if cfg.algo == "care" else 0.04
+    if cfg.algo == "grpo":
+        cfg.ema_decay = 1.0  # plain GRPO: a frozen reference, used only for the KL term
+    return cfg
+
+
+def build_parser(defaults=True, doc=None):
+    return parser_for(Config, doc, defaults)

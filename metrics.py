@@ -1,0 +1,95 @@
+"""What a run writes while it trains: log.jsonl (one row per step, averaged over processes),
+completions.jsonl (--log-completions: every completion and how it was scored), and the
+progress bar, which shows the numbers that tell whether a run is healthy.
+
+A log row: reward and its parts (reward_acc, reward_fmt, reward_bonus), bonus_rate (share of
+completions given the CARE bonus), ref_conf (mean reference confidence over completions with an
+answer span), adv_std, zero_adv_groups (groups whose G rewards are all equal: no gradient from
+them), completion_len, truncation_rate, loss, grad_norm, lr, kl, clip_frac, skipped, step_time
+and the sample ids of every process.
+"""
+
+import os
+
+import torch
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+import checkpoint
+
+# On the progress bar: (label, log key, format). The policy loss is not among them: with one
+# update per rollout it is zero by construction (the ratio is 1 and the advantages centred).
+BAR = (("reward", "reward", ".2f"), ("acc", "reward_acc", ".2f"), ("fmt", "reward_fmt", ".2f"),
+       ("bonus", "bonus_rate", ".2f"), ("ref_conf", "ref_conf", ".2f"), ("kl", "kl", ".4f"),
+       ("len", "completion_len", ".0f"))
+
+
+def step_metrics(scores, completions, update):
+    """One process's numbers for one step; scores are score_rollout's [P, G] fields."""
+    has_span = scores["has_span"]                                               # [P, G]
+    advantages = scores["advantages"]                                           # [P, G]
+    return {
+        "reward": scores["reward"].mean().item(),
+        "reward_acc": scores["acc"].mean().item(),
+        "reward_fmt": scores["fmt"].mean().item(),
+        "reward_bonus": scores["bonus"].mean().item(),
+        "bonus_rate": (scores["bonus"] > 0).float().mean().item(),
+        "ref_conf": scores["ref_conf"][has_span].mean().item() if has_span.any() else float("nan"),
+        "adv_std": advantages.std().item() if advantages.numel() > 1 else 0.0,
+        "zero_adv_groups": (scores["reward"].amax(1) == scores["reward"].amin(1)).float().mean().item(),
+        "completion_len": completions.completion_mask.sum(1).mean().item(),
+        "truncation_rate": completions.truncated.float().mean().item(),
+        **update,
+    }
+
+
+def completion_rows(step, samples, completions, scores):
+    """One completions.jsonl row per sampled completion: what was said and how it was scored.
+    ref_conf is the reference's confidence in the stated answer (CARE; null without an answer span)."""
+    g = completions.num_generations
+    return [{"step": step, "sample_id": s.sample_id, "completion": completions.texts[i * g + j],
+             **{name: scores[key][i, j].item() for name, key in (("accuracy", "acc"), ("format", "fmt"),
+                                                                   ("bonus", "bonus"), ("advantage", "advantages"))},
+             "ref_conf": scores["ref_conf"][i, j].item() if scores["has_span"][i, j] else None}
+            for i, s in enumerate(samples) for j in range(g)]
+
+
+class RunLog:
+    """log.jsonl, completions.jsonl and the progress bar of one run (written by the main process).
+    On resume, the rows after the checkpoint's step are dropped: those steps run again."""
+
+    def __init__(self, cfg, accelerator, start_step, total_steps):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+        self.completions_path = os.path.join(cfg.output_dir, "completions.jsonl")
+        if accelerator.is_main_process:
+            for path in (self.log_path, self.completions_path):
+                checkpoint.trim_jsonl(path, start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
+                        desc=cfg.algo)
+
+    def write(self, step, batch, completions, scores, update, skipped_total, seconds):
+        """Average this step's metrics over the processes, append the log row (and the
+        completions), move the bar, and print the samples skipped at this step."""
+        accelerator = self.accelerator
+        metrics = step_metrics(scores, completions, update)
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+        values = accelerator.reduce(values, reduction="mean")  # the whole global batch
+        row = {"step": step, **dict(zip(keys, values.tolist())), "skipped": skipped_total,
+               "step_time": seconds, "samples": batch.ids_per_process}
+        if self.cfg.log_completions:
+            rows = completion_rows(step, batch.samples, completions, scores)
+            rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+        if accelerator.is_main_process:
+            checkpoint.append_jsonl(self.log_path, [row])
+            if self.cfg.log_completions:
+                checkpoint.append_jsonl(self.completions_path, rows)
+            self.bar.set_postfix({label: format(row[key], fmt) for label, key, fmt in BAR})
+            self.bar.update(1)
+        for message in batch.skipped:
+            accelerator.print(f"skipped: {message}")
+        return row
+
+    def close(self):
+        self.bar.close()
