@@ -36,19 +36,21 @@ settings stops and names each change, and --overwrite starts over.
 import argparse
 import json
 import os
-import re
 import sys
 from collections import defaultdict
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 import data
 import encoding
+import judge
 import results
 import rewards
 import rollout
+
+BUDGET = encoding.VisualBudget()  # the visual budget's defaults, as in training
+GENERAL_MAX_FRAMES = 32  # the general video benchmarks' frame budget (Video-R1's evaluation)
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
@@ -62,209 +64,6 @@ def score(sample, completion):
     return {"answer": answer,
             "score": rewards.accuracy_reward(scored, sample.solution, sample.problem_type, rewards.EVAL_SCORERS),
             "format_ok": bool(rewards.format_reward(completion))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Consistency: does the reasoning lead to the stated answer?
-
-JUDGE_PROMPT = """Below are a multiple-choice question and the reasoning someone wrote while answering it. \
-Their final answer has been removed.
-
-{question}
-Reasoning:
-{reasoning}
-
-Which option does this reasoning lead to? Reply with the option letter only, as <answer>X</answer>, \
-or <answer>none</answer> if it does not settle on one option."""
-
-OPTION_RE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?\.?")
-
-
-def option_letters(sample):
-    """The option letters of a multiple-choice question ("A. ..." lines), in order."""
-    return OPTION_RE.findall(sample.question)
-
-
-def reasoning_of(completion):
-    """The reasoning with the final answer removed: the <think> part when there is one, else
-    the completion with every <answer>...</answer> cut out."""
-    think = THINK_RE.findall(completion)
-    text = think[-1] if think else rewards.ANSWER_RE.sub("", completion)
-    return text.strip()
-
-
-def as_letter(text, letters):
-    """"B", "b", "(B)", "B." -> "B" when B is one of the letters; "none" -> "none"; else None."""
-    text = (text or "").strip()
-    if text.lower() == "none":
-        return "none"
-    m = LETTER_RE.fullmatch(text)
-    return m.group(1).upper() if m and m.group(1).upper() in letters else None
-
-
-def parse_verdict(reply, letters):
-    """The judge's verdict: an option letter, "none", or None (undecided: malformed, or a
-    letter that is not an option). Read from the last <answer> tag, else the bare reply."""
-    tagged = rewards.extract_answer(reply)
-    return as_letter(tagged if tagged is not None else reply, letters)
-
-
-def judge_text(tokenizer, question, reasoning):
-    """The judge's prompt as text, in its own chat format (ChatML when it has no template)."""
-    content = JUDGE_PROMPT.format(question=question, reasoning=reasoning or "(no reasoning given)")
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@torch.no_grad()
-def judge_replies(judge, tokenizer, texts, max_new_tokens):
-    """Greedy replies of the judge model to a batch of text prompts."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop),
-                              pad_token_id=tokenizer.pad_token_id, num_beams=1)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(judge.device)
-    with rollout.own_generation_config(judge, config):
-        out = judge.generate(**enc, generation_config=config)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
-    """Add a verdict to each answered multiple-choice row: judge_reply, verdict (letter, "none"
-    or None when undecided) and consistent (True/False; None when the row is not judged)."""
-    todo = []
-    for s, row in zip(samples, rows):
-        row.update(judge_reply=None, verdict=None, consistent=None)
-        letters = option_letters(s) if s.problem_type == "multiple choice" else []
-        row["stated"] = as_letter(row["answer"], letters) if letters else None
-        if row["stated"] not in (None, "none"):  # answered with an option: judged
-            todo.append((s, row, letters))
-    if not todo or judge is None:
-        return
-    if callable(judge) and not isinstance(judge, torch.nn.Module):  # a rule: (question, reasoning) -> reply
-        replies = [judge(s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
-    else:
-        texts = [judge_text(tokenizer, s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
-        replies = judge_replies(judge, tokenizer, texts, max_new_tokens)
-    for (s, row, letters), reply in zip(todo, replies):
-        row["judge_reply"] = reply
-        row["verdict"] = parse_verdict(reply, letters)
-        row["consistent"] = row["verdict"] == row["stated"]
-
-
-def is_rule(judge):
-    """--judge FILE.py:FUNCTION names a rule, not a model."""
-    return re.fullmatch(r".+\.py:\w+", judge) is not None
-
-
-def load_judge(path, model, tokenizer, device, dtype):
-    """"self": the evaluated model; "none": no judge; FILE.py:FUNCTION: a rule, called with
-    (question, reasoning) and returning a reply (experiments/synthetic/benchmark.py:rule_verdict
-    checks consistency exactly on the synthetic benchmark); else any local Hugging Face chat
-    model."""
-    if path == "self":
-        return model, tokenizer
-    if path == "none":
-        return None, tokenizer
-    if is_rule(path):
-        import importlib.util
-        file, function = path.rsplit(":", 1)
-        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0], file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return getattr(module, function), tokenizer
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-    try:
-        judge = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except ValueError:  # a vision-language model (Qwen2.5-VL has no causal-LM class)
-        judge = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    return judge.to(device).eval(), AutoTokenizer.from_pretrained(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary and comparison
-
-
-def group_names(row):
-    """The table rows a prediction counts in."""
-    names = ["all", row["benchmark"]]
-    if row["domain"]:
-        names.append(f"{row['benchmark']}/{row['domain']}")
-    if row["level"] is None:  # Video-R1-style file: also per question type
-        names.append(f"{row['benchmark']}/{row['problem_type']}")
-    return names
-
-
-def summarize(rows, judged=True):
-    groups = defaultdict(list)
-    for r in rows:
-        for name in group_names(r):
-            groups[name].append(r)
-    summary = {}
-    for name in sorted(groups, key=lambda n: (n != "all", n)):  # none when every sample was skipped
-        rs = groups[name]
-        s = {"n": len(rs), "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
-             "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
-        if judged:
-            judged_rows = [r for r in rs if r["consistent"] is not None]
-            s.update(judged=len(judged_rows), consistent=sum(r["consistent"] for r in judged_rows),
-                     undecided=sum(r["verdict"] is None for r in judged_rows),
-                     consistency=(100.0 * sum(r["consistent"] for r in judged_rows) / len(judged_rows)
-                                  if judged_rows else None))
-        summary[name] = s
-    return summary
-
-
-def pct(x):
-    return "-" if x is None else f"{x:.1f}"
-
-
-def format_table(summary):
-    lines = ["| split | n | accuracy (%) | format (%) | consistency (%) | judged | undecided |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, s in summary.items():
-        lines.append(f"| {name} | {s['n']} | {s['accuracy']:.1f} | {s['format']:.1f} | "
-                     f"{pct(s.get('consistency'))} | {s.get('judged', '-')} | {s.get('undecided', '-')} |")
-    return "\n".join(lines)
-
-
-def read_summary(path):
-    """A summary.json written by evaluate.py; a missing or malformed one stops with one line."""
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:
-        raise SystemExit(f"{path}: not JSON: {e}") from None
-    if not (isinstance(summary, dict) and "model" in summary and isinstance(summary.get("results"), dict)
-            and all(isinstance(r, dict) for r in summary["results"].values())):
-        raise SystemExit(f'{path}: not a summary written by evaluate.py (no "model" or no "results" table)')
-    return summary
-
-
-def compare(path_a, path_b):
-    """Side-by-side accuracy and consistency of two runs, with B - A."""
-    a, b = read_summary(path_a), read_summary(path_b)
-    names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
-
-    def cells(name, key):
-        x, y = (run["results"].get(name, {}).get(key) for run in (a, b))
-        delta = "-" if x is None or y is None else f"{y - x:+.1f}"
-        return f"{pct(x)} | {pct(y)} | {delta}"
-
-    lines = [f"A: {a['model']}", f"B: {b['model']}", "",
-             "| split | n (A / B) | accuracy A | accuracy B | delta | consistency A | consistency B | delta |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name in names:
-        n = " / ".join(str(run["results"].get(name, {}).get("n", "-")) for run in (a, b))
-        lines.append(f"| {name} | {n} | {cells(name, 'accuracy')} | {cells(name, 'consistency')} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,22 +101,23 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, metavar="T", help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.001, metavar="P",
                    help="nucleus sampling: the probability mass kept")
-    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second, within the frame budget")
-    p.add_argument("--min-frames", type=int, default=4, metavar="N", help="fewest frames per video")
+    p.add_argument("--fps", type=float, default=BUDGET.fps, help="video frames sampled per second, within the frame budget")
+    p.add_argument("--min-frames", type=int, default=BUDGET.min_frames, metavar="N", help="fewest frames per video")
     p.add_argument("--max-frames", type=int, default=None, metavar="N",
-                   help="most frames per video (default: 16 for SEED-Bench-R1 files, 32 for Video-R1-style files)")
-    p.add_argument("--video-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+                   help=f"most frames per video (default: {BUDGET.max_frames} for SEED-Bench-R1 files, "
+                        f"{GENERAL_MAX_FRAMES} for Video-R1-style files)")
+    p.add_argument("--video-min-pixels", type=int, default=BUDGET.video_min_pixels, metavar="N",
                    help="fewest pixels per video frame after resizing")
-    p.add_argument("--video-max-pixels", type=int, default=128 * 28 * 28, metavar="N",
+    p.add_argument("--video-max-pixels", type=int, default=BUDGET.video_max_pixels, metavar="N",
                    help="most pixels per video frame after resizing")
-    p.add_argument("--image-min-pixels", type=int, default=4 * 28 * 28, metavar="N",
+    p.add_argument("--image-min-pixels", type=int, default=BUDGET.image_min_pixels, metavar="N",
                    help="fewest pixels per image after resizing")
-    p.add_argument("--image-max-pixels", type=int, default=256 * 28 * 28, metavar="N",
+    p.add_argument("--image-max-pixels", type=int, default=BUDGET.image_max_pixels, metavar="N",
                    help="most pixels per image after resizing")
-    p.add_argument("--second-per-grid", type=float, default=0.0, metavar="S",
+    p.add_argument("--second-per-grid", type=float, default=BUDGET.second_per_grid, metavar="S",
                    help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
                         "1.0 = the public code's fixed value (use what the model was trained with)")
-    p.add_argument("--frame-rounding", choices=encoding.FRAME_ROUNDINGS, default="nearest",
+    p.add_argument("--frame-rounding", choices=encoding.FRAME_ROUNDINGS, default=BUDGET.frame_rounding,
                    help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
                         "code: clamp, then round down)")
     p.add_argument("--allow-outside-data-root", action="store_true",
@@ -365,9 +165,9 @@ def check_args(parser, args):
         parser.error(f"--data: no such file: {', '.join(missing)}")
     if not os.path.isdir(args.data_root):
         parser.error(f"--data-root {args.data_root}: no such directory")
-    if is_rule(args.judge) and not os.path.isfile(args.judge.rsplit(":", 1)[0]):
+    if judge.is_rule(args.judge) and not os.path.isfile(args.judge.rsplit(":", 1)[0]):
         parser.error(f"--judge {args.judge}: no such file")
-    if args.judge not in ("self", "none") and not is_rule(args.judge) and not os.path.isdir(args.judge):
+    if args.judge not in ("self", "none") and not judge.is_rule(args.judge) and not os.path.isdir(args.judge):
         parser.error(f"--judge {args.judge}: no such directory (a judge model is a local checkpoint)")
 
 
@@ -386,7 +186,7 @@ def load_work(args):
         samples = samples[: args.limit] if args.limit else samples
         seed_bench = bool(samples) and samples[0].level is not None
         bench = samples[0].level if seed_bench else os.path.splitext(os.path.basename(path))[0]
-        frames = args.max_frames or (16 if seed_bench else 32)
+        frames = args.max_frames or (BUDGET.max_frames if seed_bench else GENERAL_MAX_FRAMES)
         seen = defaultdict(int)
         for s in samples:
             seen[s.sample_id] += 1
@@ -404,7 +204,7 @@ def row_settings(args):
     symlink is the same setting."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root))
-    if is_rule(args.judge):
+    if judge.is_rule(args.judge):
         file, function = args.judge.rsplit(":", 1)
         settings["judge"] = f"{os.path.realpath(file)}:{function}"
     elif args.judge not in ("self", "none"):
@@ -418,7 +218,7 @@ def compare_main(argv):
     p.add_argument("a", metavar="A/summary.json", help="the baseline's summary.json (e.g. GRPO)")
     p.add_argument("b", metavar="B/summary.json", help="the summary.json compared with it (e.g. GRPO-CARE)")
     args = p.parse_args(argv)
-    table = compare(args.a, args.b)
+    table = results.compare(args.a, args.b)
     print(table)
     return table
 
@@ -444,7 +244,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    judge, judge_tokenizer = load_judge(args.judge, model, tokenizer, device, dtype)
+    judge_model, judge_tokenizer = judge.load_judge(args.judge, model, tokenizer, device, dtype)
     gen_config = rollout.sampling_config(tokenizer, args.max_new_tokens, temperature=args.temperature,
                                          top_p=args.top_p, top_k=0, repetition_penalty=1.0)
     budgets = {}
@@ -477,7 +277,15 @@ def main(argv=None):
     new_rows, skips = [], []
     with open(os.path.join(args.output_dir, f"predictions.part{rank}.jsonl"), "a") as part:
         for k in tqdm([k for k in todo if k % world == rank], desc="eval", disable=not accelerator.is_main_process):
-            kept, encoded = encode_batch(batches[k], tokenizer, budget, args.skip_bad_samples, rank, skips)
+            batch = batches[k]
+            kept, encoded, skipped_here = encoding.encode_batch([item[1] for item in batch], tokenizer,
+                                                                [budget(item[3]) for item in batch],
+                                                                skip_bad=args.skip_bad_samples)
+            left_out = [item for i, item in enumerate(batch) if i not in kept]
+            for item, message in zip(left_out, skipped_here):  # printed by the process it happens on
+                tqdm.write(f"process {rank}: skipped {item[0]}: {one_line(message)}", file=sys.stderr)
+            skips += skipped_here
+            kept = [batch[i] for i in kept]
             if all(item[0] in done for item in kept):  # all but the skipped samples are done
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
@@ -488,7 +296,7 @@ def main(argv=None):
                      "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
                      "completion": text, **score(s, text), "settings": tag}
                     for (key, s, bench, _), text in zip(kept, texts)]
-            judge_rows(judge, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
+            judge.judge_rows(judge_model, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
             for row in rows:
                 part.write(json.dumps(row) + "\n")
             part.flush()
@@ -510,35 +318,18 @@ def main(argv=None):
     return summary
 
 
-def encode_batch(batch, tokenizer, budget, skip_bad, rank, skips):
-    """The batch's items that could be read and their encoded prompts. With skip_bad, a sample
-    that cannot be read is left out, its skip printed by the process it happens on and its
-    message added to skips."""
-    kept, encoded = [], []
-    for item in batch:
-        try:
-            encoded.append(encoding.encode_prompt(item[1], tokenizer, budget(item[3])))
-            kept.append(item)
-        except data.DataError as e:
-            if not skip_bad:
-                raise
-            skips.append(str(e))
-            tqdm.write(f"process {rank}: skipped {item[0]}: {one_line(e)}", file=sys.stderr)
-    return kept, encoded
-
-
 def one_line(message):
     return " ".join(str(message).split())
 
 
 def write_summary(args, settings, rows, skipped):
-    summary = summarize(rows, judged=args.judge != "none")
+    summary = results.summarize(rows, judged=args.judge != "none")
     results.write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(
         {"model": args.model, "judge": args.judge, "data": args.data, "samples": len(rows), "skipped": len(skipped),
          "skipped_messages": skipped, "settings": settings, "results": summary}, indent=2))
     results.write_atomic(os.path.join(args.output_dir, "summary.md"),
-                         f"{args.model} (judge: {args.judge})\n\n{format_table(summary)}\n")
-    print(format_table(summary))
+                         f"{args.model} (judge: {args.judge})\n\n{results.format_table(summary)}\n")
+    print(results.format_table(summary))
     if skipped:
         print(f"{len(skipped)} samples skipped (--skip-bad-samples); see summary.json")
     return summary

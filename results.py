@@ -1,5 +1,6 @@
 """evaluate.py's output directory: the settings its rows were made with, the rows finished
-there (also by a run that crashed), and writing them back.
+there (also by a run that crashed), writing them back, and the summary tables (accuracy and
+consistency per benchmark, level, domain and question type) and their comparison.
 
     OUTPUT/eval_settings.json           {"hash": ..., "settings": {flag: value}}, written first
     OUTPUT/predictions.part<rank>.jsonl  rows a process appends as it goes
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import defaultdict
 
 import data
 
@@ -112,3 +114,84 @@ def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and comparison
+
+
+def group_names(row):
+    """The table rows a prediction counts in."""
+    names = ["all", row["benchmark"]]
+    if row["domain"]:
+        names.append(f"{row['benchmark']}/{row['domain']}")
+    if row["level"] is None:  # Video-R1-style file: also per question type
+        names.append(f"{row['benchmark']}/{row['problem_type']}")
+    return names
+
+
+def summarize(rows, judged=True):
+    groups = defaultdict(list)
+    for r in rows:
+        for name in group_names(r):
+            groups[name].append(r)
+    summary = {}
+    for name in sorted(groups, key=lambda n: (n != "all", n)):  # none when every sample was skipped
+        rs = groups[name]
+        s = {"n": len(rs), "accuracy": 100.0 * sum(r["score"] for r in rs) / len(rs),
+             "format": 100.0 * sum(r["format_ok"] for r in rs) / len(rs)}
+        if judged:
+            judged_rows = [r for r in rs if r["consistent"] is not None]
+            s.update(judged=len(judged_rows), consistent=sum(r["consistent"] for r in judged_rows),
+                     undecided=sum(r["verdict"] is None for r in judged_rows),
+                     consistency=(100.0 * sum(r["consistent"] for r in judged_rows) / len(judged_rows)
+                                  if judged_rows else None))
+        summary[name] = s
+    return summary
+
+
+def pct(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def format_table(summary):
+    lines = ["| split | n | accuracy (%) | format (%) | consistency (%) | judged | undecided |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['n']} | {s['accuracy']:.1f} | {s['format']:.1f} | "
+                     f"{pct(s.get('consistency'))} | {s.get('judged', '-')} | {s.get('undecided', '-')} |")
+    return "\n".join(lines)
+
+
+def read_summary(path):
+    """A summary.json written by evaluate.py; a missing or malformed one stops with one line."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise SystemExit(f"{path}: not JSON: {e}") from None
+    if not (isinstance(summary, dict) and "model" in summary and isinstance(summary.get("results"), dict)
+            and all(isinstance(r, dict) for r in summary["results"].values())):
+        raise SystemExit(f'{path}: not a summary written by evaluate.py (no "model" or no "results" table)')
+    return summary
+
+
+def compare(path_a, path_b):
+    """Side-by-side accuracy and consistency of two runs, with B - A."""
+    a, b = read_summary(path_a), read_summary(path_b)
+    names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
+
+    def cells(name, key):
+        x, y = (run["results"].get(name, {}).get(key) for run in (a, b))
+        delta = "-" if x is None or y is None else f"{y - x:+.1f}"
+        return f"{pct(x)} | {pct(y)} | {delta}"
+
+    lines = [f"A: {a['model']}", f"B: {b['model']}", "",
+             "| split | n (A / B) | accuracy A | accuracy B | delta | consistency A | consistency B | delta |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        n = " / ".join(str(run["results"].get(name, {}).get("n", "-")) for run in (a, b))
+        lines.append(f"| {name} | {n} | {cells(name, 'accuracy')} | {cells(name, 'consistency')} |")
+    return "\n".join(lines)

@@ -13,6 +13,8 @@ import torch
 from conftest import ROOT
 
 import evaluate
+import judge
+import results
 import rewards
 import tiny
 from data import Sample
@@ -65,10 +67,10 @@ def test_evaluation_scores_each_problem_type():
 # --- consistency -----------------------------------------------------------------------------
 
 def test_reasoning_is_read_without_the_answer():
-    assert evaluate.reasoning_of("<think> the square is green </think>\n<answer>B</answer>") == "the square is green"
-    assert evaluate.reasoning_of("The square is green, so <answer>B</answer> it is.") == "The square is green, so  it is."
-    assert evaluate.reasoning_of("<answer>B</answer>") == ""
-    assert evaluate.option_letters(MC) == ["A", "B", "C", "D"]
+    assert judge.reasoning_of("<think> the square is green </think>\n<answer>B</answer>") == "the square is green"
+    assert judge.reasoning_of("The square is green, so <answer>B</answer> it is.") == "The square is green, so  it is."
+    assert judge.reasoning_of("<answer>B</answer>") == ""
+    assert judge.option_letters(MC) == ["A", "B", "C", "D"]
 
 
 @pytest.mark.parametrize("reply, verdict", [
@@ -86,7 +88,7 @@ def test_reasoning_is_read_without_the_answer():
     ("<answer></answer>", None),
 ])
 def test_judge_replies_parse_to_a_verdict_or_undecided(reply, verdict):
-    assert evaluate.parse_verdict(reply, ["A", "B", "C", "D"]) == verdict
+    assert judge.parse_verdict(reply, ["A", "B", "C", "D"]) == verdict
 
 
 def test_judged_rows_and_consistency_rate(monkeypatch, tokenizer):
@@ -99,7 +101,7 @@ def test_judged_rows_and_consistency_rate(monkeypatch, tokenizer):
         seen.extend(texts)
         return ["<answer>B</answer>", "A", "<answer>C</answer>", "none", "I cannot tell"]
 
-    monkeypatch.setattr(evaluate, "judge_replies", replies)
+    monkeypatch.setattr(judge, "judge_replies", replies)
     completions = ["<think>it is green</think><answer>B</answer>", "<think>red</think><answer>A</answer>",
                    "<think>blue?</think><answer>D</answer>", "<think>hmm</think><answer>B</answer>",
                    "<think>green</think><answer>B</answer>", "<think>no idea</think>"]
@@ -107,15 +109,15 @@ def test_judged_rows_and_consistency_rate(monkeypatch, tokenizer):
     completions.append("<answer>3</answer>")
     rows = [{"key": f"L1/{i}", "benchmark": "L1", "level": "L1", "domain": None, "problem_type": s.problem_type,
              "completion": c, **evaluate.score(s, c)} for i, (s, c) in enumerate(zip(samples, completions))]
-    evaluate.judge_rows(object(), tokenizer, samples, rows, 8)
+    judge.judge_rows(object(), tokenizer, samples, rows, 8)
     assert [r["verdict"] for r in rows] == ["B", "A", "C", "none", None, None, None]
     assert [r["consistent"] for r in rows] == [True, True, False, False, False, None, None]
     assert len(seen) == 5
     for text, completion in zip(seen, completions):
         assert "What colour is the square?" in text and "C. blue" in text  # question and options
-        assert evaluate.reasoning_of(completion) in text
+        assert judge.reasoning_of(completion) in text
         assert "<answer>" not in text.split("Reasoning:")[1].split("Which option")[0]  # the answer is gone
-    s = evaluate.summarize(rows)["all"]
+    s = results.summarize(rows)["all"]
     assert (s["n"], s["judged"], s["consistent"], s["undecided"]) == (7, 5, 2, 1)
     assert s["consistency"] == pytest.approx(40.0)
     assert s["accuracy"] == pytest.approx(100 * 4 / 7)  # B, B, B and the number
@@ -453,7 +455,7 @@ def test_skips_on_every_process_are_printed_and_counted(warm_model_dir, tmp_path
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["skipped"] == len(summary["skipped_messages"]) == 4 and summary["samples"] == 5
     assert sum(l2[1]["sample_id"] in m for m in summary["skipped_messages"]) == 1
-    assert evaluate.summarize([]) == {}  # every sample skipped: an empty table, not a division by zero
+    assert results.summarize([]) == {}  # every sample skipped: an empty table, not a division by zero
 
 
 def test_a_rule_as_judge(warm_model_dir, tmp_path):
@@ -472,7 +474,7 @@ def test_a_rule_as_judge(warm_model_dir, tmp_path):
     for r in judged:
         q = questions[r["sample_id"]]
         question = q["question"] + "Options:\n" + "".join(f"{'ABCD'[i]}. {q['choice_' + k]}\n" for i, k in enumerate("abcd"))
-        assert r["judge_reply"] == benchmark.rule_verdict(question, evaluate.reasoning_of(r["completion"]))
+        assert r["judge_reply"] == benchmark.rule_verdict(question, judge.reasoning_of(r["completion"]))
         assert r["consistent"] == (r["verdict"] == r["stated"])
     summary = json.load(open(tmp_path / "out" / "summary.json"))["results"]["all"]
     assert summary["consistent"] == sum(r["consistent"] for r in judged)

@@ -417,10 +417,10 @@ def warm_problems(summary, predictions, truths=None, known=()):
 def stated_and_verdict(question, completion, letters):
     """(the option the completion answers, the option its reasoning leads to by rule); the
     first is None when it answers no option."""
-    import evaluate
+    import judge
     import rewards
-    stated = evaluate.as_letter(rewards.extract_answer(completion), letters)
-    return (stated if stated in letters else None), benchmark.rule_verdict(question, evaluate.reasoning_of(completion))
+    stated = judge.as_letter(rewards.extract_answer(completion), letters)
+    return (stated if stated in letters else None), benchmark.rule_verdict(question, judge.reasoning_of(completion))
 
 
 def training_curves(run_dir, questions):
@@ -428,13 +428,13 @@ def training_curves(run_dir, questions):
     completions that answer an option), bonus rate, mean reference confidence, and the
     zero-advantage rate (groups whose completions all score the same: no gradient)."""
     import diagnose
-    import evaluate
+    import judge
     per_step = {}
     with open(os.path.join(run_dir, "completions.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             question = questions[r["sample_id"]]
-            stated, verdict = stated_and_verdict(question, r["completion"], evaluate.OPTION_RE.findall(question))
+            stated, verdict = stated_and_verdict(question, r["completion"], judge.OPTION_RE.findall(question))
             s = per_step.setdefault(r["step"], {"n": 0, "correct": 0.0, "answered": 0, "consistent": 0})
             s["n"] += 1
             s["correct"] += r["accuracy"]
@@ -448,7 +448,7 @@ def training_curves(run_dir, questions):
             "accuracy": [per_step[k]["correct"] / per_step[k]["n"] for k in steps],
             "consistency": [per_step[k]["consistent"] / max(1, per_step[k]["answered"]) for k in steps],
             "bonus_rate": [log[k]["bonus_rate"] for k in steps],
-            "ref_confidence": [log[k]["ref_confidence"] for k in steps],
+            "ref_conf": [log[k]["ref_conf"] for k in steps],
             "zero_advantage_rate": diagnose.zero_advantage_rate(os.path.join(run_dir, "completions.jsonl"))[
                 "zero_advantage_rate"]}
 
@@ -531,12 +531,12 @@ def plot(curves, seeds, path, window):
     import numpy as np
 
     panels = (("accuracy", "accuracy (training rollouts)"), ("consistency", "rule-checked consistency"),
-              ("bonus_rate", "bonus rate (CARE)"), ("ref_confidence", "reference confidence (CARE)"),
+              ("bonus_rate", "bonus rate (CARE)"), ("ref_conf", "reference confidence (CARE)"),
               ("zero_advantage_rate", "groups with zero advantage"))
     fig, axes = plt.subplots(1, 5, figsize=(20, 4), sharex=True)
     for ax, (key, title) in zip(axes.flat, panels):
         for algo, colour in zip(ALGOS, ("tab:blue", "tab:red", "tab:green")):
-            if algo == "grpo" and key in ("bonus_rate", "ref_confidence"):
+            if algo == "grpo" and key in ("bonus_rate", "ref_conf"):
                 continue  # GRPO has no bonus and never scores answers with its reference
             runs = [curves[(seed, algo)] for seed in seeds]
             steps = runs[0]["step"]
