@@ -63,7 +63,8 @@ def make_accelerator(mixed_precision):
         # same FSDP2 path on by hand, over gloo, so that CI runs the code the GPUs run.
         accelerator.state.fsdp_plugin = plugin
         accelerator.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # where accelerate re-reads it
+        # internal: accelerate re-reads the distributed type from this shared state.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
 
 
@@ -106,10 +107,11 @@ def gathered(model):
     if units:
         # FSDP picks its root at the first forward; a unit unsharded or run on its own before
         # that (unshard() below, or generate() calling a submodule) would become the root.
-        # Settle it now.
+        # Settle it now. internal: FSDP2 has no public call for its lazy root initialisation.
         units[0]._get_fsdp_state()._lazy_init()
     # set_reshard_after_forward has no getter, so keep each group's setting to put it back
     # (accelerate keeps the root and the LM head unsharded after forward, the layers not).
+    # internal: FSDP2's param groups hold that setting; there is no public getter.
     saved = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)

@@ -13,6 +13,7 @@ public code's "search for 'answer' and drop the last 3 tokens" scores the wrong 
 
 The reference is kept in fp32 and really updated: a 0.5% step on bf16
 weights is mostly rounded away, and ema_decay = 1.0 gives a frozen reference (plain GRPO).
+Explained in docs/algorithm.md#4-reference-confidence and #9-the-ema-reference-update.
 """
 
 import bisect

@@ -7,6 +7,7 @@ The base reward of completion i is r_b[i] = acc[i] + fmt[i], both weighted 1:
 
 Everything the model writes is untrusted: garbage output scores 0 and never raises.
 A problem type we don't know is a data bug, not a model bug, so that one does raise.
+Explained in docs/algorithm.md#3-rewards-accuracy-and-format.
 """
 
 import functools

@@ -7,6 +7,7 @@ policy (with gradient) and by the reference model (CARE's answer likelihood, or 
 
 How a group's shared prompt goes through the model once, in both (a speed-up that changes no
 number), is prefix_sharing.py's business; the public code's way is bench/baselines.py.
+Explained in docs/algorithm.md#2-sampling-a-group and #7-the-policy-loss.
 Reaches into library internals are tagged `internal:` with the reason.
 """
 
