@@ -71,9 +71,9 @@ def check_inputs(cfg):
 def resolved(cfg):
     """The settings as this machine will really use them, as checkpoints record them: 'auto'
     choices made, paths absolute (a hub id stays as it is)."""
-    local = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    local_path = lambda path: os.path.abspath(path) if os.path.exists(path) else path
     return dataclasses.replace(
-        cfg, model=local(cfg.model), data=os.path.abspath(cfg.data), data_root=os.path.abspath(cfg.data_root),
+        cfg, model=local_path(cfg.model), data=os.path.abspath(cfg.data), data_root=os.path.abspath(cfg.data_root),
         mixed_precision=(("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto"
                          else cfg.mixed_precision),
         attn_implementation=models.pick_attn_implementation(cfg.attn_implementation))

@@ -4,7 +4,7 @@ per field with its help line and default, the valid range of each, and --reprodu
     cfg = parse_config(["--algo", "care", "--lr", "1e-6"])   # what `python train.py ...` does
 
 Every default is the official GRPO-CARE setting unless its help line says otherwise;
-docs/algorithm.md gives the source of each.
+docs/algorithm.md#11-defaults-and-their-source gives the source of each.
 """
 
 import argparse

@@ -80,7 +80,7 @@ def prepare_reference(accelerator, ref):
     return fsdp2_prepare_model(accelerator, ref)
 
 
-def local(tensor):
+def local_shard(tensor):
     """This process's slice of a (possibly sharded) parameter, as a plain tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 

@@ -20,7 +20,7 @@ import bisect
 
 import torch
 
-from fsdp import local, reshard
+from fsdp import local_shard, reshard
 from rewards import ANSWER_RE
 from rollout import completion_logprobs
 
@@ -46,7 +46,7 @@ def ema_update(ref, policy, decay):
     reshard(policy)
     for (name_r, p_r), (name, p) in zip(ref.named_parameters(), policy.named_parameters()):
         assert name_r == name, f"reference and policy parameters out of order: {name_r} vs {name}"
-        mine, theirs = local(p_r), local(p)
+        mine, theirs = local_shard(p_r), local_shard(p)
         assert mine.shape == theirs.shape, f"{name}: reference slice {mine.shape} vs policy slice {theirs.shape}"
         mine.lerp_(theirs.to(mine.dtype), 1.0 - decay)
 
@@ -98,9 +98,9 @@ def answer_logprob(ref, rollout, tokenizer, chunk_size=1024):
     """l[i]: mean reference log-prob of sample i's answer tokens given its reasoning.
 
     Returns (l [N] float, NaN where there is no answer span; has_span [N] bool)."""
-    mask, has_span = answer_token_mask(rollout.completion_ids, rollout.completion_mask, tokenizer)
-    logp = completion_logprobs(ref, rollout, chunk_size)
-    total = (logp * mask).sum(dim=1)
-    count = mask.sum(dim=1)
+    mask, has_span = answer_token_mask(rollout.completion_ids, rollout.completion_mask, tokenizer)  # [N, T], [N]
+    logp = completion_logprobs(ref, rollout, chunk_size)   # [N, T]
+    total = (logp * mask).sum(dim=1)                       # [N]
+    count = mask.sum(dim=1)                                # [N]
     mean = torch.where(has_span, total / count.clamp(min=1), torch.full_like(total, float("nan")))
     return mean, has_span

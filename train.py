@@ -11,9 +11,11 @@ them); this file is the loop.
     torchrun --nproc_per_node 4 train.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --data SEED-Bench-R1/annotations/training_6k.jsonl --data-root SEED-Bench-R1 --algo care
 
-The defaults are the official GRPO-CARE settings. With more than one process the policy and the
-reference are sharded with FSDP2 (fsdp.py); nothing else changes. checkpoint.py keeps runs
-apart and resumable, metrics.py writes the log, guards.py stops a step that went wrong.
+Every setting is in config.py. The defaults are the official GRPO-CARE settings but for four
+deliberate differences (docs/algorithm.md, section 12), which --reproduce-official undoes. With
+more than one process the policy and the reference are sharded with FSDP2 (fsdp.py); nothing
+else changes. checkpoint.py keeps runs apart and resumable, metrics.py writes the log,
+guards.py stops a step that went wrong.
 """
 
 import dataclasses

@@ -36,6 +36,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from encoding import VisualBudget  # noqa: E402
+
 GiB = 2 ** 30
 
 # Qwen2.5-VL-7B-Instruct's config.json, the parts that size memory.
@@ -63,9 +65,9 @@ class Settings:
     gpu_gib: float = 79.0         # an 80 GB H100/A100 reports ~79 GiB usable
     prompts_per_device: int = 1
     num_generations: int = 8
-    frames: int = 16
-    video_max_pixels: int = 128 * 28 * 28
-    image_max_pixels: int = 256 * 28 * 28
+    frames: int = VisualBudget.max_frames        # the official visual budget, at its maximum
+    video_max_pixels: int = VisualBudget.video_max_pixels
+    image_max_pixels: int = VisualBudget.image_max_pixels
     text_tokens: int = 720          # question, options, template: ~2,000-token prompts with the visuals
     completion: int = 768
     chunk: int = 1024               # --logprob-chunk-size
@@ -369,32 +371,32 @@ def measure(name, dims, overrides, workdir, vocab=4096):
                 tracker.reset_peak()
             if phase == "rollout":
                 with fsdp.gathered(model):
-                    roll = rollout.generate(model, prompts, tokenizer, s.num_generations, gen, seeds=[0])
+                    completions = rollout.generate(model, prompts, tokenizer, s.num_generations, gen, seeds=[0])
             elif phase == "reference":
-                scores = train.score_rollout(cfg, roll, [sample], ref, tokenizer)
+                scores = train.score_rollout(cfg, completions, [sample], ref, tokenizer)
                 fsdp.reshard(ref)
             else:
                 batch = train.Batch(1, [sample], prompts, [0], [[sample.sample_id]], [])
-                train.policy_update(cfg, accelerator, model, optimizer, scheduler, ref, roll, scores["advantages"],
+                train.policy_update(cfg, accelerator, model, optimizer, scheduler, ref, completions, scores["advantages"],
                                     batch)
             if tracker:
                 peaks[phase] = tracker.peak
-        return peaks, roll
+        return peaks, completions
 
     step()  # AdamW creates its state at the first step
     tracker = LiveBytes()
     for obj in (model, ref):
         for t in list(obj.parameters()) + list(obj.buffers()):
-            tracker.add(fsdp.local(t))
+            tracker.add(fsdp.local_shard(t))
     for state in optimizer.state.values():
         for t in state.values():
-            tracker.add(fsdp.local(t))
+            tracker.add(fsdp.local_shard(t))
     static = tracker.now
     with tracker:
-        measured, roll = step(tracker)
+        measured, completions = step(tracker)
     shapes = shapes_of(model_config)
     est = estimate(shapes, s, prompt_tokens=int(prompts["input_ids"].shape[1]), patches=patches,
-                   completion=int(roll.completion_ids.shape[1]))
+                   completion=int(completions.completion_ids.shape[1]))
     est_static = est["static_gib"] * GiB
     rows = {p: {"measured_gib": measured[p] / GiB, "estimated_gib": est["phases_gib"][p],
                 "ratio": est["phases_gib"][p] * GiB / measured[p],

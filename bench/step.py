@@ -44,8 +44,11 @@ from memory import LiveBytes  # noqa: E402
 # Vision tower 0.137M parameters, language-model layers 1.33M: a ratio of 0.103, as in
 # Qwen2.5-VL-7B (0.677B / 6.53B).
 MODEL = dict(hidden=192, layers=4, heads=4, vision_hidden=40, vision_depth=2)
-BUDGET = dict(max_frames=16, min_frames=16, video_min_pixels=128 * 28 * 28, video_max_pixels=128 * 28 * 28,
-              image_min_pixels=256 * 28 * 28, image_max_pixels=256 * 28 * 28)
+# The official visual budget, every frame and image at its maximum.
+_B = encoding.VisualBudget()
+BUDGET = dict(max_frames=_B.max_frames, min_frames=_B.max_frames, video_min_pixels=_B.video_max_pixels,
+              video_max_pixels=_B.video_max_pixels, image_min_pixels=_B.image_max_pixels,
+              image_max_pixels=_B.image_max_pixels)
 
 
 class VisionMeter:
@@ -107,16 +110,16 @@ def run(ours, args, model_dir, root):
         sync()
         t0 = time.perf_counter()
         with tracker or torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            roll = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step],
+            completions = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step],
                                     group_inputs=None if ours else baselines.repeated_prompt)
             sync()
             t1 = time.perf_counter()
             with torch.no_grad():
-                rollout.completion_logprobs(ref, roll, chunk, layout=None if ours else baselines.repeated)
+                rollout.completion_logprobs(ref, completions, chunk, layout=None if ours else baselines.repeated)
             sync()
             t2 = time.perf_counter()
-            logp = rollout.completion_logprobs(policy, roll, chunk, layout=None if ours else baselines.repeated)
-            loss, _ = care.policy_loss(logp, torch.linspace(-1, 1, g, device=device), roll.completion_mask)
+            logp = rollout.completion_logprobs(policy, completions, chunk, layout=None if ours else baselines.repeated)
+            loss, _ = care.policy_loss(logp, torch.linspace(-1, 1, g, device=device), completions.completion_mask)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -73,10 +73,10 @@ def main(model_dir, out_path):
     # 1. Shards: both models hold the same slice of every parameter, half of each tensor's rows.
     for (name, p), (_, r) in zip(policy.named_parameters(), ref.named_parameters()):
         full = dict(full_ref.named_parameters())[name]
-        assert fsdp.local(p).shape == fsdp.local(r).shape, name
+        assert fsdp.local_shard(p).shape == fsdp.local_shard(r).shape, name
         rows = (full.shape[0] + 1) // 2
         expected = full[rank * rows:(rank + 1) * rows]
-        torch.testing.assert_close(fsdp.local(r), expected, rtol=0, atol=0, msg=f"{name}: wrong slice")
+        torch.testing.assert_close(fsdp.local_shard(r), expected, rtol=0, atol=0, msg=f"{name}: wrong slice")
     results["same_slices"] = f"{sum(1 for _ in policy.parameters())} parameters"
 
     # 2. Generation: one all-gather per FSDP unit for the whole rollout, not one per token; the
@@ -110,11 +110,11 @@ def main(model_dir, out_path):
     assert per_token.count >= 4 * layers, f"without gathering: {per_token.count} all-gathers, expected per-token ones"
 
     # 3. Log-probs under FSDP (chunked LM head inside the sharded forward) equal the unsharded ones.
-    roll = sharded
+    completions = sharded
     with torch.no_grad():
-        lp_sharded = rollout.completion_logprobs(ref, roll, chunk_size=3)
+        lp_sharded = rollout.completion_logprobs(ref, completions, chunk_size=3)
         fsdp.reshard(ref)
-        lp_full = rollout.completion_logprobs(full_ref, roll, chunk_size=3)
+        lp_full = rollout.completion_logprobs(full_ref, completions, chunk_size=3)
     torch.testing.assert_close(lp_sharded, lp_full, rtol=1e-5, atol=1e-5)
     results["logprobs"] = "sharded == unsharded"
 
@@ -134,19 +134,19 @@ def main(model_dir, out_path):
                                          video_min_pixels=28 * 28, image_min_pixels=28 * 28)
     prompts = encoding.collate_prompts([encoding.encode_prompt(s, tokenizer, budget) for s in mine], tokenizer)
     with fsdp.gathered(policy):
-        roll = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5),
+        completions = rollout.generate(policy, prompts, tokenizer, 2, rollout.sampling_config(tokenizer, 5),
                                 seeds=list(range(len(mine))))
     for packed in (True, False):
         with torch.no_grad():
-            rollout.completion_logprobs(ref, roll, layout=None if packed else baselines.repeated)
+            rollout.completion_logprobs(ref, completions, layout=None if packed else baselines.repeated)
         fsdp.reshard(ref)
-        rollout.completion_logprobs(policy, roll, layout=None if packed else baselines.repeated).sum().backward()
+        rollout.completion_logprobs(policy, completions, layout=None if packed else baselines.repeated).sum().backward()
         full_policy.zero_grad()
-        lp_full = rollout.completion_logprobs(full_policy, roll, layout=None if packed else baselines.repeated)
+        lp_full = rollout.completion_logprobs(full_policy, completions, layout=None if packed else baselines.repeated)
         lp_full.sum().backward()
         # FSDP averages gradients over the processes: compare this process's slice of the mean.
         for name in ("lm_head.weight", "model.visual.patch_embed.proj.weight"):
-            grad = fsdp.local(policy.get_parameter(name).grad)
+            grad = fsdp.local_shard(policy.get_parameter(name).grad)
             dist.all_reduce(expected := full_policy.get_parameter(name).grad.clone())
             rows = (expected.shape[0] + 1) // 2
             torch.testing.assert_close(grad, expected[rank * rows:(rank + 1) * rows] / 2, rtol=1e-4, atol=1e-6,

@@ -32,13 +32,13 @@ def test_a_few_dozen_steps_raise_a_toy_reward(tiny_model_dir, tokenizer, seed_be
     history = []
     for step in range(30):
         batch = encoding.collate_prompts([encoded[(2 * step + i) % len(encoded)] for i in range(p)], tokenizer)
-        roll = rollout.generate(model, batch, tokenizer, g, config)
-        mask = roll.completion_mask
-        reward = ((target[roll.completion_ids].float() * mask).sum(1) / mask.sum(1)).view(p, g)
+        completions = rollout.generate(model, batch, tokenizer, g, config)
+        mask = completions.completion_mask
+        reward = ((target[completions.completion_ids].float() * mask).sum(1) / mask.sum(1)).view(p, g)
         history.append(reward.mean().item())
         adv = care.group_advantages(reward).view(-1)
         model.train()
-        loss, _ = care.policy_loss(rollout.completion_logprobs(model, roll), adv, mask)
+        loss, _ = care.policy_loss(rollout.completion_logprobs(model, completions), adv, mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

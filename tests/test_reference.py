@@ -93,9 +93,9 @@ def test_answer_logprob_is_the_mean_over_answer_tokens(tokenizer, monkeypatch):
     ids = torch.tensor([a, b + [pad] * (t - len(b))])
     mask = torch.tensor([[1.0] * t, [1.0] * len(b) + [0.0] * (t - len(b))])
     logp = -torch.arange(1, 2 * t + 1, dtype=torch.float32).view(2, t) / 10
-    monkeypatch.setattr(reference, "completion_logprobs", lambda ref, roll, chunk_size: logp)
-    roll = types.SimpleNamespace(completion_ids=ids, completion_mask=mask)
-    l, has_span = reference.answer_logprob(None, roll, tokenizer)
+    monkeypatch.setattr(reference, "completion_logprobs", lambda ref, completions, chunk_size: logp)
+    completions = types.SimpleNamespace(completion_ids=ids, completion_mask=mask)
+    l, has_span = reference.answer_logprob(None, completions, tokenizer)
     lo, hi = reference.answer_token_span(a, tokenizer)
     assert hi - lo > 1
     assert has_span.tolist() == [True, False]

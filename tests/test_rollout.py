@@ -46,18 +46,18 @@ def test_sampling_ignores_checkpoint_generation_config(model, tokenizer, prompts
     assert len({tuple(r.tolist()) for r in inherited}) == 1  # premise: top_k=1 collapses the group
 
     config = rollout.sampling_config(tokenizer, max_new_tokens=8)
-    roll = rollout.generate(model, batch, tokenizer, 8, config)
-    assert roll.completion_ids.shape[0] == 8
-    assert len({tuple(r.tolist()) for r in roll.completion_ids}) > 4
+    completions = rollout.generate(model, batch, tokenizer, 8, config)
+    assert completions.completion_ids.shape[0] == 8
+    assert len({tuple(r.tolist()) for r in completions.completion_ids}) > 4
     assert model.generation_config.top_k == 1  # the checkpoint's own defaults are put back
 
 
 def test_visual_placeholders_are_never_sampled(model, tokenizer, prompts):
     batch = encoding.collate_prompts(prompts, tokenizer)
     torch.manual_seed(0)
-    roll = rollout.generate(model, batch, tokenizer, 8, rollout.sampling_config(tokenizer, max_new_tokens=32))
+    completions = rollout.generate(model, batch, tokenizer, 8, rollout.sampling_config(tokenizer, max_new_tokens=32))
     banned = set(tokenizer.convert_tokens_to_ids(list(rollout.VISION_TOKENS)))
-    assert not banned & set(roll.completion_ids.flatten().tolist())
+    assert not banned & set(completions.completion_ids.flatten().tolist())
 
 
 def test_two_prompts_score_like_one(model, tokenizer, prompts):
@@ -66,15 +66,15 @@ def test_two_prompts_score_like_one(model, tokenizer, prompts):
     torch.manual_seed(0)
     g = 3
     both = encoding.collate_prompts(prompts, tokenizer)
-    roll = rollout.generate(model, both, tokenizer, g, rollout.sampling_config(tokenizer, max_new_tokens=10))
+    completions = rollout.generate(model, both, tokenizer, g, rollout.sampling_config(tokenizer, max_new_tokens=10))
     with torch.no_grad():
-        logp = rollout.completion_logprobs(model, roll)
+        logp = rollout.completion_logprobs(model, completions)
         for i, enc in enumerate(prompts):
             rows = slice(i * g, (i + 1) * g)
-            single = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
-                                     roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], g)
+            single = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), completions.completion_ids[rows],
+                                     completions.completion_mask[rows], completions.truncated[rows], completions.texts[rows], g)
             alone = rollout.completion_logprobs(model, single)
-            m = roll.completion_mask[rows].bool()
+            m = completions.completion_mask[rows].bool()
             torch.testing.assert_close(logp[rows][m], alone[m], rtol=1e-4, atol=1e-4)
 
 
@@ -83,21 +83,21 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
     chunk size (1 token, a few tokens, more than the whole completion); 0 after the end of turn."""
     torch.manual_seed(1)
     batch = encoding.collate_prompts(prompts, tokenizer)
-    roll = rollout.generate(model, batch, tokenizer, 3, rollout.sampling_config(tokenizer, max_new_tokens=12))
-    t = roll.completion_ids.shape[1]
+    completions = rollout.generate(model, batch, tokenizer, 3, rollout.sampling_config(tokenizer, max_new_tokens=12))
+    t = completions.completion_ids.shape[1]
     # A random model rarely ends its turn: end some rows early by hand (padding after them).
     ends = torch.tensor([t, 3, 7, 1, t, 5])
-    roll = dataclasses.replace(roll, completion_mask=(torch.arange(t)[None] < ends[:, None]).float())
-    mask = roll.completion_mask.bool()
+    completions = dataclasses.replace(completions, completion_mask=(torch.arange(t)[None] < ends[:, None]).float())
+    mask = completions.completion_mask.bool()
 
     model.zero_grad()
-    full = model(**baselines.repeated(model, roll)[0]).logits.log_softmax(-1)
-    expected = full[:, -t - 1:-1].gather(-1, roll.completion_ids[..., None]).squeeze(-1)
+    full = model(**baselines.repeated(model, completions)[0]).logits.log_softmax(-1)
+    expected = full[:, -t - 1:-1].gather(-1, completions.completion_ids[..., None]).squeeze(-1)
     (expected * mask).sum().backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for chunk in (1, 5, 10_000):
         model.zero_grad()
-        logp = rollout.completion_logprobs(model, roll, chunk_size=chunk)
+        logp = rollout.completion_logprobs(model, completions, chunk_size=chunk)
         torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-5, atol=1e-5)
         assert (logp[~mask] == 0).all()
         logp.sum().backward()
@@ -106,20 +106,20 @@ def test_logprobs_match_a_plain_forward(model, tokenizer, prompts):
                                        msg=lambda m, name=name, chunk=chunk: f"{name} (chunk {chunk}): {m}")
     model.zero_grad()
     # The head is restored: a plain forward gives logits again.
-    assert model(**baselines.repeated(model, roll)[0]).logits.shape[-1] == model.config.text_config.vocab_size
+    assert model(**baselines.repeated(model, completions)[0]).logits.shape[-1] == model.config.text_config.vocab_size
 
 
 def test_chunks_bound_the_logits_held_at_once(model, tokenizer, prompts, monkeypatch):
     """Only chunk_size positions go through the LM head per call, and only completion tokens."""
     torch.manual_seed(2)
-    roll = rollout.generate(model, encoding.collate_prompts(prompts, tokenizer), tokenizer, 2,
+    completions = rollout.generate(model, encoding.collate_prompts(prompts, tokenizer), tokenizer, 2,
                             rollout.sampling_config(tokenizer, max_new_tokens=9))
     seen = []
     real = rollout._chunk_logprobs
     monkeypatch.setattr(rollout, "_chunk_logprobs", lambda h, w, y: seen.append(len(y)) or real(h, w, y))
     with torch.no_grad():
-        rollout.completion_logprobs(model, roll, chunk_size=4)
-    n = int(roll.completion_mask.sum())
+        rollout.completion_logprobs(model, completions, chunk_size=4)
+    n = int(completions.completion_mask.sum())
     assert sum(seen) == n and max(seen) == 4 and len(seen) == -(-n // 4)
 
 
@@ -179,15 +179,15 @@ def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(tiny_model_
     model.model.visual.requires_grad_(train_vision)
     g = 3
     torch.manual_seed(3)
-    roll = rollout.generate(model, encoding.collate_prompts([three_kinds[k] for k in kinds], tokenizer), tokenizer,
+    completions = rollout.generate(model, encoding.collate_prompts([three_kinds[k] for k in kinds], tokenizer), tokenizer,
                             g, rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[5] * len(kinds))
     adv = torch.linspace(-1, 1, g * len(kinds))
     results = {}
     for packed in (True, False):
         model.zero_grad()
         calls = encoder_calls(model)
-        logp = rollout.completion_logprobs(model, roll, chunk_size=4, layout=None if packed else baselines.repeated)
-        loss, _ = care.policy_loss(logp, adv, roll.completion_mask)
+        logp = rollout.completion_logprobs(model, completions, chunk_size=4, layout=None if packed else baselines.repeated)
+        loss, _ = care.policy_loss(logp, adv, completions.completion_mask)
         loss.backward()
         model.model.visual._forward_hooks.clear()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -222,10 +222,10 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, to
     for share in (True, False):
         calls = encoder_calls(model)
         prefills.clear()
-        roll = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9],
+        completions = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9],
                                 group_inputs=None if share else baselines.repeated_prompt)
         model.model.visual._forward_hooks.clear()
-        runs[share] = (roll, sum(len(c) for c in calls), sum(prefills))
+        runs[share] = (completions, sum(len(c) for c in calls), sum(prefills))
     (shared, vision_s, prefill_s), (repeated, vision_r, prefill_r) = runs[True], runs[False]
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
     assert len(set(shared.texts)) > 1  # a real group, not G copies of one answer
@@ -241,16 +241,16 @@ def test_padded_packed_rows_score_like_each_row_alone(model, tokenizer, three_ki
     GPUs fall back to when the fused kernels decline a mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(4)
-    roll = rollout.generate(model, encoding.collate_prompts(three_kinds, tokenizer), tokenizer, 2,
+    completions = rollout.generate(model, encoding.collate_prompts(three_kinds, tokenizer), tokenizer, 2,
                             rollout.sampling_config(tokenizer, max_new_tokens=5), seeds=[1, 2, 3])
-    lengths = [three_kinds[i]["input_ids"].shape[0] + int(roll.completion_mask[2 * i:2 * i + 2].sum()) for i in range(3)]
+    lengths = [three_kinds[i]["input_ids"].shape[0] + int(completions.completion_mask[2 * i:2 * i + 2].sum()) for i in range(3)]
     assert len(set(lengths)) > 1  # premise: the rows are padded
     with torch.no_grad(), (sdpa_kernel(SDPBackend.MATH) if kernel == "math" else contextlib.nullcontext()):
-        together = rollout.completion_logprobs(model, roll)
+        together = rollout.completion_logprobs(model, completions)
         for i, enc in enumerate(three_kinds):
             rows = slice(2 * i, 2 * i + 2)
-            alone = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), roll.completion_ids[rows],
-                                    roll.completion_mask[rows], roll.truncated[rows], roll.texts[rows], 2)
+            alone = rollout.Rollout(encoding.collate_prompts([enc], tokenizer), completions.completion_ids[rows],
+                                    completions.completion_mask[rows], completions.truncated[rows], completions.texts[rows], 2)
             torch.testing.assert_close(together[rows], rollout.completion_logprobs(model, alone), rtol=1e-5, atol=1e-5)
 
 
@@ -259,15 +259,15 @@ def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokeni
     packed rows with sdpa, which takes their mask, and gets its own attention back after."""
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     torch.manual_seed(5)
-    roll = rollout.generate(model, encoding.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
+    completions = rollout.generate(model, encoding.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
                             rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[3])
     seen = []
     layer = model.model.language_model.layers[0].self_attn
     layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.config._attn_implementation))
     with torch.no_grad():
-        packed = rollout.completion_logprobs(model, roll)
-        repeated = rollout.completion_logprobs(model, roll, layout=baselines.repeated)
+        packed = rollout.completion_logprobs(model, completions)
+        repeated = rollout.completion_logprobs(model, completions, layout=baselines.repeated)
     assert seen == ["sdpa", "eager"]
     assert model.model.language_model.config._attn_implementation == "eager"
-    mask = roll.completion_mask.bool()
+    mask = completions.completion_mask.bool()
     torch.testing.assert_close(packed[mask], repeated[mask], rtol=1e-5, atol=1e-5)

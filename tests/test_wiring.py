@@ -60,37 +60,37 @@ def score(monkeypatch, *flags):
     ref = torch.nn.Linear(1, 1)  # stands in for the reference model: only its identity matters
     calls = []
     spy(monkeypatch, reference, "answer_logprob", calls, result=lambda *a, **k: (LOGP, HAS_SPAN))
-    parts = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, ref, tokenizer=None)
-    return cfg, parts, calls, ref
+    scores = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, ref, tokenizer=None)
+    return cfg, scores, calls, ref
 
 
 def expected(margin, coef, cap):
     acc = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0]])
     fmt = torch.tensor([[1.0, 1, 0, 1], [1, 1, 1, 0]])
-    parts = care.care_rewards(acc, fmt, LOGP.view(2, 4), HAS_SPAN.view(2, 4), margin=margin, bonus_coef=coef,
+    scores = care.care_rewards(acc, fmt, LOGP.view(2, 4), HAS_SPAN.view(2, 4), margin=margin, bonus_coef=coef,
                               conf_cap=cap)
-    return acc, fmt, parts
+    return acc, fmt, scores
 
 
 def test_score_rollout_passes_every_care_setting(monkeypatch):
-    cfg, parts, _, _ = score(monkeypatch, "--consistency-margin", "0.3", "--bonus-coef", "0.7", "--conf-cap", "0.9")
+    cfg, scores, _, _ = score(monkeypatch, "--consistency-margin", "0.3", "--bonus-coef", "0.7", "--conf-cap", "0.9")
     acc, fmt, want = expected(0.3, 0.7, 0.9)
-    torch.testing.assert_close(parts["acc"], acc)   # each prompt scored against its own solution
-    torch.testing.assert_close(parts["fmt"], fmt)
-    torch.testing.assert_close(parts["bonus"], want["bonus"])
-    torch.testing.assert_close(parts["ref_conf"], want["ref_conf"])
-    torch.testing.assert_close(parts["reward"], acc + fmt + want["bonus"])
+    torch.testing.assert_close(scores["acc"], acc)   # each prompt scored against its own solution
+    torch.testing.assert_close(scores["fmt"], fmt)
+    torch.testing.assert_close(scores["bonus"], want["bonus"])
+    torch.testing.assert_close(scores["ref_conf"], want["ref_conf"])
+    torch.testing.assert_close(scores["reward"], acc + fmt + want["bonus"])
     # Each setting matters for these inputs: a wire cut to its default would change the bonus.
     for default in (expected(0.0, 0.7, 0.9), expected(0.3, 0.5, 0.9), expected(0.3, 0.7, 0.95)):
         assert not torch.equal(default[2]["bonus"], want["bonus"])
 
 
 def test_advantages_are_those_of_the_whole_reward(monkeypatch):
-    _, parts, _, _ = score(monkeypatch, "--consistency-margin", "0.3")
+    _, scores, _, _ = score(monkeypatch, "--consistency-margin", "0.3")
     acc, fmt, want = expected(0.3, 0.5, 0.95)
     assert want["bonus"].sum() > 0
-    torch.testing.assert_close(parts["advantages"], care.group_advantages(acc + fmt + want["bonus"]))
-    assert not torch.allclose(parts["advantages"], care.group_advantages(acc + fmt))
+    torch.testing.assert_close(scores["advantages"], care.group_advantages(acc + fmt + want["bonus"]))
+    assert not torch.allclose(scores["advantages"], care.group_advantages(acc + fmt))
 
 
 def test_the_reference_scores_the_answers(monkeypatch):
@@ -102,12 +102,12 @@ def test_grpo_has_no_bonus_and_asks_no_reference(monkeypatch):
     cfg = config.parse_config(["--algo", "grpo", "--num-generations", "4"])
     calls = []
     spy(monkeypatch, reference, "answer_logprob", calls)
-    parts = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, None, tokenizer=None)
+    scores = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, None, tokenizer=None)
     acc, fmt, _ = expected(0.0, 0.5, 0.95)
     assert not calls
-    torch.testing.assert_close(parts["reward"], acc + fmt)
-    torch.testing.assert_close(parts["advantages"], care.group_advantages(acc + fmt))
-    assert not parts["bonus"].any() and not parts["has_span"].any()
+    torch.testing.assert_close(scores["reward"], acc + fmt)
+    torch.testing.assert_close(scores["advantages"], care.group_advantages(acc + fmt))
+    assert not scores["bonus"].any() and not scores["has_span"].any()
 
 
 # --- a real run: what the loss used, which model scored, when the reference moved -------------
@@ -302,7 +302,7 @@ def test_freeze_vision_freezes_the_vision_tower_only(tiny_model_dir):
 def test_zero_advantage_groups_counts_groups_with_one_reward():
     """A group whose G rewards are all equal has zero advantages: counted, the others not."""
     reward = torch.tensor([[2.0, 2.0, 2.0, 2.0], [2.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
-    parts = {"reward": reward, "acc": reward, "fmt": reward, "bonus": torch.zeros(3, 4), "ref_conf": torch.zeros(3, 4),
+    scores = {"reward": reward, "acc": reward, "fmt": reward, "bonus": torch.zeros(3, 4), "ref_conf": torch.zeros(3, 4),
              "has_span": torch.zeros(3, 4, dtype=torch.bool), "advantages": care.group_advantages(reward)}
-    roll = SimpleNamespace(completion_mask=torch.ones(12, 5), truncated=torch.zeros(12, dtype=torch.bool))
-    assert metrics.step_metrics(parts, roll, {})["zero_adv_groups"] == pytest.approx(2 / 3)
+    completions = SimpleNamespace(completion_mask=torch.ones(12, 5), truncated=torch.zeros(12, dtype=torch.bool))
+    assert metrics.step_metrics(scores, completions, {})["zero_adv_groups"] == pytest.approx(2 / 3)
