@@ -242,3 +242,17 @@ def test_statistics_not_shared_across_groups():
     # B: mean acc 0.25 -> H = {0, 1}; mu = 0.25 -> C & H = {0} (batch mean 0.625 -> H empty)
     assert consistent.tolist() == [[True, False, True, False], [True, False, False, False]]
     assert torch.allclose(bonus[1], t([0.15, 0.0, 0.0, 0.0]))
+
+
+def test_grpo_rewards_have_the_fields_of_care_rewards():
+    """One path in the loop: GRPO gives the same fields, with no bonus, no confidence, nobody in H."""
+    acc = torch.tensor([[1.0, 0.0, 1.0]])
+    fmt = torch.tensor([[1.0, 1.0, 0.0]])
+    care_out = care.care_rewards(acc, fmt, torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool))
+    grpo_out = care.grpo_rewards(acc, fmt)
+    assert set(grpo_out) == set(care_out)
+    assert grpo_out["reward"].tolist() == [[2.0, 1.0, 1.0]]
+    assert not grpo_out["bonus"].any() and not grpo_out["ref_conf"].any()
+    assert not grpo_out["consistent"].any() and not grpo_out["high_acc"].any()
+    for key in care_out:
+        assert grpo_out[key].shape == care_out[key].shape and grpo_out[key].dtype == care_out[key].dtype, key

@@ -9,8 +9,9 @@ import torch
 from conftest import corrupt_one_video, read_log, read_state, train_argv
 from safetensors.torch import load_file
 
-import evaluate
 import config
+import evaluate
+import metrics
 import train
 
 
@@ -41,6 +42,16 @@ def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     moved = (policy[name] - start[name]).abs().sum()
     ref_moved = (ref[name] - start[name]).abs().sum()
     assert moved > 0 and 0 < ref_moved < moved
+
+
+def test_the_progress_bar_shows_what_tells_a_run_is_healthy(care_run):
+    """reward, accuracy, format, bonus rate, reference confidence, KL and length: every one a
+    logged number; not the policy loss, which is zero by construction at one update per rollout."""
+    row = read_log(care_run)[0]
+    labels = [label for label, _, _ in metrics.BAR]
+    assert labels == ["reward", "acc", "fmt", "bonus", "ref_conf", "kl", "len"]
+    assert all(key in row for _, key, _ in metrics.BAR)
+    assert "loss" not in labels and row["loss"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_completions_are_logged_with_their_rewards(care_run):

@@ -4,6 +4,7 @@ those of accuracy + format + bonus, and the reference moves every --ema-every st
 EMA's closed form. care.py's formulas themselves are pinned in test_care.py."""
 
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -306,3 +307,17 @@ def test_zero_advantage_groups_counts_groups_with_one_reward():
              "has_span": torch.zeros(3, 4, dtype=torch.bool), "advantages": care.group_advantages(reward)}
     completions = SimpleNamespace(completion_mask=torch.ones(12, 5), truncated=torch.zeros(12, dtype=torch.bool))
     assert metrics.step_metrics(scores, completions, {})["zero_adv_groups"] == pytest.approx(2 / 3)
+
+
+def test_logged_reference_confidence_is_over_answers_with_a_span():
+    """ref_conf in the log: the mean over completions that have an answer span (the others have
+    no confidence, 0 in the tensor), and NaN when none has."""
+    reward = torch.zeros(1, 4)
+    ref_conf = torch.tensor([[0.8, 0.0, 0.4, 0.0]])
+    has_span = torch.tensor([[True, False, True, False]])
+    scores = {"reward": reward, "acc": reward, "fmt": reward, "bonus": reward, "ref_conf": ref_conf,
+              "has_span": has_span, "advantages": reward}
+    completions = SimpleNamespace(completion_mask=torch.ones(4, 3), truncated=torch.zeros(4, dtype=torch.bool))
+    assert metrics.step_metrics(scores, completions, {})["ref_conf"] == pytest.approx(0.6)
+    scores["has_span"] = torch.zeros(1, 4, dtype=torch.bool)
+    assert math.isnan(metrics.step_metrics(scores, completions, {})["ref_conf"])
