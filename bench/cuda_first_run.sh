@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first run on a CUDA machine, most valuable part first, each part's output written as it goes:
-#   1. bench/gpu.py: one training step at Qwen2.5-VL-7B's shapes, by phase (time, memory, tokens/s)
+#   1. bench/gpu.py: one training step at Qwen2.5-VL-7B's shapes, by phase (time, memory, tokens/s),
+#      bench/sdpa_new_lengths.py, and the step again with cuDNN's attention off
 #   2. bench/step.py --device cuda --baseline repeat: ours against the repeated-prompt way
 #   3. the test suite with CUDA visible (train.py and evaluate.py then pick cuda and bf16)
 #
@@ -29,6 +30,11 @@ EOF
 echo "== 1. bench/gpu.py"
 timeout ${GPU_BENCH_TIMEOUT:-200} python bench/gpu.py --json "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
 echo "bench/gpu.py exit $?"
+
+echo "== 1b. attention at new key lengths, per SDPA backend; the step without cuDNN attention"
+timeout 60 python bench/sdpa_new_lengths.py --json "$out/sdpa.json" 2>&1 | tee "$out/sdpa.log"
+timeout ${GPU_BENCH_TIMEOUT:-200} python bench/gpu.py --layers 4 --repeat 1 --no-cudnn-sdp \
+  --json "$out/gpu_no_cudnn.json" 2>&1 | tee "$out/gpu_no_cudnn.log"
 
 echo "== 2. bench/step.py"
 timeout ${STEP_BENCH_TIMEOUT:-60} python bench/step.py --device cuda --baseline repeat --json "$out/step.json" \

@@ -23,8 +23,10 @@ mixed_precision="bf16" does with one process), activation checkpointing, then:
   optimizer   gradient clipping and an AdamW step (train.build_optimizer's two groups)
   ema         reference.ema_update
 
-A short warm-up step first creates AdamW's state (as in a run's later steps) and compiles the
-kernels. Each phase: seconds (torch.cuda.synchronize on both sides), peak allocated memory
+A short warm-up step first creates AdamW's state (as in a run's later steps); the measured step
+then runs --repeat times with the same seed. The first of these meets each of the rollout's
+sequence lengths for the first time (its seconds are kept as first_step_seconds: a kernel set
+up per shape shows there), the last is the one reported. Each phase: seconds (torch.cuda.synchronize on both sides), peak allocated memory
 (torch.cuda.max_memory_allocated, the peak reset before the phase), and for the rollout the
 decode rate, from a second generate of one token (prefill only) subtracted from the full one.
 Each phase's peak is set against bench/memory.py's estimate for the same shapes on one GPU
@@ -189,8 +191,14 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
     one.min_new_tokens = 1
     with autocast():
         prefill.run("rollout", lambda: rollout.generate(policy, prompts, tokenizer, g, one, seeds=[2]))
-    meter = Meter(device)
-    roll, loss, norm = step(meter, args.completion, seed=0)
+    # The measured step, --repeat times with the same seed (the same tokens, so the same shapes):
+    # the first full-length step meets every sequence length of the rollout for the first time,
+    # the last one shows the steady state.
+    first = None
+    for _ in range(args.repeat):
+        meter = Meter(device)
+        roll, loss, norm = step(meter, args.completion, seed=0)
+        first = first or meter
     t = int(roll.completion_ids.shape[1])
     gen_s, prefill_s = meter.rows["rollout"]["seconds"], prefill.rows["rollout"]["seconds"]
     meter.rows["rollout"].update(
@@ -205,6 +213,7 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
               "vision_patches": patches, "completion_tokens": t, "completions_full_length": bool(
                   (roll.completion_mask.sum(1) == t).all()), "loss": loss, "grad_norm": norm,
               "phases": meter.rows, "warmup_seconds": {k: v["seconds"] for k, v in warm.rows.items()},
+              "first_step_seconds": {k: v["seconds"] for k, v in first.rows.items()},
               "step_seconds": sum(v["seconds"] for v in meter.rows.values())}
     settings = memory.Settings(gpus=1, num_generations=g, frames=OFFICIAL_BUDGET["max_frames"],
                                video_max_pixels=OFFICIAL_BUDGET["video_max_pixels"],
@@ -263,6 +272,8 @@ def table(out):
                          f"{'' if pred is None else f'{pred:.2f}'} | "
                          f"{'' if peak is None or pred is None else f'{peak / pred:.2f}'} |")
         ro = r["phases"]["rollout"]
+        lines.append(f"| {r['layers']} | {r['attn']} | first step | {sum(r['first_step_seconds'].values()):.2f} | "
+                     f"rollout {r['first_step_seconds']['rollout']:.2f} s | | | |")
         lines.append(f"| {r['layers']} | {r['attn']} | step | {r['step_seconds']:.2f} | decode "
                      f"{ro['decode_tokens_per_second']:,.0f} tok/s, prefill {ro['prefill_seconds']:.2f} s | | | |")
     if "per_layer" in out:
@@ -286,6 +297,9 @@ def main(argv=None):
     parser.add_argument("--attn", nargs="+", default=None,
                         help="attention implementations (default: sdpa, and flash_attention_2 on the first "
                              "layer count if flash_attn imports)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="measured steps per configuration; the last is reported, the first's seconds kept")
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "gpu.json"))
@@ -298,13 +312,16 @@ def main(argv=None):
             args.layers = [4, 8]
         else:
             args.layers = [2, 4]
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     attns = args.attn or (["sdpa", "flash_attention_2"] if flash else ["sdpa"])
     import transformers
     tokenizer = tiny.build_tokenizer()
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__, "tiny": args.tiny,
-           "num_generations": args.num_generations, "flash_attn_installed": flash, "results": []}
+           "num_generations": args.num_generations, "flash_attn_installed": flash,
+           "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(), "repeat": args.repeat, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = prompt_batch(tokenizer, tmp, device)
     runs = [(layers, attns[0]) for layers in args.layers] + [(args.layers[0], a) for a in attns[1:]]
@@ -319,7 +336,8 @@ def main(argv=None):
             print(f"{layers} layers, {attn}: out of memory", flush=True)
             continue
         r = out["results"][-1]
-        print(f"{layers} layers, {attn}: step {r['step_seconds']:.2f} s, "
+        print(f"{layers} layers, {attn}: first step's rollout {r['first_step_seconds']['rollout']:.2f} s; "
+              f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")
                           for p, v in r["phases"].items()), flush=True)
         with open(args.json, "w") as f:  # after each configuration: a later failure keeps the earlier ones
