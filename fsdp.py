@@ -95,6 +95,17 @@ def reshard(model):
             m.reshard()
 
 
+def param_groups(unit):
+    """The FSDP2 parameter groups of one unit, where its reshard-after-forward setting lives.
+    internal: FSDP2 has no public getter for it. torch 2.13 keeps a list (_fsdp_param_groups),
+    torch 2.11 one group per unit (_fsdp_param_group, None when the unit owns no parameters)."""
+    state = unit._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):
+        return state._fsdp_param_groups
+    group = state._fsdp_param_group
+    return [group] if group is not None else []
+
+
 @contextmanager
 def gathered(model):
     """Every FSDP unit of model unsharded for the duration of the block, then resharded.
@@ -111,8 +122,7 @@ def gathered(model):
         units[0]._get_fsdp_state()._lazy_init()
     # set_reshard_after_forward has no getter, so keep each group's setting to put it back
     # (accelerate keeps the root and the LM head unsharded after forward, the layers not).
-    # internal: FSDP2's param groups hold that setting; there is no public getter.
-    saved = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    saved = [[g.post_forward_mesh_info for g in param_groups(m)] for m in units]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -121,7 +131,7 @@ def gathered(model):
     finally:
         for m, infos in zip(units, saved):
             m.reshard()
-            for group, info in zip(m._get_fsdp_state()._fsdp_param_groups, infos):
+            for group, info in zip(param_groups(m), infos):
                 group.post_forward_mesh_info = info
 
 

@@ -78,7 +78,7 @@ def judge_replies(judge, tokenizer, texts, max_new_tokens):
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop),
                               pad_token_id=tokenizer.pad_token_id, num_beams=1)
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(judge.device)
-    with rollout.own_generation_config(judge, config):
+    with rollout.own_generation_config(judge, config), rollout.decode_attention():
         out = judge.generate(**enc, generation_config=config)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 

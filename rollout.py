@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
@@ -47,6 +48,15 @@ def sampling_config(tokenizer, max_new_tokens, temperature=1.0, top_p=0.95, top_
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, min_new_tokens=0,
         num_beams=1, use_cache=True, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+
+
+def decode_attention():
+    """The sdpa kernels generation may use: all but cuDNN's. With torch 2.11 on an H200, sdpa
+    picks cuDNN attention for the decode shapes, and cuDNN builds a plan for every key length
+    it has not seen (38 ms a call, against 0.28 ms for flash): the first 768-token rollout took
+    37 s instead of 4.6 s (bench/README.md). Each new prompt length brings new key lengths, so
+    this is not a warm-up cost. Flash, memory-efficient and math stay allowed."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @contextmanager
@@ -100,7 +110,8 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
         # see FSDP and keep every process stepping until all are done (an all-reduce per token),
         # which deadlocks when processes make different numbers of calls: --skip-bad-samples
         # can leave them with different numbers of prompts.
-        return model.generate(**inputs, generation_config=gen_config, synced_gpus=False)
+        with decode_attention():
+            return model.generate(**inputs, generation_config=gen_config, synced_gpus=False)
 
     with own_generation_config(model, gen_config):
         if seeds is None:

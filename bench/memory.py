@@ -361,7 +361,8 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     gen = rollout.sampling_config(tokenizer, s.completion)
     gen.min_new_tokens = s.completion  # every completion exactly s.completion tokens
     enc = encoding.encode_prompt(sample, tokenizer, budget)
-    prompts = encoding.collate_prompts([enc], tokenizer)
+    prompts = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
+               for k, v in encoding.collate_prompts([enc], tokenizer).items()}
     patches = sum(int(prompts[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in prompts)
 
     def step(tracker=None):

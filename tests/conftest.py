@@ -14,6 +14,26 @@ sys.path.insert(0, ROOT)
 import tiny
 
 
+def multiprocess_env():
+    """The environment for a 2-process torchrun: one thread each, and CUDA hidden unless there
+    are 2 GPUs, so that on a 1-GPU machine these tests still check the gloo/FSDP2 path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process, and refuses a second Accelerator with another
+    mixed precision. On a GPU, evaluate.py's Accelerator ("no") followed by train.py's ("bf16")
+    in one test process would then fail; each test starts from a fresh state instead."""
+    yield
+    from accelerate.state import AcceleratorState
+    # internal: accelerate has no public reset of its process-wide state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny.build_tokenizer()

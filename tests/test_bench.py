@@ -93,3 +93,24 @@ def test_step_bench_counts_one_vision_pass_per_phase(tmp_path):
     assert shared["vision_frames_per_prompt_per_step"] == 3 * 18
     assert repeat["vision_frames_per_prompt_per_step"] == 3 * 2 * 18
     assert out["vision_frames_ratio"] == 2
+
+
+def test_gpu_bench_runs_a_tiny_step_on_cpu(tmp_path):
+    """bench/gpu.py end to end at a tiny shape on CPU (on a GPU it runs Qwen2.5-VL-7B's shapes):
+    every phase timed at two layer counts, completions forced to full length, the per-layer
+    figures and bench/memory.py's estimate for the same shapes written to the JSON."""
+    import json
+
+    import gpu
+    out = gpu.main(["--tiny", "--num-generations", "2", "--completion", "4", "--warmup-completion", "2",
+                    "--device", "cpu", "--json", str(tmp_path / "gpu.json")])
+    assert [r["layers"] for r in out["results"]] == [1, 2]
+    for r in out["results"]:
+        assert set(r["phases"]) == set(gpu.PHASES)
+        assert r["completion_tokens"] == 4 and r["completions_full_length"]
+        assert r["vision_patches"] > 4096  # 16 frames at 128 x 28 x 28 and the image at 256 x 28 x 28
+        assert r["phases"]["rollout"]["decode_tokens_per_second"] > 0
+        assert set(r["estimate"]["phases_gib"]) == {"rollout", "reference", "policy"}
+    assert out["results"][1]["params"] > out["results"][0]["params"]
+    assert "seconds_at_28_layers" in out["per_layer"]["step"]
+    assert json.load(open(tmp_path / "gpu.json"))["results"][1]["layers"] == 2

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_log, read_state, train_argv
+from conftest import ROOT, multiprocess_env, read_log, read_state, train_argv
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -28,7 +28,7 @@ STEP_KEYS = ("reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate",
 
 
 def torchrun(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = multiprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -188,3 +188,19 @@ def test_a_skip_on_the_second_process_is_printed_and_counted(warm_model_dir, see
     done = torchrun("train.py", *argv)
     assert read_log(out)[0]["skipped"] == 1
     assert f"skipped: sample {bad.sample_id}" in done.stdout + done.stderr
+
+
+def test_param_groups_reads_both_fsdp2_layouts():
+    """fsdp.gathered saves and restores each FSDP2 unit's reshard setting through its param
+    groups: a list in torch >= 2.13, a single group (or None) in earlier torch. Both are read."""
+    from types import SimpleNamespace
+
+    import fsdp
+    a, b = object(), object()
+
+    def unit(**state):
+        return SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(**state))
+
+    assert fsdp.param_groups(unit(_fsdp_param_groups=[a, b])) == [a, b]  # torch >= 2.13
+    assert fsdp.param_groups(unit(_fsdp_param_group=a)) == [a]           # torch 2.11
+    assert fsdp.param_groups(unit(_fsdp_param_group=None)) == []         # a unit without parameters

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, multiprocess_env
 
 import evaluate
 import judge
@@ -414,7 +414,7 @@ def test_two_processes_give_the_one_process_summary(warm_model_dir, seed_bench_r
     summary as one process, no sample lost or evaluated twice."""
     args = ["evaluate.py", "--model", warm_model_dir, "--data", *seed_files(seed_bench_root), "--data-root",
             seed_bench_root, "--limit", "3", "--batch-size", "2", *SMALL]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = multiprocess_env()
     for n, out in ((1, "one"), (2, "two")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args,
                "--output-dir", str(tmp_path / out)]
@@ -444,7 +444,7 @@ def test_skips_on_every_process_are_printed_and_counted(warm_model_dir, tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
            "--model", warm_model_dir, "--data", L1, L2, "--data-root", root, "--output-dir", str(tmp_path / "out"),
            "--batch-size", "1", "--judge", "none", "--skip-bad-samples", *SMALL]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    done = subprocess.run(cmd, cwd=ROOT, env=multiprocess_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     # (Counted in the whole output: a line can follow another process's progress bar.)

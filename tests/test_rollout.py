@@ -271,3 +271,19 @@ def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokeni
     assert model.model.language_model.config._attn_implementation == "eager"
     mask = completions.completion_mask.bool()
     torch.testing.assert_close(packed[mask], repeated[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_never_uses_cudnn_attention(model, tokenizer, prompts):
+    """cuDNN's sdpa builds a plan per new key length (8x slower first rollouts on an H200):
+    every decode forward runs with it off, and the flags are restored afterwards."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args: seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
+    try:
+        rollout.generate(model, encoding.collate_prompts(prompts[:1], tokenizer), tokenizer, 2,
+                         rollout.sampling_config(tokenizer, max_new_tokens=4), seeds=[1])
+    finally:
+        handle.remove()
+    decode = seen[1:]  # the first forward is the shared prefill
+    assert decode and all(not cudnn and flash for cudnn, flash in decode)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
