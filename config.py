@@ -66,9 +66,24 @@ def parse(config_cls, argv=None, doc=None, checks=None, adjust=None):
 
 BUDGET = encoding.VisualBudget()
 
+# --preset NAME: a published recipe, as the settings it changes (flags given explicitly win).
+PRESETS = {
+    # SEED-Bench-R1's GRPO (arXiv 2503.24376): Qwen2-VL-7B-Instruct, a KL of 0.1 to a frozen
+    # reference, the reward the option-letter match alone (no format reward).
+    "seed-bench-r1": {"model": "Qwen/Qwen2-VL-7B-Instruct", "algo": "grpo", "beta": 0.1, "format_weight": 0.0,
+                      "max_frames": 16, "max_prompt_length": 8192, "lr": 1e-6, "epochs": 1},
+}
+
+
+def preset_help():
+    return "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                     for name, values in PRESETS.items())
+
 
 @dataclass
 class Config:
+    preset: str = setting("", "a published recipe, applied before the flags given explicitly (which win): "
+                              + preset_help())
     model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", "initial policy: a local checkpoint directory or a hub id")
     data: str = setting("SEED-Bench-R1/annotations/training_6k.jsonl", "training annotations (JSONL or JSON list)")
     data_root: str = setting("SEED-Bench-R1", "directory the videos and images in --data are relative to")
@@ -88,6 +103,7 @@ class Config:
     top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
     repetition_penalty: float = setting(1.0, "1.0 = off")
     # reward and CARE
+    format_weight: float = setting(1.0, "weight w of the format reward: r = accuracy + w x format (+ bonus); 0 = off")
     bonus_coef: float = setting(0.5, "CARE: consistency bonus = bonus_coef x accuracy")
     conf_cap: float = setting(0.95, "CARE: the reference confidence is capped at this value")
     consistency_margin: float = setting(0.0, "CARE: consistent if confidence >= mean over high-accuracy peers - margin "
@@ -149,7 +165,9 @@ OFFICIAL = {"ema_decay": 1.0, "second_per_grid": 1.0, "top_k": 50, "frame_roundi
 def check_settings(cfg):
     """Every setting with a valid range, as (condition, message); the first false one is reported."""
     return [
+        (cfg.preset in ("", *PRESETS), f"--preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}"),
         (cfg.algo in ("care", "grpo"), f"--algo must be care or grpo, got {cfg.algo!r}"),
+        (cfg.format_weight >= 0, f"--format-weight must be >= 0, got {cfg.format_weight}"),
         (cfg.num_generations >= 2, f"--num-generations must be >= 2 (group statistics need two samples), "
                                    f"got {cfg.num_generations}"),
         (cfg.prompts_per_device >= 1, f"--prompts-per-device must be >= 1, got {cfg.prompts_per_device}"),
@@ -192,17 +210,18 @@ def check_settings(cfg):
     ]
 
 
-def official_where_not_given(cfg, argv):
-    if cfg.reproduce_official:
-        explicit = given(Config, argv)
-        for name, value in OFFICIAL.items():
+def presets_where_not_given(cfg, argv):
+    """--preset's settings, then --reproduce-official's, each where the flag is not given."""
+    explicit = given(Config, argv)
+    for wanted, values in ((cfg.preset, PRESETS.get(cfg.preset, {})), (cfg.reproduce_official, OFFICIAL)):
+        for name, value in values.items() if wanted else ():
             if name not in explicit:
                 setattr(cfg, name, value)
 
 
 def parse_config(argv=None, doc=None):
     """Config from the command line (doc: the --help text, train.py's docstring)."""
-    cfg = parse(Config, argv, doc=doc, checks=check_settings, adjust=official_where_not_given)
+    cfg = parse(Config, argv, doc=doc, checks=check_settings, adjust=presets_where_not_given)
     if cfg.beta < 0:  # the algorithm's default
         cfg.beta = 0.0 if cfg.algo == "care" else 0.04
     if cfg.algo == "grpo":

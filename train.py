@@ -146,16 +146,17 @@ def score_rollout(cfg, completions, samples, ref_model, tokenizer):
     types = [s.problem_type for s in samples for _ in range(g)]                 # [P*G]
     acc, fmt = rewards.score(completions.texts, solutions, types)
     acc, fmt = torch.tensor(acc).view(p, g), torch.tensor(fmt).view(p, g)       # [P, G] each
+    weighted_fmt = cfg.format_weight * fmt                                      # [P, G] w x format
     if cfg.algo == "care":  # the reference's confidence in each stated answer, given the reasoning
         answer_logp, has_span = reference.answer_logprob(ref_model, completions, tokenizer, cfg.logprob_chunk_size)
         fsdp.reshard(ref_model)
         has_span = has_span.cpu().view(p, g)                                     # [P, G]
-        scores = care.care_rewards(acc, fmt, answer_logp.cpu().view(p, g), has_span, margin=cfg.consistency_margin,
-                                   bonus_coef=cfg.bonus_coef, conf_cap=cfg.conf_cap)
+        scores = care.care_rewards(acc, weighted_fmt, answer_logp.cpu().view(p, g), has_span,
+                                   margin=cfg.consistency_margin, bonus_coef=cfg.bonus_coef, conf_cap=cfg.conf_cap)
     else:
         has_span = torch.zeros(p, g, dtype=torch.bool)                          # [P, G]
-        scores = care.grpo_rewards(acc, fmt)
-    scores.update(acc=acc, fmt=fmt, has_span=has_span)
+        scores = care.grpo_rewards(acc, weighted_fmt)
+    scores.update(acc=acc, fmt=fmt, has_span=has_span)  # fmt unweighted: the format rate is logged
     scores["advantages"] = care.group_advantages(scores["reward"])              # [P, G]
     return scores
 

@@ -3,6 +3,7 @@ uses it, the reference (not the policy) scores the answers, the advantages the l
 those of accuracy + format + bonus, and the reference moves every --ema-every steps by the
 EMA's closed form. care.py's formulas themselves are pinned in test_care.py."""
 
+import dataclasses
 import json
 import math
 import os
@@ -109,6 +110,33 @@ def test_grpo_has_no_bonus_and_asks_no_reference(monkeypatch):
     torch.testing.assert_close(scores["reward"], acc + fmt)
     torch.testing.assert_close(scores["advantages"], care.group_advantages(acc + fmt))
     assert not scores["bonus"].any() and not scores["has_span"].any()
+
+
+def test_the_format_weight_reaches_the_reward_not_the_logged_format(monkeypatch):
+    """--format-weight w: r = acc + w x fmt (+ bonus) for both algorithms; the logged format is
+    the unweighted score, so the format rate stays visible with the reward off."""
+    _, scores, _, _ = score(monkeypatch, "--format-weight", "0.25")
+    acc, fmt, want = expected(0.0, 0.5, 0.95)
+    care_want = care.care_rewards(acc, 0.25 * fmt, LOGP.view(2, 4), HAS_SPAN.view(2, 4))
+    torch.testing.assert_close(scores["reward"], acc + 0.25 * fmt + care_want["bonus"])
+    torch.testing.assert_close(scores["fmt"], fmt)
+    cfg = config.parse_config(["--algo", "grpo", "--num-generations", "4", "--format-weight", "0"])
+    grpo = train.score_rollout(cfg, fake_rollout(ANSWERS, 4), SAMPLES, None, tokenizer=None)
+    torch.testing.assert_close(grpo["reward"], acc)
+    torch.testing.assert_close(grpo["fmt"], fmt)
+    assert fmt.sum() > 0
+
+
+def test_the_seed_bench_r1_preset_sets_its_recipe_and_explicit_flags_win():
+    cfg = config.parse_config(["--preset", "seed-bench-r1"])
+    assert (cfg.model, cfg.algo, cfg.beta, cfg.format_weight, cfg.max_frames, cfg.max_prompt_length, cfg.lr,
+            cfg.epochs) == ("Qwen/Qwen2-VL-7B-Instruct", "grpo", 0.1, 0.0, 16, 8192, 1e-6, 1)
+    assert cfg.ema_decay == 1.0  # GRPO: a frozen reference
+    mine = config.parse_config(["--preset", "seed-bench-r1", "--beta", "0.05", "--lr", "2e-6", "--model", "m"])
+    assert (mine.beta, mine.lr, mine.model, mine.format_weight) == (0.05, 2e-6, "m", 0.0)
+    assert set(config.PRESETS["seed-bench-r1"]) <= {f.name for f in dataclasses.fields(config.Config)}
+    with pytest.raises(SystemExit):
+        config.parse_config(["--preset", "no-such-recipe"])
 
 
 # --- a real run: what the loss used, which model scored, when the reference moved -------------
