@@ -229,14 +229,19 @@ def sample_shares(model, prompt, completion, tokenizer, eos_id):
 
 def read_completions(path):
     """{sample_id: completion text} from a JSONL or JSON list of rows with "sample_id" and
-    "completion" (evaluate.py's predictions.jsonl is one); the first row of an id counts."""
+    "completion" (evaluate.py's predictions.jsonl is one). An id with two different
+    completions (two benchmarks that reuse ids in one predictions file) is an error: which
+    one belongs to --data cannot be told."""
     out = {}
     for where, row in data._read_rows(path):   # internal to data.py: JSONL or a JSON list, with line numbers
         if isinstance(row, Exception):
             raise row
         if not isinstance(row, dict) or "sample_id" not in row or "completion" not in row:
             raise data.DataError(f"{where}: a completions row needs \"sample_id\" and \"completion\"")
-        out.setdefault(str(row["sample_id"]), row["completion"])
+        sid = str(row["sample_id"])
+        if out.setdefault(sid, row["completion"]) != row["completion"]:
+            raise data.DataError(f"{where}: sample {sid} has two different completions in {path}; "
+                                 f"give a file with the rows of --data only")
     return out
 
 

@@ -207,3 +207,7 @@ def test_command_refuses_bad_settings(tiny_model_dir, seed_bench_root, tmp_path)
     missing.write_text(json.dumps({"sample_id": "l1_00000", "completion": COMPLETION}) + "\n")
     with pytest.raises(data.DataError, match="no completion for sample"):
         analyze.main(common + ["--models", tiny_model_dir, "--limit", "2", "--completions", str(missing), *BUDGET_FLAGS])
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(json.dumps({"sample_id": "l1_00000", "completion": c}) + "\n" for c in (COMPLETION, "B")))
+    with pytest.raises(data.DataError, match="two different completions"):
+        analyze.main(common + ["--models", tiny_model_dir, "--limit", "1", "--completions", str(twice), *BUDGET_FLAGS])
