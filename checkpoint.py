@@ -201,24 +201,28 @@ def saved_config(cfg, num_processes):
     return {**dataclasses.asdict(cfg), "num_processes": num_processes}
 
 
-def config_changes(saved, cfg, num_processes):
-    """['name: old -> new', ...] for every run-defining setting that differs from the checkpoint's."""
+def config_changes(saved, cfg, num_processes, batch_fields=("prompts_per_device",)):
+    """['name: old -> new', ...] for every run-defining setting that differs from the checkpoint's.
+    batch_fields: the settings whose product is the samples per process per step (train.py:
+    the prompts per device; sft.py: micro-batch x accumulation steps); each may change as long
+    as processes x their product, the global batch, does not."""
     changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k not in FREE_ON_RESUME and k in saved and saved[k] != v]
-    old = (saved.get("num_processes", 1), saved.get("prompts_per_device", cfg.prompts_per_device))
-    new = (num_processes, cfg.prompts_per_device)
-    if old[0] * old[1] != new[0] * new[1]:
-        changes.append(f"global batch (processes x prompts per device): {old[0]} x {old[1]} -> {new[0]} x {new[1]}")
+               if k not in FREE_ON_RESUME and k not in batch_fields and k in saved and saved[k] != v]
+    old = (saved.get("num_processes", 1), *(saved.get(k, getattr(cfg, k)) for k in batch_fields))
+    new = (num_processes, *(getattr(cfg, k) for k in batch_fields))
+    if math.prod(old) != math.prod(new):
+        what = " x ".join(["processes"] + [k.replace("_", " ") for k in batch_fields])
+        changes.append(f"global batch ({what}): {' x '.join(map(str, old))} -> {' x '.join(map(str, new))}")
     return changes
 
 
-def check_resume_config(path, cfg, num_processes, allow_change):
+def check_resume_config(path, cfg, num_processes, allow_change, batch_fields=("prompts_per_device",)):
     """Refuse to continue a checkpoint with other run-defining settings, naming each change;
     with allow_change, say what changed and go on (the data position follows the step count,
     so a changed global batch repeats or skips samples)."""
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
-    changes = config_changes(saved, cfg, num_processes)
+    changes = config_changes(saved, cfg, num_processes, batch_fields)
     if changes and not allow_change:
         raise RunError(f"resuming {path} with other settings than it was made with: {'; '.join(changes)} "
                        f"(pass --allow-config-change to resume anyway)")

@@ -28,6 +28,7 @@ class Sample:
     level: str | None = None    # "L1"/"L2"/"L3" (SEED-Bench-R1 validation), "train", None (Video-R1)
     domain: str | None = None
     source: str | None = None   # video_source / data_source
+    reasoning: str | None = None  # chain of thought for supervised fine-tuning (sft.py), if the row has one
 
 
 class DataError(ValueError):
@@ -105,13 +106,34 @@ def with_options(question, options):
     return question + "Options:\n" + "".join(o + "\n" for o in options)
 
 
-def _load(rows, make_sample, skip_bad):
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def _reasoning(where, sid, field, value):
+    """A row's chain of thought: None when it has none (no field, null or blank). Text already
+    in the answer template ("<think>...</think><answer>...</answer>", as SFT files often store
+    the whole reply) gives what is inside its <think>; its <answer> is dropped, because the
+    sample's own solution (and option letters) are the answer trained on."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where} (sample {sid}): {field} (the reasoning) must be text, got {type(value).__name__}")
+    m = THINK_RE.search(value)
+    return (m.group(1) if m else value).strip() or None
+
+
+def _load(rows, make_sample, skip_bad, reasoning_field=None):
+    """Samples from rows (make_sample(where, row) -> Sample), with each row's reasoning_field
+    as the sample's reasoning when given."""
     samples, skipped = [], []
     for where, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
-            samples.append(make_sample(where, row))
+            sample = make_sample(where, row)
+            if reasoning_field:
+                sample.reasoning = _reasoning(where, sample.sample_id, reasoning_field, row.get(reasoning_field))
+            samples.append(sample)
         except DataError as e:
             if not skip_bad:
                 raise
@@ -175,11 +197,12 @@ def _seed_bench_sample(where, row, root, seed, level, allow_outside_root):
                   source=row["video_source"])
 
 
-def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False, allow_outside_root=False):
+def load_seed_bench_r1(annotation_file, root, seed=0, skip_bad=False, allow_outside_root=False, reasoning_field=None):
     m = re.search(r"validation_(L[123])", os.path.basename(annotation_file))
     level = m.group(1) if m else "train"
     return _load(_read_rows(annotation_file),
-                 lambda where, row: _seed_bench_sample(where, row, root, seed, level, allow_outside_root), skip_bad)
+                 lambda where, row: _seed_bench_sample(where, row, root, seed, level, allow_outside_root), skip_bad,
+                 reasoning_field)
 
 
 LETTERED_OPTION_RE = re.compile(r"([A-Z])\.(\s.*|)", re.DOTALL)   # "A. text"; "A." alone is an empty option
@@ -238,17 +261,19 @@ def _video_r1_sample(where, row, root, allow_outside_root):
                   source=row.get("data_source"))
 
 
-def load_video_r1(json_file, root, skip_bad=False, allow_outside_root=False):
+def load_video_r1(json_file, root, skip_bad=False, allow_outside_root=False, reasoning_field=None):
     return _load(_read_rows(json_file),
-                 lambda where, row: _video_r1_sample(where, row, root, allow_outside_root), skip_bad)
+                 lambda where, row: _video_r1_sample(where, row, root, allow_outside_root), skip_bad, reasoning_field)
 
 
-def load_samples(path, root, seed=0, skip_bad=False, allow_outside_root=False):
+def load_samples(path, root, seed=0, skip_bad=False, allow_outside_root=False, reasoning_field=None):
     """Dispatch on the first good row: Video-R1 rows have problem_id, SEED-Bench-R1 rows sample_id.
-    Media that resolve outside `root` are refused unless allow_outside_root."""
+    Media that resolve outside `root` are refused unless allow_outside_root. reasoning_field:
+    the row field read into Sample.reasoning (sft.py), None for none."""
     first = next((row for _, row in _read_rows(path) if isinstance(row, dict)), None)
+    kw = dict(skip_bad=skip_bad, allow_outside_root=allow_outside_root, reasoning_field=reasoning_field)
     if first is not None and "problem_id" in first:
-        return load_video_r1(path, root, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
+        return load_video_r1(path, root, **kw)
     if first is not None and "sample_id" in first:
-        return load_seed_bench_r1(path, root, seed=seed, skip_bad=skip_bad, allow_outside_root=allow_outside_root)
+        return load_seed_bench_r1(path, root, seed=seed, **kw)
     raise DataError(f"{path}: cannot tell the format (no row with problem_id or sample_id)")

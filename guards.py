@@ -18,12 +18,13 @@ def oom_advice(cfg, phase):
 
 
 @contextmanager
-def oom_hint(phase, cfg):
-    """Name the phase and the settings to lower when it runs out of GPU memory."""
+def oom_hint(phase, cfg, advice=None):
+    """Name the phase and the settings to lower (advice; by default train.py's, oom_advice)
+    when it runs out of GPU memory."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(f"out of memory during {phase}: {oom_advice(cfg, phase)}") from e
+        raise torch.OutOfMemoryError(f"out of memory during {phase}: {advice or oom_advice(cfg, phase)}") from e
 
 
 def stop_if_not_finite(accelerator, what, value, step, sample_ids):

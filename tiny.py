@@ -177,7 +177,8 @@ def seed_bench_options(split, answer, others, rng, extra_negatives=()):
 
 
 def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
-    """A SEED-Bench-R1-shaped dataset: training_6k.jsonl, validation_L{1,2,3}.jsonl, videos/, images/.
+    """A SEED-Bench-R1-shaped dataset: training_6k.jsonl, validation_L{1,2,3}.jsonl, videos/, images/,
+    and training_with_cot_6k.jsonl: the training rows with a chain of thought in most (cot_fields).
 
     Each question asks for the colour of the square; the progress video shows it moving and the
     current-observation image shows its final position. About a quarter of the rows have no
@@ -212,11 +213,31 @@ def build_seed_bench(root, n_train=16, n_val=4, seed=0, n_frames=8):
 
     splits = {"training_6k.jsonl": ("train", n_train)}
     splits.update({f"validation_{lv}.jsonl": (lv, n_val) for lv in ("L1", "L2", "L3")})
+    written = {}
     for filename, (split, n) in splits.items():
+        written[split] = [make_row(split, i) for i in range(n)]
         with open(os.path.join(ann, filename), "w") as f:
-            for i in range(n):
-                f.write(json.dumps(make_row(split, i)) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in written[split])
+    with open(os.path.join(ann, "training_with_cot_6k.jsonl"), "w") as f:
+        f.writelines(json.dumps({**row, **cot_fields(i, row["answer"])}) + "\n"
+                     for i, row in enumerate(written["train"]))
     return root
+
+
+# sft.py's --reasoning-field default: the field holding a training row's chain of thought.
+COT_FIELD = "response"
+
+
+def cot_fields(i, colour):
+    """Training row i's chain of thought in training_with_cot_6k.jsonl, in each form sft.py
+    reads: plain text; a whole reply whose <think> part is the reasoning; and no reasoning at
+    all (the field missing, null or blank), which trains on the answer alone."""
+    kind = i % 3
+    if kind == 0:
+        return {COT_FIELD: f"Looking at the video, the square that moves is {colour}."}
+    if kind == 1:
+        return {COT_FIELD: f"<think>Let me think: the moving square is {colour}.</think> <answer>A</answer>"}
+    return [{}, {COT_FIELD: None}, {COT_FIELD: " "}][i // 3 % 3]
 
 
 def build_video_r1_eval(root, n=10, seed=0, n_frames=8):

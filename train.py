@@ -47,7 +47,9 @@ import rollout
 # Setup
 
 
-def build_optimizer(cfg, model, total_steps):
+def build_optimizer(cfg, model, total_steps, warmup_steps=None):
+    """AdamW (no weight decay on norms and biases) and the cosine schedule over total_steps,
+    after warmup_steps of linear warmup (default: cfg.warmup_steps; sft.py derives its own)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -55,7 +57,8 @@ def build_optimizer(cfg, model, total_steps):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     return optimizer, scheduler
 
 
