@@ -212,7 +212,8 @@ def test_read_eval_counts_right_answers_the_reasoning_does_not_lead_to(tmp_path)
 def test_results_table_mean_and_spread():
     summary = lambda acc, cons: {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
     evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
-             (0, "sft"): summary(90.0, 100.0), (1, "sft"): summary(92.0, 100.0),
+             (0, "ceiling"): summary(90.0, 100.0), (1, "ceiling"): summary(92.0, 100.0),
+             (0, "sft"): summary(60.0, 100.0), (1, "sft"): summary(70.0, 100.0),
              (0, "grpo"): summary(40.0, 80.0), (1, "grpo"): summary(50.0, 60.0),
              (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0),
              (0, "care_frozen"): summary(40.0, 85.0), (1, "care_frozen"): summary(50.0, 85.0)}
@@ -220,8 +221,36 @@ def test_results_table_mean_and_spread():
     assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
     md = run.markdown(table, [0, 1], run.Settings())
     # per seed: GRPO - warm -20, -40; CARE - GRPO +10, +40; frozen - GRPO +5, +25
-    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 85.0 ± 0.0 | -30.0 ± 14.1 | "
-            "25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
+    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 85.0 ± 0.0 | "
+            "-30.0 ± 14.1 | 25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
+    assert "| L1 | accuracy (%) | 26.0 ± 1.4 | 91.0 ± 1.4 | 65.0 ± 7.1 |" in md
+
+
+def test_attention_shares_join_the_table(tmp_path):
+    """read_attention: each run's visual share (video + image) of reasoning and answer tokens per
+    level, in %, as analyze.py attention writes it; None where a run has no such tokens."""
+    for level, warm in (("L1", 0.1), ("L2", 0.2), ("L3", 0.3)):
+        os.makedirs(tmp_path / f"attention-{level}")
+        report = {"checkpoints": [
+            {"label": "warm", "mean_over_layers": {"reasoning": {"visual": warm}, "answer": {"visual": 0.05}}},
+            {"label": "sft", "mean_over_layers": {"reasoning": {"visual": 0.4}, "answer": None}}]}
+        json.dump(report, open(tmp_path / f"attention-{level}" / "attention.json", "w"))
+    shares = run.read_attention(str(tmp_path))
+    assert shares["warm"]["L2"] == {"visual_attention_reasoning": pytest.approx(20.0),
+                                    "visual_attention_answer": pytest.approx(5.0)}
+    assert shares["sft"]["L3"] == {"visual_attention_reasoning": pytest.approx(40.0), "visual_attention_answer": None}
+
+
+def test_the_chains_of_thought_state_the_true_fact(tmp_path):
+    """cot_file: each training row gets the reasoning its true answer follows from, in the
+    field sft.py reads."""
+    import sft
+    s = run.Settings(out=str(tmp_path), n_train=6, n_val=2)
+    run.build_benchmark(s)
+    rows = [json.loads(line) for line in open(run.cot_file(s))]
+    assert len(rows) == 6
+    for r in rows:
+        assert r[sft.SFTConfig.reasoning_field] == f"The shape is {r['answer']}."
 
 
 def test_the_experiment_runs_end_to_end(tmp_path):
@@ -232,10 +261,13 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     results = json.load(open(out / "results.json"))
     assert set(results["probe"]["after"]) == {"colour", "shape", "direction"}
     assert [t["warm_up_seed"] for t in results["warm_models"]["seed0"]] == [0]
-    for model in ("warm", "sft", "grpo", "care", "care_frozen"):
+    for model in ("warm", "ceiling", "sft", "grpo", "care", "care_frozen"):
         for level in ("L1", "L2", "L3"):
             row = results["results"][model][level]
             assert 0 <= row["accuracy"]["mean"] <= 100 and len(row["accuracy"]["per_seed"]) == 1
+    shares = [results["results"][model]["L1"][f"visual_attention_{group}"]["mean"] for model in results["results"]
+              for group in ("reasoning", "answer")]
+    assert any(x is not None for x in shares) and all(x is None or 0 < x < 100 for x in shares)
     for algo in ("grpo", "care", "care_frozen"):
         curve = results["curves"][f"seed0/{algo}"]
         assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"] +

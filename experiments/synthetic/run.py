@@ -19,11 +19,15 @@ held-out linear probe of what its features tell. Then per seed:
      consistent route) or to read the clip directly (the shortcut). Each warm model is checked
      (warm_problems) and refused if at chance, inconsistent or collapsed onto one answer; the
      next warm-up seed is then tried, and every try is reported;
-  2. the supervised ceiling: the same warm-up on true, consistent answers (run "sft");
-  3. train.py --algo grpo and --algo care from the warm model: same data, steps, seed, learning
+  2. the supervised ceiling: the same warm-up on true, consistent answers (run "ceiling");
+  3. sft.py from the warm model on the true chains of thought ("The shape is red." and the
+     right letter), as many examples as an RL run's prompts (steps x prompts), at the RL
+     learning rate (run "sft": SEED-Bench-R1's SFT baseline at toy scale);
+  4. train.py --algo grpo and --algo care from the warm model: same data, steps, seed, learning
      rate and sampling seeds; KL and EMA as train.py's defaults (the official recipe);
-  4. evaluate.py on L1/L2/L3 for each model, with benchmark.py's rule_verdict as the
-     consistency judge (exact, no judge model).
+  5. evaluate.py on L1/L2/L3 for each model, with benchmark.py's rule_verdict as the
+     consistency judge (exact, no judge model), and analyze.py attention: the share of the
+     generated tokens' attention on the video and image tokens.
 Then OUT/results.json and results.md (mean and spread over seeds) and OUT/curves.png
 (accuracy, rule-checked consistency, bonus rate, reference confidence and zero-advantage groups
 of the training rollouts against step). A step whose output exists is skipped, so an
@@ -52,8 +56,8 @@ import benchmark  # noqa: E402
 # towards the policy is what lets the bonus reward answers their reasoning does not lead to.
 ALGOS = {"grpo": ["--algo", "grpo"], "care": ["--algo", "care"],
          "care_frozen": ["--algo", "care", "--ema-decay", "1.0"]}
-RUNS = ("warm", "sft") + tuple(ALGOS)   # sft: the supervised ceiling (true, consistent answers)
-LABELS = {"warm": "warm-up", "sft": "SFT ceiling", "grpo": "GRPO", "care": "GRPO-CARE",
+RUNS = ("warm", "ceiling", "sft") + tuple(ALGOS)   # ceiling: the warm-up's recipe on true answers
+LABELS = {"warm": "warm-up", "ceiling": "SFT ceiling", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE",
           "care_frozen": "CARE, frozen ref."}
 LEVELS = ("L1", "L2", "L3")
 ATTRIBUTES = ("colour", "shape", "direction")
@@ -90,11 +94,13 @@ class Settings:
     ema_every: int = 10
     # evaluation
     eval_batch: int = 16
+    attention_levels: str = "L1,L2,L3"   # levels analyze.py attention reads
 
 
 # A few questions and steps: checks that every piece runs and the outputs are written.
 SMOKE = dict(seeds="0", jobs=1, n_train=16, n_val=4, size=56, vision_steps=2, probe_clips=16, warm_up_steps=3,
-             warm_up_batch=2, warm_tries=1, steps=2, prompts=2, generations=4, completion_length=24, eval_batch=4)
+             warm_up_batch=2, warm_tries=1, steps=2, prompts=2, generations=4, completion_length=24, eval_batch=4,
+             attention_levels="L1")
 
 
 def budget(size):
@@ -476,7 +482,8 @@ def read_eval(eval_dir):
     return summary
 
 
-METRICS = ("accuracy", "consistency", "correct_inconsistent")
+METRICS = ("accuracy", "consistency", "correct_inconsistent", "visual_attention_reasoning",
+           "visual_attention_answer")   # the last two: % of the generated tokens' attention on video + image
 
 
 def results_table(evals, seeds, runs=RUNS):
@@ -499,8 +506,11 @@ def markdown(table, seeds, settings):
         return "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
     lines = [f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
              f"{settings.steps} RL steps of {settings.prompts} prompts x {settings.generations} completions at lr "
-             f"{settings.lr:g}; {settings.n_val} questions per level; consistency judged by rule. SFT: the supervised "
-             f"ceiling (the warm-up's recipe on true, consistent answers).", "",
+             f"{settings.lr:g}; {settings.n_val} questions per level; consistency judged by rule. SFT ceiling: the "
+             f"warm-up's recipe on true, consistent answers; SFT: sft.py from the warm model on the true chains of "
+             f"thought, {settings.steps * settings.prompts} examples (as many as an RL run's prompts). "
+             f"visual_attention: % of the generated tokens' attention on the video and image tokens "
+             f"(analyze.py attention, mean over layers).", "",
              "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | GRPO - warm | CARE - GRPO | "
              "frozen - GRPO |", "| --- | --- |" + " ---: |" * (len(RUNS) + 3)]
     for level in LEVELS + ("all",):
@@ -597,6 +607,7 @@ HELP = {
     "generations": "completions per prompt (G)", "completion_length": "longest completion, in tokens",
     "lr": "RL peak learning rate (cosine decay)", "ema_every": "CARE: steps between reference EMA updates",
     "eval_batch": "evaluation batch size",
+    "attention_levels": "the levels analyze.py attention reads (comma-separated)",
 }
 
 
@@ -639,6 +650,74 @@ def rl_commands(s, seed, warm, run_dir, algo, lr, levels=LEVELS):
             (f"evaluate {os.path.basename(run_dir)}", evaluate_cmd(s, os.path.join(final, "policy"),
                                                                   os.path.join(run_dir, "eval"), levels),
              os.path.join(run_dir, "eval", "summary.json"))]
+
+
+def cot_file(s):
+    """The training rows with their true chain of thought in the field sft.py reads by default
+    ("response"): the one fact the answer follows from, e.g. "The shape is red."."""
+    import sft
+    data_root = os.path.join(s.out, "benchmark")
+    path = os.path.join(data_root, "annotations", "training_with_cot_6k.jsonl")
+    if not os.path.exists(path):
+        field = sft.SFTConfig.reasoning_field
+        with open(os.path.join(data_root, "annotations", "training_6k.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        kinds = {q: k for k, q in benchmark.QUESTIONS.items()}
+        with open(path + ".tmp", "w") as f:
+            for r in rows:
+                kind = next(k for q, k in kinds.items() if q in r["question"])
+                f.write(json.dumps({**r, field: benchmark.reasoning(kind, r["answer"])}) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def sft_commands(s, seed, warm, run_dir):
+    """sft.py from the warm model: steps x prompts examples, prompts per step, the RL lr."""
+    data_root = os.path.join(s.out, "benchmark")
+    final = os.path.join(run_dir, f"checkpoint-{s.steps:06d}")
+    train = [sys.executable, "sft.py", "--model", warm, "--seed", str(seed), "--data", cot_file(s),
+             "--data-root", data_root, "--output-dir", run_dir, "--max-steps", str(s.steps),
+             "--save-every", str(s.steps), "--epochs", str(-(-s.steps * s.prompts // s.n_train)),
+             "--per-device-batch-size", str(s.prompts), "--gradient-accumulation-steps", "1", "--lr", str(s.lr),
+             "--resume", "auto", *budget_flags(s.size)]
+    return [("sft", train, final),
+            ("evaluate sft", evaluate_cmd(s, os.path.join(final, "policy"), run_dir + "-eval"),
+             os.path.join(run_dir + "-eval", "summary.json"))]
+
+
+def final_models(s, root, warm):
+    """{run: the model directory it ends with}."""
+    models = {"warm": warm, "ceiling": os.path.join(root, "ceiling"),
+              "sft": os.path.join(root, "sft", f"checkpoint-{s.steps:06d}", "policy")}
+    models.update({algo: os.path.join(root, algo, f"checkpoint-{s.steps:06d}", "policy") for algo in ALGOS})
+    return models
+
+
+def attention_commands(s, root, models, levels=LEVELS):
+    """analyze.py attention on every run's model, one command per level (greedy completions, as
+    evaluate.py's near-greedy ones)."""
+    data_root = os.path.join(s.out, "benchmark")
+    steps = []
+    for level in levels:
+        out = os.path.join(root, f"attention-{level}")
+        cmd = [sys.executable, "analyze.py", "attention", "--models", *models.values(), "--labels", *models,
+               "--data", os.path.join(data_root, "annotations", f"validation_{level}.jsonl"), "--data-root", data_root,
+               "--batch-size", str(s.eval_batch), "--max-new-tokens", str(s.completion_length),
+               "--output-dir", out, *budget_flags(s.size)]
+        steps.append((f"attention {level}", cmd, os.path.join(out, "attention.json")))
+    return steps
+
+
+def read_attention(root, levels=LEVELS):
+    """{run: {level: {"visual_attention_reasoning": %, "visual_attention_answer": %}}}."""
+    out = {}
+    for level in levels:
+        report = json.load(open(os.path.join(root, f"attention-{level}", "attention.json")))
+        for c in report["checkpoints"]:
+            visual = {group: (c["mean_over_layers"].get(group) or {}).get("visual") for group in ("reasoning", "answer")}
+            out.setdefault(c["label"], {})[level] = {
+                f"visual_attention_{group}": None if v is None else 100 * v for group, v in visual.items()}
+    return out
 
 
 def run_steps(steps, root, tag, threads):
@@ -693,9 +772,11 @@ def run_seed(s, seed, threads, sweep_lrs=()):
             run_steps(rl_commands(s, seed, warm, os.path.join(root, "sweep", f"grpo-lr{lr:g}"), "grpo", lr, ("L1",)),
                       root, tag, threads)
         return seed
-    run_steps(warm_up_commands(s, "sft", os.path.join(root, "sft"), seed, "all", 1.0), root, tag, threads)
+    run_steps(warm_up_commands(s, "ceiling", os.path.join(root, "ceiling"), seed, "all", 1.0), root, tag, threads)
+    run_steps(sft_commands(s, seed, warm, os.path.join(root, "sft")), root, tag, threads)
     for algo in ALGOS:
         run_steps(rl_commands(s, seed, warm, os.path.join(root, algo), algo, s.lr), root, tag, threads)
+    run_steps(attention_commands(s, root, final_models(s, root, warm), s.attention_levels.split(",")), root, tag, threads)
     return seed
 
 
@@ -755,10 +836,14 @@ def main(argv=None):
         root = os.path.join(s.out, f"seed{seed}")
         warm[f"seed{seed}"] = json.load(open(os.path.join(root, "warm.json")))
         evals[(seed, "warm")] = read_eval(warm[f"seed{seed}"][-1]["model"] + "-eval")
+        evals[(seed, "ceiling")] = read_eval(os.path.join(root, "ceiling-eval"))
         evals[(seed, "sft")] = read_eval(os.path.join(root, "sft-eval"))
         for algo in ALGOS:
             curves[(seed, algo)] = training_curves(os.path.join(root, algo), questions)
             evals[(seed, algo)] = read_eval(os.path.join(root, algo, "eval"))
+        for run, levels in read_attention(root, s.attention_levels.split(",")).items():
+            for level, shares in levels.items():
+                evals[(seed, run)]["results"][level].update(shares)
     table = results_table(evals, seeds)
     probe_result = json.load(open(os.path.join(s.out, "vision", "probe.json")))
     with open(os.path.join(s.out, "results.json"), "w") as f:
