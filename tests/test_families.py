@@ -6,6 +6,8 @@ test_distributed.py."""
 
 import inspect
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import prefix_sharing
 # Written out by hand, so that the code's answers are checked against something it did not compute.
 DECODER_LAYER = {"qwen2_5_vl": "Qwen2_5_VLDecoderLayer", "qwen2_vl": "Qwen2VLDecoderLayer"}
 MODEL_CLASS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+TAKES_SECONDS = {"qwen2_5_vl": True, "qwen2_vl": False}
 
 
 def test_the_family_is_read_from_the_checkpoint_config(family, family_tiny_dir, tmp_path):
@@ -70,7 +73,7 @@ def test_second_per_grid_ts_only_where_the_family_takes_it(family, family_tiny_d
     video = next(s for s in samples if s.video)
     batch = encoding.collate_prompts([encoding.encode_prompt(video, tokenizer, budget)], tokenizer)
     inputs = encoding.model_inputs(batch)
-    timed = family == "qwen2_5_vl"
+    timed = TAKES_SECONDS[family]
     assert ("second_per_grid_ts" in batch) == ("second_per_grid_ts" in inputs) == timed
     assert budget.temporal_seconds == timed
     model = models.load_model(family_tiny_dir, "sdpa")
@@ -86,3 +89,21 @@ def test_second_per_grid_ts_only_where_the_family_takes_it(family, family_tiny_d
     assert steps[1] - steps[0] == expected
     with torch.no_grad():
         assert model(**inputs).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def test_a_hub_id_in_the_local_cache_is_read_like_a_directory(tiny_qwen2_vl_dir, tmp_path, monkeypatch):
+    """--model also takes a hub id already in the local cache: the visual budget reads its family
+    and patch geometry from the cached files (a wrong guess would give a Qwen2-VL prompt a
+    second_per_grid_ts that generate() refuses). Nothing is downloaded."""
+    from huggingface_hub import constants
+    repo = tmp_path / "models--tiny--qwen2-vl"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    shutil.copy(os.path.join(tiny_qwen2_vl_dir, "config.json"), repo / "snapshots" / "abc")
+    preprocessor = json.load(open(os.path.join(tiny_qwen2_vl_dir, "preprocessor_config.json")))
+    json.dump({**preprocessor, "patch_size": 16}, open(repo / "snapshots" / "abc" / "preprocessor_config.json", "w"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    budget = encoding.budget_from_checkpoint("tiny/qwen2-vl")
+    assert budget.temporal_seconds is False and budget.patch_size == 16
+    assert encoding.budget_from_checkpoint("tiny/not-cached") == encoding.VisualBudget()
