@@ -16,14 +16,15 @@ The prompt (chat template, default system message, vision special tokens) and th
 preprocessing (patch 14, merge 2, temporal patch 2, CLIP mean/std, read from the checkpoint's
 preprocessor_config.json) are the same in both families.
 
-A third family is one more row, if it fits that mould. Qwen3-VL (transformers'
-Qwen3VLForConditionalGeneration) does not yet: its vision tower takes 16-pixel patches with its
-own mean/std (budget_from_checkpoint reads those already), but its prompt is laid out
-differently: each video frame pair is its own "<t seconds><|vision_start|>...<|vision_end|>"
-block with the timestamp in the text, and its get_rope_index expects that layout (one
-video_grid_thw row per temporal patch). Adding it means a family hook in encoding.encode_prompt
-and encoding.select_prompt for that layout, its chat template (no default system message), and
-a tiny config in tiny.py.
+A third family that fits this mould is one more row here, its tiny config in tiny.tiny_config
+and its row in tests/conftest.FAMILY_FIXTURES. Qwen3-VL (transformers'
+Qwen3VLForConditionalGeneration) does not fit it yet, so it has no row: its vision tower takes
+16-pixel patches with its own mean and std (budget_from_checkpoint would read those), but a
+video is no longer one placeholder. Its processor writes each temporal patch (two frames) as a
+block "<t seconds><|vision_start|><|video_pad|>...<|vision_end|>" with the timestamp in the
+text, and its get_rope_index expects that layout (it cuts video_grid_thw into one row per
+temporal patch). Adding it means a family hook in encoding.encode_prompt that lays the video
+out that way, its own chat template checked against encoding.chat_prompt, and a tiny config.
 
 bf16 is the compute dtype, applied by FSDP's mixed-precision policy (or accelerate's autocast
 with one process); AdamW and the EMA need the fp32 master weights.
