@@ -16,8 +16,10 @@ The prompt (chat template, default system message, vision special tokens) and th
 preprocessing (patch 14, merge 2, temporal patch 2, CLIP mean/std, read from the checkpoint's
 preprocessor_config.json) are the same in both families.
 
-A third family that fits this mould is one more row here, its tiny config in tiny.tiny_config
-and its row in tests/conftest.FAMILY_FIXTURES. Qwen3-VL (transformers'
+A third family that fits this mould is one more row here, its tiny config in tiny.tiny_config,
+and its rows in the tests' per-family tables (tests/conftest.py FAMILY_FIXTURES, the
+hand-written expectations in tests/test_families.py, the 2-process run in
+tests/test_distributed.py). Qwen3-VL (transformers'
 Qwen3VLForConditionalGeneration) does not fit it yet, so it has no row: its vision tower takes
 16-pixel patches with its own mean and std (budget_from_checkpoint would read those), but a
 video is no longer one placeholder. Its processor writes each temporal patch (two frames) as a

@@ -1,8 +1,8 @@
 """Tiny, local stand-ins for the real things, for the tests, the demo, bench/ and experiments/
 (top level so that all of them import it the same way, and `python tiny.py` builds them): a
 byte-level BPE tokenizer with Qwen2.5-VL's special tokens (Qwen2-VL's are the same), a random
-Qwen2.5-VL or Qwen2-VL checkpoint a few MB in size, and a synthetic dataset in the SEED-Bench-R1 layout (real mp4 videos, real jpg
-images, JSONL annotations).
+Qwen2.5-VL or Qwen2-VL checkpoint a few MB in size, and a synthetic dataset in the SEED-Bench-R1
+layout (real mp4 videos, real jpg images, JSONL annotations).
 
 Nothing here downloads anything. Tests and the demo use these so that every real code path
 (tokenizer offsets, video decoding, 3D RoPE, generation, FSDP-free training) runs on a CPU.
