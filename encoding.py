@@ -1,6 +1,6 @@
-"""Encoding: a Sample as Qwen2.5-VL model inputs. The chat prompt with the thinking instruction,
-the video and image decoded within the visual budget and cut into the patches the vision tower
-eats, prompts batched (left-padded) and split again.
+"""Encoding: a Sample as Qwen2-VL or Qwen2.5-VL model inputs. The chat prompt with the thinking
+instruction, the video and image decoded within the visual budget and cut into the patches the
+vision tower eats, prompts batched (left-padded) and split again.
 
 torchvision is not available here, and transformers' Qwen2-VL video processor needs it, so all
 visual preprocessing lives here, one code path for CPU and GPU. It reproduces the HF PIL image
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import models
 from data import DataError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,6 +48,10 @@ class VisualBudget:
     # spacing. A positive value is used as is: 1.0 reproduces the public code, which never passes
     # the fps and so spaces every clip 1 s per temporal patch.
     second_per_grid: float = 0.0
+    # Whether the model's video positions take second_per_grid_ts at all: the checkpoint's family
+    # decides (models.Family.temporal_seconds). Qwen2.5-VL does; Qwen2-VL spaces temporal patches
+    # one position apart and takes no second_per_grid_ts, so second_per_grid has no effect there.
+    temporal_seconds: bool = True
     video_min_pixels: int = 4 * 28 * 28     # per frame, after resize
     video_max_pixels: int = 128 * 28 * 28
     image_min_pixels: int = 4 * 28 * 28
@@ -65,16 +70,32 @@ class VisualBudget:
             raise ValueError(f"second_per_grid must be 0 (measured) or positive, got {self.second_per_grid}")
 
 
+def checkpoint_file(model_dir, name):
+    """The path of file name of a checkpoint, a directory or a hub id in the local cache (as
+    --model takes it), or None where it has none. Nothing is downloaded."""
+    if os.path.isdir(model_dir):
+        path = os.path.join(model_dir, name)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        path = try_to_load_from_cache(model_dir, name)
+    except ValueError:  # not a hub id either
+        return None
+    return path if isinstance(path, str) else None
+
+
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
     """Patch geometry and normalisation come from the checkpoint (they are baked into its vision
-    tower); pixel and frame budgets stay ours (the training defaults), whatever min/max_pixels the
-    checkpoint lists."""
+    tower), and so does temporal_seconds (its family, from config.json); pixel and frame budgets
+    stay ours (the training defaults), whatever min/max_pixels the checkpoint lists."""
     kw = {}
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    if os.path.exists(path):
+    if path := checkpoint_file(model_dir, "config.json"):
+        with open(path) as f:
+            kw["temporal_seconds"] = models.family(json.load(f).get("model_type")).temporal_seconds
+    if path := checkpoint_file(model_dir, "preprocessor_config.json"):
         with open(path) as f:
             cfg = json.load(f)
-        kw = {k: int(cfg[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if k in cfg}
+        kw.update({k: int(cfg[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if k in cfg})
         kw.update({k: tuple(float(v) for v in cfg[k]) for k in ("image_mean", "image_std") if k in cfg})
     kw.update(overrides)
     return VisualBudget(**kw)
@@ -105,8 +126,9 @@ def prompt_text(sample) -> str:
 
 
 def chat_prompt(sample) -> str:
-    """Qwen2.5-VL's chat template with the default system message; one placeholder per visual,
-    video first. encode_prompt expands each placeholder to the visual's token count."""
+    """Qwen2-VL's and Qwen2.5-VL's chat template (the same) with the default system message; one
+    placeholder per visual, video first. encode_prompt expands each placeholder to the visual's
+    token count."""
     user = ""
     if sample.video:
         user += f"<|vision_start|>{VIDEO_PAD}<|vision_end|>"
@@ -239,10 +261,11 @@ def encode_prompt(sample, tokenizer, budget) -> dict:
         if sample.video:
             frames, fps = read_video(sample.video, budget, sample.sample_id)
             pv, thw = patchify_frames(frames, budget.video_min_pixels, budget.video_max_pixels, budget)
-            # Seconds per temporal patch: drives the temporal 3D-RoPE spacing (see VisualBudget).
-            seconds = budget.second_per_grid or budget.temporal_patch_size / fps
-            out.update(pixel_values_videos=pv, video_grid_thw=thw[None],
-                       second_per_grid_ts=torch.tensor([seconds], dtype=torch.float32))
+            out.update(pixel_values_videos=pv, video_grid_thw=thw[None])
+            if budget.temporal_seconds:
+                # Seconds per temporal patch: drives the temporal 3D-RoPE spacing (see VisualBudget).
+                seconds = budget.second_per_grid or budget.temporal_patch_size / fps
+                out["second_per_grid_ts"] = torch.tensor([seconds], dtype=torch.float32)
             n_tokens[_token_id(tokenizer, VIDEO_PAD)] = int(thw.prod()) // budget.merge_size ** 2
         if sample.image:
             frame = read_image(sample.image, sample.sample_id)
@@ -280,7 +303,7 @@ def collate_prompts(encoded, tokenizer) -> dict:
         n = len(e["input_ids"])
         input_ids[i, length - n:] = e["input_ids"]
         attention_mask[i, length - n:] = 1
-    # 0 text, 1 image placeholder, 2 video placeholder: Qwen2.5-VL's get_rope_index groups runs
+    # 0 text, 1 image placeholder, 2 video placeholder: the model's get_rope_index groups runs
     # of these to lay out 3D positions. Padding is text (0), masked out anyway.
     mm = torch.zeros_like(input_ids)
     mm[input_ids == _token_id(tokenizer, IMAGE_PAD)] = 1
@@ -324,7 +347,7 @@ VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 
 
 def model_inputs(prompts):
-    """The prompt batch as keyword arguments for a Qwen2.5-VL forward or generate call."""
+    """The prompt batch as keyword arguments for the model's forward or generate call."""
     keys = ("input_ids", "attention_mask", "mm_token_type_ids") + VISUAL_KEYS
     return {k: prompts[k] for k in keys if k in prompts}
 

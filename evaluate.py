@@ -45,6 +45,7 @@ from tqdm import tqdm
 import data
 import encoding
 import judge
+import models
 import results
 import rewards
 import rollout
@@ -230,7 +231,7 @@ def main(argv=None):
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu: torchrun forms a gloo group
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -242,7 +243,8 @@ def main(argv=None):
         results.start_output_dir(args.output_dir, settings, args.overwrite)
     accelerator.wait_for_everyone()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    # The checkpoint's own family (models.FAMILIES), as train.py loads it; sdpa attention.
+    model = models.load_model(args.model, attn_implementation="sdpa", dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     judge_model, judge_tokenizer = judge.load_judge(args.judge, model, tokenizer, device, dtype)
     gen_config = rollout.sampling_config(tokenizer, args.max_new_tokens, temperature=args.temperature,

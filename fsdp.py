@@ -32,31 +32,51 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 # The FSDP units: one per decoder layer (plus accelerate's own units for the embeddings, the
-# final norm + LM head, and the root for what is left, the vision tower included). The vision
-# blocks are deliberately not units of their own: every unit all-gathers each time it runs, and
+# final norm + LM head, and the root for what is left, the vision tower included). The decoder
+# layer class is read off the model (decoder_layer), so every family is sharded alike. The vision
+# blocks are deliberately not units of their own (accelerate's default, the model's
+# _no_split_modules, would make them units): every unit all-gathers each time it runs, and
 # the vision tower runs once per visual, so a process whose prompt has no video (a quarter of
 # SEED-Bench-R1's rows) would issue fewer all-gathers than one whose prompt has: the processes'
 # collectives fall out of step (a hang under NCCL, a crash under gloo). In the root the tower is
 # gathered once per forward on every process, whatever the prompts hold (0.68B parameters for
 # 7B: 1.4 GB in bf16 while a forward runs).
-WRAP_CLASSES = ["Qwen2_5_VLDecoderLayer"]
+def decoder_layer(model):
+    """The class name of model's decoder layers (Qwen2_5_VLDecoderLayer, Qwen2VLDecoderLayer, ...),
+    the FSDP unit."""
+    return type(model.model.language_model.layers[0]).__name__
+
+
+# Until prepare_policy names the decoder layer, accelerate stops at this name (it is no class of
+# any model), rather than falling back to _no_split_modules and making vision blocks units.
+UNITS_UNSET = "<fsdp.prepare_policy sets the decoder layer class>"
+
+
+def fsdp_plugin(mixed_precision):
+    """The FSDP2 plugin: bf16 compute with fp32 master weights and fp32 gradient reduction. Its
+    units are set from the model by set_units (prepare_policy)."""
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[UNITS_UNSET],
+        reshard_after_forward=True, activation_checkpointing=False, state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        mixed_precision_policy=(MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                                if mixed_precision == "bf16" else None))
+
+
+def set_units(plugin, model):
+    """One FSDP unit per decoder layer of model: accelerate reads the class name at prepare."""
+    plugin.transformer_cls_names_to_wrap = [decoder_layer(model)]
 
 
 def make_accelerator(mixed_precision):
-    """An Accelerator that shards with FSDP2 whenever there is more than one process.
+    """An Accelerator that shards with FSDP2 whenever there is more than one process; shard the
+    policy with prepare_policy and the reference with prepare_reference.
 
-    bf16 compute with fp32 master weights and fp32 gradient reduction. Activation checkpointing
-    is transformers' own (train.load_policy), not accelerate's wrapper, which would rename every
-    parameter and break the name-by-name match between policy and reference."""
+    Activation checkpointing is transformers' own (models.load_policy), not accelerate's wrapper,
+    which would rename every parameter and break the name-by-name match between policy and
+    reference."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plugin = None
-    if world > 1:
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=WRAP_CLASSES,
-            reshard_after_forward=True, activation_checkpointing=False, state_dict_type="SHARDED_STATE_DICT",
-            cpu_ram_efficient_loading=False,
-            mixed_precision_policy=(MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                                    if mixed_precision == "bf16" else None))
+    plugin = fsdp_plugin(mixed_precision) if world > 1 else None
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
     if plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate only shards on accelerators. On CPU (the tests, the demo) we switch the very
@@ -72,11 +92,20 @@ def is_sharded(accelerator):
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def prepare_policy(accelerator, model, optimizer):
+    """accelerator.prepare(model, optimizer), sharded one FSDP unit per decoder layer of model
+    when there is more than one process."""
+    if is_sharded(accelerator):
+        set_units(accelerator.state.fsdp_plugin, model)
+    return accelerator.prepare(model, optimizer)
+
+
 def prepare_reference(accelerator, ref):
-    """Shard the reference exactly as accelerator.prepare sharded the policy (the same accelerate
+    """Shard the reference exactly as prepare_policy sharded the policy (the same accelerate
     function, plugin and process group), or move it to the device when nothing is sharded."""
     if not is_sharded(accelerator):
         return ref.to(accelerator.device)
+    set_units(accelerator.state.fsdp_plugin, ref)
     return fsdp2_prepare_model(accelerator, ref)
 
 
@@ -164,8 +193,9 @@ def load_sharded(path, model, optimizer, ref_model):
 
 def export_policy(path, model, is_main, dtype=None):
     """Write a from_pretrained-loadable copy of the policy to path (main process), in dtype
-    (default: the checkpoint's own, bf16 for Qwen2.5-VL). Every process takes part in the
-    gather; the full weights only ever exist on the main process, in CPU memory."""
+    (default: the checkpoint's own, bf16 for the Qwen VL checkpoints). Every process takes part in
+    the gather; the full weights only ever exist on the main process, in CPU memory. The export's
+    config.json keeps the model_type, so it loads back as the same family (models.family_of)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
         dtype = dtype or getattr(model.config, "dtype", None) or torch.float32

@@ -1,12 +1,76 @@
-"""Loading a Qwen2.5-VL checkpoint as the policy or the reference: the model class, the
-attention kernel, fp32 master weights, and the training switches.
+"""Loading a checkpoint as the policy or the reference: the model family, the attention kernel,
+fp32 master weights, and the training switches.
+
+The family (Qwen2-VL or Qwen2.5-VL) is the checkpoint's own: config.json's model_type picks its
+row of FAMILIES, and everything that differs between families asks that row, so one code path
+and the same commands serve both. What differs:
+
+- the model class (train.py's policy and reference, evaluate.py, tiny.py, tests);
+- the temporal 3D-RoPE positions of a video (encoding.VisualBudget.temporal_seconds): Qwen2.5-VL
+  spaces temporal patches by their real duration (second_per_grid_ts, seconds per temporal
+  patch, times tokens_per_second), Qwen2-VL gives temporal patch k position k and takes no
+  second_per_grid_ts;
+- the FSDP unit, its decoder layer class: fsdp.py reads it off the loaded model, not from here.
+
+The prompt (chat template, default system message, vision special tokens) and the visual
+preprocessing (patch 14, merge 2, temporal patch 2, CLIP mean/std, read from the checkpoint's
+preprocessor_config.json) are the same in both families.
+
+A third family that fits this mould is one more row here, its tiny config in tiny.tiny_config,
+and its rows in the tests' per-family tables (tests/conftest.py FAMILY_FIXTURES, the
+hand-written expectations in tests/test_families.py, the 2-process run in
+tests/test_distributed.py). Qwen3-VL (transformers'
+Qwen3VLForConditionalGeneration) does not fit it yet, so it has no row: its vision tower takes
+16-pixel patches with its own mean and std (budget_from_checkpoint would read those), but a
+video is no longer one placeholder. Its processor writes each temporal patch (two frames) as a
+block "<t seconds><|vision_start|><|video_pad|>...<|vision_end|>" with the timestamp in the
+text, and its get_rope_index expects that layout (it cuts video_grid_thw into one row per
+temporal patch). Adding it means a family hook in encoding.encode_prompt that lays the video
+out that way, its own chat template checked against encoding.chat_prompt, and a tiny config.
 
 bf16 is the compute dtype, applied by FSDP's mixed-precision policy (or accelerate's autocast
 with one process); AdamW and the EMA need the fp32 master weights.
 """
 
+from dataclasses import dataclass
+
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+
+
+@dataclass(frozen=True)
+class Family:
+    class_name: str           # transformers' ...ForConditionalGeneration class
+    temporal_seconds: bool    # its video positions take second_per_grid_ts (see above)
+
+    @property
+    def model_class(self):
+        # Imported when first asked for: importing a model class takes a second or two, which
+        # evaluate.py's argument errors and `compare` have no need to wait for.
+        import transformers
+        return getattr(transformers, self.class_name)
+
+
+# Keyed by config.json's model_type.
+FAMILIES = {
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", temporal_seconds=True),
+    "qwen2_vl": Family("Qwen2VLForConditionalGeneration", temporal_seconds=False),
+}
+
+
+def family(model_type):
+    """The Family row of a model_type, or an error naming the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not a supported family; supported: {', '.join(FAMILIES)} "
+                         "(models.FAMILIES)")
+    return FAMILIES[model_type]
+
+
+def family_of(path):
+    """The Family of the checkpoint at path (a directory or a cached hub id), from its
+    config.json alone: no weights are read, no config class is built."""
+    from transformers import PreTrainedConfig
+    config, _ = PreTrainedConfig.get_config_dict(path)
+    return family(config.get("model_type"))
 
 
 def pick_attn_implementation(choice):
@@ -20,9 +84,10 @@ def pick_attn_implementation(choice):
         return "sdpa"
 
 
-def load_model(path, attn_implementation="auto"):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=pick_attn_implementation(attn_implementation))
+def load_model(path, attn_implementation="auto", dtype=torch.float32):
+    """The checkpoint at path as its own family's model class (fp32 by default)."""
+    return family_of(path).model_class.from_pretrained(
+        path, dtype=dtype, attn_implementation=pick_attn_implementation(attn_implementation))
 
 
 def load_policy(cfg):

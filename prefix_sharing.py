@@ -44,8 +44,9 @@ def prefilled(model, prompt, num_generations):
 
 
 def prompt_positions(model, prompts):
-    """[3, P, width] Qwen2.5-VL 3D-RoPE positions of the prompts: video and image tokens get
-    (time, height, width) positions, text tokens one position in all three."""
+    """[3, P, width] 3D-RoPE positions of the prompts, by the model's own get_rope_index: video
+    and image tokens get (time, height, width) positions, text tokens one position in all three.
+    second_per_grid_ts is there for Qwen2.5-VL only (encoding.VisualBudget.temporal_seconds)."""
     grids = {k: prompts[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in prompts}
     if not grids:  # text only
         pos = (prompts["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # [P, width]
@@ -65,7 +66,7 @@ def pack_group(model, prompt, completion_ids, completion_mask):
     c_i is predicted by the prompt's last position."""
     device, width = prompt["input_ids"].device, prompt["input_ids"].shape[1]
     positions = [prompt_positions(model, prompt)[:, 0]]  # [3, width]
-    after_prompt = positions[0].max() + 1  # the text continues here (Qwen2.5-VL's 3D RoPE)
+    after_prompt = positions[0].max() + 1  # the text continues here (3D RoPE, both families)
     ids, segment, cols = [prompt["input_ids"][0]], [torch.zeros(width, dtype=torch.long, device=device)], []
     at = width
     for i, n in enumerate(completion_mask.sum(1).long().tolist()):  # n: up to and including the end of turn

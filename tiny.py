@@ -1,14 +1,14 @@
 """Tiny, local stand-ins for the real things, for the tests, the demo, bench/ and experiments/
 (top level so that all of them import it the same way, and `python tiny.py` builds them): a
-byte-level BPE tokenizer with Qwen2.5-VL's special tokens, a random Qwen2.5-VL checkpoint a few
-MB in size, and a synthetic dataset in the SEED-Bench-R1 layout (real mp4 videos, real jpg
-images, JSONL annotations).
+byte-level BPE tokenizer with Qwen2.5-VL's special tokens (Qwen2-VL's are the same), a random
+Qwen2.5-VL or Qwen2-VL checkpoint a few MB in size, and a synthetic dataset in the SEED-Bench-R1
+layout (real mp4 videos, real jpg images, JSONL annotations).
 
 Nothing here downloads anything. Tests and the demo use these so that every real code path
 (tokenizer offsets, video decoding, 3D RoPE, generation, FSDP-free training) runs on a CPU.
 
     python tiny.py seed-bench out/tiny-seed-bench --train 32 --val 8
-    python tiny.py model out/tiny-model [--warm-up out/tiny-seed-bench]
+    python tiny.py model out/tiny-model [--warm-up out/tiny-seed-bench] [--family qwen2_vl]
     python tiny.py video-r1-eval out/tiny-video-r1 --n 10
 """
 
@@ -71,8 +71,10 @@ def build_tokenizer(vocab_size=512, extra_lines=()):
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
 
-def tiny_config(tokenizer, hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2):
-    from transformers import Qwen2_5_VLConfig
+def tiny_config(tokenizer, family="qwen2_5_vl", hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2):
+    """A tiny config of family (a models.FAMILIES key): the same text model and patch geometry
+    in every family, each family's own vision tower."""
+    import models
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
@@ -85,24 +87,32 @@ def tiny_config(tokenizer, hidden=64, layers=2, heads=4, vision_hidden=32, visio
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                  num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, tokens_per_second=2, window_size=112,
-                  fullatt_block_indexes=[vision_depth - 1])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    geometry = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=2, depth=vision_depth)
+    if family == "qwen2_5_vl":  # window attention, SwiGLU blocks, positions spaced in seconds
+        vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      tokens_per_second=2, window_size=112, fullatt_block_indexes=[vision_depth - 1], **geometry)
+    elif family == "qwen2_vl":  # full attention, GELU blocks; hidden_size is the merger's output
+        vision = dict(embed_dim=vision_hidden, mlp_ratio=2, hidden_size=hidden, **geometry)
+    else:
+        raise ValueError(f"tiny.py builds no {family!r} model (models.FAMILIES: {', '.join(models.FAMILIES)})")
+    config_class = models.family(family).model_class.config_class
+    return config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
-def build_model(out_dir, seed=0, tokenizer=None, **config_overrides):
-    """Write a random tiny Qwen2.5-VL checkpoint (weights, config, tokenizer, preprocessor) to
-    out_dir; tokenizer: build_tokenizer()'s by default."""
+def build_model(out_dir, seed=0, tokenizer=None, family="qwen2_5_vl", **config_overrides):
+    """Write a random tiny checkpoint of family (weights, config, tokenizer, preprocessor) to
+    out_dir; tokenizer: build_tokenizer()'s by default. The preprocessor config is Qwen2.5-VL-7B's
+    and Qwen2-VL-7B's (patch 14, merge 2, temporal patch 2, CLIP mean and std)."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
+
+    import models
 
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **config_overrides))
+    model = models.family(family).model_class(tiny_config(tokenizer, family, **config_overrides))
     # Like the real checkpoint, ship near-greedy defaults: rollouts must never inherit them.
     model.generation_config = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1,
                                                repetition_penalty=1.05, bos_token_id=model.config.text_config.bos_token_id,
@@ -305,15 +315,16 @@ def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, *
     formatted answers at about chance accuracy, where rewards, advantages and CARE's bonus are
     all non-trivial. Uses the real prompt path (encoding.encode_prompt with video and image)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     import data
     import encoding
+    import models
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    model = models.load_model(model_dir)
     samples, _ = data.load_samples(annotation_file, data_root, seed=seed)
     vb = encoding.budget_from_checkpoint(model_dir, **budget)
     encoded = [encoding.encode_prompt(s, tokenizer, vb) for s in samples]
@@ -331,11 +342,15 @@ def warm_up(model_dir, annotation_file, data_root, steps=300, lr=3e-3, seed=0, *
 
 
 def main():
+    import models
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    m = sub.add_parser("model", help="write a tiny random Qwen2.5-VL checkpoint")
+    m = sub.add_parser("model", help="write a tiny random Qwen2.5-VL (or Qwen2-VL) checkpoint")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--family", choices=list(models.FAMILIES), default="qwen2_5_vl",
+                   help="the model family, as config.json's model_type spells it")
     m.add_argument("--warm-up", metavar="DATA_ROOT", default=None,
                    help="teach the output format on DATA_ROOT/annotations/training_6k.jsonl (see warm_up)")
     d = sub.add_parser("seed-bench", help="write a synthetic SEED-Bench-R1-layout dataset")
@@ -348,7 +363,7 @@ def main():
     v.add_argument("--n", type=int, default=10)
     args = parser.parse_args()
     if args.what == "model":
-        build_model(args.out, seed=args.seed)
+        build_model(args.out, seed=args.seed, family=args.family)
         if args.warm_up:
             ann = os.path.join(args.warm_up, "annotations", "training_6k.jsonl")
             warm_up(args.out, ann, args.warm_up, seed=args.seed, max_frames=4, video_max_pixels=56 * 56,

@@ -1,4 +1,4 @@
-r"""Train a Qwen2.5-VL policy with GRPO-CARE, or with plain GRPO for comparison.
+r"""Train a Qwen2.5-VL (or Qwen2-VL) policy with GRPO-CARE, or with plain GRPO for comparison.
 
 For each prompt, sample a group of G completions. Reward = accuracy + format, plus (CARE) a
 consistency bonus for the high-accuracy completions whose reasoning leaves the slowly moving
@@ -236,7 +236,7 @@ def run(cfg, accelerator, resume):
     optimizer, scheduler = build_optimizer(cfg, model, total_steps * cfg.num_iterations)
     # The scheduler stays ours: accelerate's wrapper steps it once per process per call, which
     # would run the cosine num_processes times too fast. Ours counts optimizer steps.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)
     policy = accelerator.unwrap_model(model)
     # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
     # Loaded after the policy is sharded, so two full fp32 copies never sit in CPU memory at once.

@@ -168,7 +168,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     static = sum(parts.values()) - parts["gradients (fp32 shards)"]  # grads are freed between steps
     # FSDP units gathered while a forward runs: the decoder layer running, the next one being
     # prefetched and the all-gather buffer of a third, plus the units accelerate keeps gathered
-    # through the forward (the root, which holds the whole vision tower (fsdp.WRAP_CLASSES);
+    # through the forward (the root, which holds the whole vision tower (see fsdp.decoder_layer);
     # final norm + LM head) and the embeddings.
     root = shapes.params - shapes.layers * shapes.layer_params - shapes.head_params - shapes.embed_params
     in_flight = (3 * shapes.layer_params + shapes.head_params + shapes.embed_params + root) * c if w > 1 else 0
@@ -356,7 +356,7 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     sample = next(x for x in samples if x.video)
     model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, 10)
-    model, optimizer = accelerator.prepare(model, optimizer)  # FSDP2 under torchrun, as in train.py
+    model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)  # FSDP2 under torchrun, as in train.py
     ref = fsdp.prepare_reference(accelerator, reference.make_reference(models.load_model(cfg.model, cfg.attn_implementation)))
     gen = rollout.sampling_config(tokenizer, s.completion)
     gen.min_new_tokens = s.completion  # every completion exactly s.completion tokens

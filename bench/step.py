@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import care  # noqa: E402
 import data  # noqa: E402
 import encoding  # noqa: E402
+import models  # noqa: E402
 import reference  # noqa: E402
 import rollout  # noqa: E402
 import tiny  # noqa: E402
@@ -76,13 +77,12 @@ def build(workdir, seed=0):
 def run(ours, args, model_dir, root):
     """A generator: one training step per next(), then the summary. main() alternates the two
     paths step by step, so a slow spell of the machine falls on both."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     device = torch.device(args.device)
     tokenizer = tiny.build_tokenizer()
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
+    policy = models.load_model(model_dir, "sdpa").to(device).train()
     policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = reference.make_reference(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)).to(device)
+    ref = reference.make_reference(models.load_model(model_dir, "sdpa")).to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     budget = encoding.budget_from_checkpoint(model_dir, **BUDGET)
     samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", root)

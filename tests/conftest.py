@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny tokenizer, a tiny random Qwen2.5-VL checkpoint and a tiny
-SEED-Bench-R1-layout dataset, all built locally once per test session."""
+"""Shared fixtures: a tiny tokenizer, tiny random Qwen2.5-VL (and Qwen2-VL) checkpoints and a
+tiny SEED-Bench-R1-layout dataset, all built locally once per test session.
+
+Most tests run on Qwen2.5-VL. Those that must hold for every model family take the `family`
+fixture, which runs them once per family, with family_tiny_dir, family_warm_dir and
+family_care_run: that family's counterparts of tiny_model_dir, warm_model_dir and care_run."""
 
 import json
 import os
@@ -45,6 +49,11 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    return tiny.build_model(str(tmp_path_factory.mktemp("tiny-qwen2-vl")), family="qwen2_vl")
+
+
+@pytest.fixture(scope="session")
 def seed_bench_root(tmp_path_factory):
     return tiny.build_seed_bench(str(tmp_path_factory.mktemp("seed-bench")), n_train=8, n_val=4)
 
@@ -60,6 +69,13 @@ def warm_model_dir(tmp_path_factory, seed_bench_root):
     <think>/<answer> format about half the time, at chance accuracy, so rewards, advantages
     and the CARE bonus are non-trivial."""
     path = tiny.build_model(str(tmp_path_factory.mktemp("warm-model")))
+    return tiny.warm_up(path, f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET)
+
+
+@pytest.fixture(scope="session")
+def warm_qwen2_vl_dir(tmp_path_factory, seed_bench_root):
+    """warm_model_dir's Qwen2-VL counterpart."""
+    path = tiny.build_model(str(tmp_path_factory.mktemp("warm-qwen2-vl")), family="qwen2_vl")
     return tiny.warm_up(path, f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET)
 
 
@@ -104,12 +120,51 @@ def read_state(ckpt, part):
         return torch.load(os.path.join(tmp, "whole.pt"), weights_only=False)[part]
 
 
+def two_care_steps(model_dir, root, out):
+    import config
+    import train
+    train.train(config.parse_config(train_argv(model_dir, root, out, "--algo", "care",
+                                              "--max-steps", "2", "--save-every", "1", "--log-completions")))
+    return out
+
+
 @pytest.fixture(scope="session")
 def care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     """Two CARE steps in one process, 2 prompts a step, a checkpoint after each, completions logged."""
-    import config
-    import train
-    out = tmp_path_factory.mktemp("care")
-    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, out, "--algo", "care",
-                                              "--max-steps", "2", "--save-every", "1", "--log-completions")))
-    return out
+    return two_care_steps(warm_model_dir, seed_bench_root, tmp_path_factory.mktemp("care"))
+
+
+@pytest.fixture(scope="session")
+def care_run_qwen2_vl(warm_qwen2_vl_dir, seed_bench_root, tmp_path_factory):
+    """care_run from warm_qwen2_vl_dir."""
+    return two_care_steps(warm_qwen2_vl_dir, seed_bench_root, tmp_path_factory.mktemp("care-qwen2-vl"))
+
+
+# --- every model family ------------------------------------------------------------------------
+
+# models.FAMILIES' keys, and each one's fixtures (a third family adds a row and its fixtures).
+FAMILY_FIXTURES = {
+    "qwen2_5_vl": ("tiny_model_dir", "warm_model_dir", "care_run"),
+    "qwen2_vl": ("tiny_qwen2_vl_dir", "warm_qwen2_vl_dir", "care_run_qwen2_vl"),
+}
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
+def family(request):
+    """Runs the test once per model family (a models.FAMILIES key)."""
+    return request.param
+
+
+@pytest.fixture
+def family_tiny_dir(family, request):
+    return request.getfixturevalue(FAMILY_FIXTURES[family][0])
+
+
+@pytest.fixture
+def family_warm_dir(family, request):
+    return request.getfixturevalue(FAMILY_FIXTURES[family][1])
+
+
+@pytest.fixture
+def family_care_run(family, request):
+    return request.getfixturevalue(FAMILY_FIXTURES[family][2])

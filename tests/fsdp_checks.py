@@ -16,9 +16,8 @@ sys.path.insert(0, ROOT)
 
 import torch
 import torch.distributed as dist
-from transformers import Qwen2_5_VLForConditionalGeneration
-
 import fsdp
+import models
 import reference
 import rollout
 import tiny
@@ -48,7 +47,7 @@ class CountAllGathers:
 
 
 def load(path, seed=None):
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model = models.load_model(path, "sdpa")
     if seed is not None:  # a different set of weights, for the EMA
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -65,7 +64,7 @@ def main(model_dir, out_path):
     full_policy, full_ref = load(model_dir, seed=1), load(model_dir)
     policy = load(model_dir, seed=1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = fsdp.prepare_policy(accelerator, policy, optimizer)
     ref = fsdp.prepare_reference(accelerator, reference.make_reference(load(model_dir)))
     units = [m for m in policy.modules() if isinstance(m, fsdp.FSDPModule)]
     assert fsdp.is_sharded(accelerator) and len(units) > 2, "the models were not sharded"
@@ -183,7 +182,7 @@ def main(model_dir, out_path):
     fsdp.export_policy(export, policy, accelerator.is_main_process, dtype=torch.float32)
     accelerator.wait_for_everyone()
     if rank == 0:
-        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, dtype=torch.float32).state_dict()
+        loaded = models.load_model(export, "sdpa").state_dict()
         expected = full_policy.state_dict()
         assert set(loaded) == set(expected), set(loaded) ^ set(expected)
         for name, value in expected.items():

@@ -519,9 +519,11 @@ def test_malformed_rows(video_r1_root):
 def test_batch_runs_through_tiny_model(tiny_model_dir, seed_bench_root):
     # The real consumer: placeholder counts, grids and mm_token_type_ids must line up with the
     # vision features or Qwen2.5-VL raises.
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
+
+    import models
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    model = models.load_model(tiny_model_dir, "sdpa").eval()
     budget = budget_from_checkpoint(tiny_model_dir)
     samples, _ = load_samples(os.path.join(seed_bench_root, "annotations", "training_6k.jsonl"), seed_bench_root)
     samples = [next(s for s in samples if s.video), next(s for s in samples if not s.video)]

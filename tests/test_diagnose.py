@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SMALL_BUDGET
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 import data
 import encoding
+import models
 
 sys.path.insert(0, os.path.join(ROOT, "experiments", "synthetic"))
 import diagnose  # noqa: E402
@@ -58,7 +58,7 @@ def test_token_classes_by_hand(tokenizer, values):
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tokenizer, seed_bench_root):
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = models.load_model(tiny_model_dir, "sdpa")
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
     budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
     return model, samples[:2], budget

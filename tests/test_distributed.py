@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import ROOT, multiprocess_env, read_log, read_state, train_argv
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 import config
+import models
 import train
 
 STEP_KEYS = ("reward", "reward_acc", "reward_fmt", "reward_bonus", "bonus_rate", "grad_norm", "lr")
@@ -42,12 +42,26 @@ def argv_per_process(model_dir, root, out, *extra):
     return argv
 
 
+def two_process_care_steps(model_dir, root, out):
+    """conftest.care_run's two steps, on two processes."""
+    torchrun("train.py", *argv_per_process(model_dir, root, out, "--algo", "care", "--max-steps", "2",
+                                           "--save-every", "1"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_process_run(warm_model_dir, seed_bench_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("care-2proc")
-    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, out, "--algo", "care",
-                                           "--max-steps", "2", "--save-every", "1"))
-    return out
+    return two_process_care_steps(warm_model_dir, seed_bench_root, tmp_path_factory.mktemp("care-2proc"))
+
+
+@pytest.fixture(scope="module")
+def two_process_run_qwen2_vl(warm_qwen2_vl_dir, seed_bench_root, tmp_path_factory):
+    return two_process_care_steps(warm_qwen2_vl_dir, seed_bench_root, tmp_path_factory.mktemp("care-2proc-qwen2-vl"))
+
+
+@pytest.fixture
+def family_two_process_run(family, request):
+    return request.getfixturevalue({"qwen2_5_vl": "two_process_run", "qwen2_vl": "two_process_run_qwen2_vl"}[family])
 
 
 def policy_weights(ckpt):
@@ -73,7 +87,9 @@ def assert_same_weights(a, b, start, atol, min_move=1e-4):
     assert diff.norm() <= 0.01 * moved.norm(), f"update differs by {diff.norm() / moved.norm():.2%}"
 
 
-def test_two_processes_match_one(care_run, two_process_run, warm_model_dir):
+def test_two_processes_match_one(family, family_care_run, family_two_process_run, family_warm_dir):
+    """In every model family: sharded by its own decoder layers, exported as its own class."""
+    care_run, two_process_run, warm_model_dir = family_care_run, family_two_process_run, family_warm_dir
     one, two = read_log(care_run), read_log(two_process_run)
     assert [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two):
@@ -94,10 +110,11 @@ def test_two_processes_match_one(care_run, two_process_run, warm_model_dir):
         one, two = (torch.cat([state[k][m].flatten() for k in sorted(state)]) for state in moments)
         assert (one - two).norm() <= 1e-3 * one.norm(), f"{m} differs by {(one - two).norm() / one.norm():.2e}"
     ref_one, ref_two = read_state(care_run / ckpt, "reference"), read_state(two_process_run / ckpt, "reference")
-    start_by_module = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    start_by_module = models.load_model(warm_model_dir).state_dict()
     # The EMA moved the reference 0.5% of the way to the policy each step: ~1e-5; elementwise,
     # 0.5% of the policy's tolerance per step.
     assert_same_weights(ref_one, ref_two, start_by_module, 2 * 0.005 * POLICY_ATOL, min_move=1e-6)
+    assert type(models.load_model(two_process_run / ckpt / "policy")) is models.FAMILIES[family].model_class
 
 
 def test_checkpoint_holds_one_shard_per_process(two_process_run):

@@ -7,17 +7,17 @@ advantages computed across groups make the reward fall or stall, and this test f
 """
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 import care
 import data
 import encoding
+import models
 import rollout
 
 
 def test_a_few_dozen_steps_raise_a_toy_reward(tiny_model_dir, tokenizer, seed_bench_root):
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = models.load_model(tiny_model_dir, "sdpa")
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
     budget = encoding.budget_from_checkpoint(tiny_model_dir, max_frames=4, video_max_pixels=56 * 56,
                                          image_max_pixels=56 * 56, video_min_pixels=28 * 28,

@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 import data
 import encoding
+import models
 import rollout
 from bench import baselines
 
@@ -18,7 +18,7 @@ SMALL = dict(max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56, v
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    return models.load_model(tiny_model_dir, "sdpa").eval()
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +147,19 @@ def test_seeded_groups_do_not_depend_on_the_batch(model, tokenizer, prompts):
 
 # --- each group's prompt and visuals through the model once per scoring forward --------------
 
-@pytest.fixture(scope="module")
-def three_kinds(tiny_model_dir, tokenizer, seed_bench_root):
-    """A video-only, an image-only and a video-plus-image prompt."""
+def encode_three_kinds(model_dir, tokenizer, seed_bench_root):
+    """A video-only, an image-only and a video-plus-image prompt, encoded for model_dir's family."""
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
-    budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL)
+    budget = encoding.budget_from_checkpoint(model_dir, **SMALL)
     both = next(s for s in samples if s.video and s.image)
     image_only = next(s for s in samples if not s.video)
     video_only = dataclasses.replace(both, sample_id="video-only", image=None)
     return [encoding.encode_prompt(s, tokenizer, budget) for s in (video_only, image_only, both)]
+
+
+@pytest.fixture(scope="module")
+def three_kinds(tiny_model_dir, tokenizer, seed_bench_root):
+    return encode_three_kinds(tiny_model_dir, tokenizer, seed_bench_root)
 
 
 def encoder_calls(model):
@@ -168,14 +172,16 @@ def encoder_calls(model):
 
 @pytest.mark.parametrize("train_vision", [True, False])
 @pytest.mark.parametrize("kinds", [[0], [1], [2], [0, 1, 2]], ids=["video", "image", "video+image", "mixed-batch"])
-def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(tiny_model_dir, tokenizer, three_kinds,
+def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(family_tiny_dir, tokenizer, seed_bench_root,
                                                                       train_vision, kinds):
     """Packing each prompt and its G completions into one row (the prompt and its visuals
     through the model once) is the same computation as the public code's G full sequences:
     log-probs, loss and every gradient (the vision tower's included, summed over the G
-    sequences) agree to float rounding."""
+    sequences) agree to float rounding. In every model family: the packed positions come from
+    the family's own 3D RoPE."""
     import care
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).train()
+    three_kinds = encode_three_kinds(family_tiny_dir, tokenizer, seed_bench_root)
+    model = models.load_model(family_tiny_dir, "sdpa").train()
     model.model.visual.requires_grad_(train_vision)
     g = 3
     torch.manual_seed(3)
@@ -206,11 +212,12 @@ def test_packed_groups_give_the_repeated_logprobs_loss_and_gradients(tiny_model_
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["video", "image", "video+image"])
-def test_one_prefill_per_group_samples_what_g_prefills_sample(tiny_model_dir, tokenizer, three_kinds, kind):
+def test_one_prefill_per_group_samples_what_g_prefills_sample(family_tiny_dir, tokenizer, seed_bench_root, kind):
     """Generation encodes the prompt's visuals and prefills the prompt once, then the G samples
     continue from copies of its cache: the same tokens as G separate prefills, for 1 vision call
-    and 1 prefill instead of G of each."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    and 1 prefill instead of G of each; in every model family."""
+    three_kinds = encode_three_kinds(family_tiny_dir, tokenizer, seed_bench_root)
+    model = models.load_model(family_tiny_dir, "sdpa")
     batch = encoding.collate_prompts([three_kinds[kind]], tokenizer)
     config = rollout.sampling_config(tokenizer, max_new_tokens=10)
     prefills = []
@@ -257,7 +264,7 @@ def test_padded_packed_rows_score_like_each_row_alone(model, tokenizer, three_ki
 def test_packed_scoring_runs_sdpa_whatever_the_model_uses(tiny_model_dir, tokenizer, three_kinds):
     """A model loaded with another attention (eager here; flash-attention 2 on GPU) scores the
     packed rows with sdpa, which takes their mask, and gets its own attention back after."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    model = models.load_model(tiny_model_dir, "eager").eval()
     torch.manual_seed(5)
     completions = rollout.generate(model, encoding.collate_prompts([three_kinds[2]], tokenizer), tokenizer, 3,
                             rollout.sampling_config(tokenizer, max_new_tokens=6), seeds=[3])

@@ -284,10 +284,10 @@ def test_supervised_loss_pads_prompts_and_targets_without_changing_them(tiny_mod
     token-weighted mean of the two alone: padding changes nothing."""
     import torch
     from conftest import SMALL_BUDGET
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
+    import models
     import tiny
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    model = models.load_model(tiny_model_dir, "sdpa").eval()
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
     budget = encoding.budget_from_checkpoint(tiny_model_dir, **SMALL_BUDGET)
     short = data.Sample(**{**samples[3].__dict__, "question": "Colour?\nOptions:\nA. red\nB. blue\n"})
@@ -308,9 +308,10 @@ def test_vision_output_is_scaled_to_the_text_embeddings(tiny_model_dir, tmp_path
 
     import numpy as np
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    import models
+
+    model = models.load_model(tiny_model_dir, "sdpa").eval()
     budget = encoding.budget_from_checkpoint(tiny_model_dir, **run.budget(56))
     pixels, grids, _ = run.clip_batch(4, random.Random(3), np.random.default_rng(3), budget, 56, str(tmp_path / "c.mp4"))
     with torch.no_grad():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import config
 import evaluate
 import metrics
+import models
 import train
 
 
@@ -19,7 +20,10 @@ def run(model_dir, root, out, *extra):
     return train.train(config.parse_config(train_argv(model_dir, root, out, *extra)))
 
 
-def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
+def test_care_steps_log_everything_and_save(family, family_care_run, family_warm_dir):
+    """For each model family: the run, its checkpoint, and the export loading back as the
+    family's own class, with a reference of the same family."""
+    care_run, warm_model_dir = family_care_run, family_warm_dir
     log = read_log(care_run)
     assert [r["step"] for r in log] == [1, 2]
     # Cosine over the 2 optimizer steps, no warmup: lr after step 1 = 1e-3 * (1 + cos(pi/2)) / 2.
@@ -32,11 +36,15 @@ def test_care_steps_log_everything_and_save(care_run, warm_model_dir):
     ckpt = os.path.join(care_run, "checkpoint-000002")
     assert sorted(os.listdir(ckpt)) == ["config.json", "policy", "state", "trainer_state.pt"]
     assert not any(n.endswith(".tmp") for n in os.listdir(care_run))
+    # The export is the family's model, and the reference's parameters are that family's too
+    # (the two families name their vision towers' parameters differently).
+    exported = models.load_model(os.path.join(ckpt, "policy"))
+    assert type(exported) is models.FAMILIES[family].model_class
     # The policy moved, and the reference moved towards it (EMA every step) but not all the way.
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(ckpt, "policy")).state_dict()
+    start = models.load_model(warm_model_dir).state_dict()
+    policy = exported.state_dict()
     ref = read_state(ckpt, "reference")
+    assert set(ref) == set(start)
     name = "model.language_model.layers.0.mlp.down_proj.weight"
     assert ref[name].dtype == torch.float32
     moved = (policy[name] - start[name]).abs().sum()
@@ -71,8 +79,8 @@ def test_completions_are_logged_with_their_rewards(care_run):
     assert all(isinstance(r["completion"], str) and 0 <= r["format"] <= 1 for r in rows)
 
 
-def test_grpo_step(warm_model_dir, seed_bench_root, tmp_path):
-    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo", "--max-steps", "1", "--save-every", "1")
+def test_grpo_step(family_warm_dir, seed_bench_root, tmp_path):
+    run(family_warm_dir, seed_bench_root, tmp_path, "--algo", "grpo", "--max-steps", "1", "--save-every", "1")
     log = read_log(tmp_path)
     assert log[0]["reward_bonus"] == 0 and log[0]["bonus_rate"] == 0
     assert "kl" in log[0]
@@ -123,12 +131,17 @@ def test_bad_video_stops_with_its_name_or_is_skipped(warm_model_dir, seed_bench_
     assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
 
 
-def test_evaluate_checkpoint(care_run, seed_bench_root, tmp_path):
+def test_evaluate_checkpoint(family, family_care_run, seed_bench_root, tmp_path, monkeypatch):
+    """For each model family: evaluate.py loads train.py's export as the family's own class."""
+    care_run, loaded = family_care_run, []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     files = [f"{seed_bench_root}/annotations/validation_{lv}.jsonl" for lv in ("L1", "L2", "L3")]
     summary = evaluate.main(["--model", os.path.join(care_run, "checkpoint-000002", "policy"),
                              "--data", *files, "--data-root", seed_bench_root, "--output-dir", str(tmp_path),
                              "--max-new-tokens", "20", "--max-frames", "4", "--video-max-pixels", "3136",
                              "--image-max-pixels", "3136", "--judge", "none"])
+    assert [type(m) for m in loaded] == [models.FAMILIES[family].model_class]
     rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(rows) == 12 and {r["level"] for r in rows} == {"L1", "L2", "L3"}
     for r in rows:

@@ -197,8 +197,7 @@ def test_the_reference_moves_every_ema_every_steps_by_the_closed_form(spied_run,
     assert len(calls["ema"]) == 1
     refs = [read_state(out / f"checkpoint-00000{k}", "reference") for k in (1, 2, 3)]
     policy_2 = read_state(out / "checkpoint-000002", "policy")
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    start = models.load_model(warm_model_dir).state_dict()
     moved = 0
     for name in refs[0]:
         torch.testing.assert_close(refs[0][name], start[name], rtol=0, atol=0)
@@ -222,8 +221,7 @@ def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video
     budget = budgets[0][0][2]
     assert budget.second_per_grid == 1.0 and budget.frame_rounding == "floor"
     assert [args[2] for args, _ in ema] == [1.0, 1.0]  # called (ema every step) with a frozen decay
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(warm_model_dir).state_dict()
+    start = models.load_model(warm_model_dir).state_dict()
     ref = read_state(tmp_path / "checkpoint-000002", "reference")
     assert all(torch.equal(ref[k], start[k]) for k in ref)
     saved = json.load(open(os.path.join(tmp_path, "checkpoint-000002", "config.json")))
