@@ -314,7 +314,7 @@ def run(cfg, accelerator, resume):
 
     model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, total_steps, math.ceil(cfg.warmup_ratio * total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours, as in train.py
+    model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)  # the scheduler stays ours, as in train.py
     state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
     if resume:
         state = checkpoint.load(resume, model, None, optimizer, scheduler)
