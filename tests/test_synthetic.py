@@ -220,9 +220,10 @@ def test_results_table_mean_and_spread():
     table = run.results_table(evals, [0, 1])
     assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
     md = run.markdown(table, [0, 1], run.Settings())
-    # per seed: GRPO - warm -20, -40; CARE - GRPO +10, +40; frozen - GRPO +5, +25
+    # per seed: GRPO - warm -20, -40; SFT - GRPO +20, +40; CARE - GRPO +10, +40; frozen - GRPO +5, +25
     assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 85.0 ± 0.0 | "
-            "-30.0 ± 14.1 | 25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
+            "-30.0 ± 14.1 | 30.0 ± 14.1 | 25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
+    assert "| visual_attention" not in md  # no run has attention numbers here: no empty rows
     assert "| L1 | accuracy (%) | 26.0 ± 1.4 | 91.0 ± 1.4 | 65.0 ± 7.1 |" in md
 
 

@@ -511,13 +511,15 @@ def markdown(table, seeds, settings):
              f"thought, {settings.steps * settings.prompts} examples (as many as an RL run's prompts). "
              f"visual_attention: % of the generated tokens' attention on the video and image tokens "
              f"(analyze.py attention, mean over layers).", "",
-             "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | GRPO - warm | CARE - GRPO | "
-             "frozen - GRPO |", "| --- | --- |" + " ---: |" * (len(RUNS) + 3)]
+             "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | GRPO - warm | SFT - GRPO | CARE - GRPO | "
+             "frozen - GRPO |", "| --- | --- |" + " ---: |" * (len(RUNS) + 4)]
     for level in LEVELS + ("all",):
         for metric in METRICS:
             cells = [table[m][level][metric] for m in RUNS]
+            if all(c["mean"] is None for c in cells):  # e.g. attention, which is read per level only
+                continue
             diff = []
-            for a, b in (("grpo", "warm"), ("care", "grpo"), ("care_frozen", "grpo")):
+            for a, b in (("grpo", "warm"), ("sft", "grpo"), ("care", "grpo"), ("care_frozen", "grpo")):
                 d = [x - y for x, y in zip(table[a][level][metric]["per_seed"], table[b][level][metric]["per_seed"])
                      if None not in (x, y)]
                 mean, std = mean_std(d)
