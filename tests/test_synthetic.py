@@ -277,7 +277,7 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     predictions = [json.loads(line) for line in open(out / "seed0" / "care" / "eval" / "predictions.jsonl")]
     assert len(predictions) == 12 and all(p["judge_reply"] is not None for p in predictions if p["stated"] in list("ABCD"))
     assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| L3 | consistency (%) |" in open(out / "results.md").read()
+    assert "| L3 | accuracy (%) |" in open(out / "results.md").read()
 
 
 def test_supervised_loss_pads_prompts_and_targets_without_changing_them(tiny_model_dir, tokenizer, seed_bench_root):
