@@ -71,7 +71,9 @@ def direct_shares(model_dir, prompt, completion, groups, tokenizer):
 
 
 @pytest.mark.parametrize("index", [0, 3], ids=["video-and-image", "image-only"])
-def test_shares_match_eager_attention_weights(tiny_model_dir, seed_bench_root, tokenizer, index, monkeypatch):
+def test_shares_match_eager_attention_weights(family, family_tiny_dir, seed_bench_root, tokenizer, index, monkeypatch):
+    """On every model family (their 3D positions and attention differ in the details)."""
+    tiny_model_dir = family_tiny_dir
     sample, prompt, completion, eos = prompt_and_completion(seed_bench_root, tiny_model_dir, tokenizer, index)
     assert bool(sample.video) == (index == 0) and sample.image
     monkeypatch.setattr(analyze, "QUERY_CHUNK", 4)   # several chunks per layer

@@ -181,6 +181,15 @@ def sft_run(tiny_model_dir, seed_bench_root, tmp_path_factory):
     return out, state, printed.getvalue()
 
 
+def test_sft_steps_on_every_model_family(family, family_tiny_dir, seed_bench_root, tmp_path):
+    """Two SFT steps on each family: finite losses, and the export loads back as that family."""
+    state = run(family_tiny_dir, seed_bench_root, tmp_path / "out", "--max-steps", "2", "--save-every", "2")
+    log = read_log(tmp_path / "out")
+    assert state["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    policy = models.load_model(str(tmp_path / "out" / "checkpoint-000002" / "policy"))
+    assert type(policy).__name__ == models.FAMILIES[family].class_name
+
+
 def test_sft_lowers_the_loss_on_its_data_and_saves(sft_run):
     out, state, _ = sft_run
     log = read_log(out)
