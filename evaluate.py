@@ -125,6 +125,9 @@ def parse_args(argv=None):
                    help="allow media paths that resolve outside --data-root")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="evaluate only the first N samples of each file; 0: all")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto",
+                   help="the model's weights and compute: bf16, or no (fp32); auto: bf16 on GPU, no on CPU. "
+                        "Recorded resolved, so auto on a CPU and no share their rows")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds each batch's sampling (with the batch's index) and the option order of training files")
     p.add_argument("--skip-bad-samples", action="store_true",
@@ -199,12 +202,21 @@ def load_work(args):
 NOT_SETTINGS = ("output_dir", "data", "limit", "skip_bad_samples", "overwrite", "allow_outside_data_root")  # which rows, not what they hold
 
 
+def compute_dtype(mixed_precision):
+    """--mixed-precision as the dtype the model is loaded and run in: auto is bf16 on a GPU,
+    fp32 on a CPU (as in training: checkpoint.resolved)."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
 def row_settings(args):
     """Every flag that shapes a row: all but NOT_SETTINGS, so that a new flag counts unless it
     is listed there. Paths are made absolute: the same checkpoint through another path or a
-    symlink is the same setting."""
+    symlink is the same setting; --mixed-precision is recorded as resolved (auto: bf16 or no)."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
-    settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root))
+    settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root),
+                    mixed_precision="bf16" if compute_dtype(args.mixed_precision) == torch.bfloat16 else "no")
     if judge.is_rule(args.judge):
         file, function = args.judge.rsplit(":", 1)
         settings["judge"] = f"{os.path.realpath(file)}:{function}"
@@ -242,7 +254,9 @@ def main(argv=None):
     if accelerator.is_main_process:
         results.start_output_dir(args.output_dir, settings, args.overwrite)
     accelerator.wait_for_everyone()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 weights and compute, or fp32 (--mixed-precision). Loaded in that dtype, and nothing
+    # casts it back: the forward runs in the weights' dtype (no autocast here).
+    dtype = compute_dtype(args.mixed_precision)
     # The checkpoint's own family (models.FAMILIES), as train.py loads it; sdpa attention.
     model = models.load_model(args.model, attn_implementation="sdpa", dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
