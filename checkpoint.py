@@ -235,7 +235,8 @@ def save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, st
     tmp, commit = fsdp.atomic_dir(final, accelerator)
     try:
         fsdp.save_sharded(tmp, model, optimizer, ref_model)
-        policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process)
+        policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process,
+                                        dtype=models.checkpoint_dtype(cfg.model))  # bf16 for Qwen's own
         if accelerator.is_main_process:
             tokenizer.save_pretrained(policy_dir)
             preproc = os.path.join(cfg.model, "preprocessor_config.json")

@@ -193,16 +193,24 @@ def load_sharded(path, model, optimizer, ref_model):
 
 def export_policy(path, model, is_main, dtype=None):
     """Write a from_pretrained-loadable copy of the policy to path (main process), in dtype
-    (default: the checkpoint's own, bf16 for the Qwen VL checkpoints). Every process takes part in
-    the gather; the full weights only ever exist on the main process, in CPU memory. The export's
-    config.json keeps the model_type, so it loads back as the same family (models.family_of)."""
+    (checkpoint.save passes the initial checkpoint's own, models.checkpoint_dtype: bf16 for the
+    Qwen VL checkpoints; default: model.config.dtype, fp32 for a model loaded by
+    models.load_model). Every process takes part in the gather; the full weights only ever exist
+    on the main process, in CPU memory. The export's config.json keeps the model_type, so it
+    loads back as the same family (models.family_of), and names dtype."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
         dtype = dtype or getattr(model.config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         full = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in full.items()}
+        saved = model.config.dtype
         model.save_pretrained(path, state_dict=full)
+        # save_pretrained writes the dtype of the model's own (fp32) parameters into config.json,
+        # not that of the weights it was given: name theirs, and leave the live config as it was.
+        model.config.dtype = dtype
+        model.config.save_pretrained(path)
+        model.config.dtype = saved
     return path
 
 

@@ -73,6 +73,16 @@ def family_of(path):
     return family(config.get("model_type"))
 
 
+def checkpoint_dtype(path):
+    """The dtype the checkpoint at path is stored in (config.json's dtype, torch_dtype before
+    transformers 5; fp32 if it names none): bf16 for the Qwen VL checkpoints. load_model's
+    model says fp32 whatever the file holds, so exports ask here (checkpoint.save)."""
+    from transformers import PreTrainedConfig
+    config, _ = PreTrainedConfig.get_config_dict(path)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) else name
+
+
 def pick_attn_implementation(choice):
     """auto: flash-attention 2 where it is installed and a GPU is there, else sdpa."""
     if choice != "auto":
