@@ -63,7 +63,6 @@ KEY_CLASSES = ("video", "image", "text", "completion")   # where a generated tok
 GROUPS = ("reasoning", "answer")                          # which generated tokens
 QUERY_CHUNK = 256        # query rows whose probabilities exist at once (heads x QUERY_CHUNK x length floats)
 ATTENTION_NAME = "analyze_attention_shares"               # the name ShareRecorder is registered under
-BUDGET = encoding.VisualBudget()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +392,6 @@ def plot_heatmap(report, path):
 # The command line
 
 
-BUDGET_FLAGS = ("fps", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels", "image_min_pixels",
-                "image_max_pixels", "second_per_grid", "frame_rounding")
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="analyze.py", description=__doc__, formatter_class=HelpFormatter)
@@ -424,23 +420,7 @@ def parse_args(argv):
                         "completion, e.g. evaluate.py's predictions.jsonl) instead of generating them greedily")
     a.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="longest generated completion, in tokens")
     a.add_argument("--batch-size", type=int, default=4, metavar="N", help="prompts per generate call")
-    a.add_argument("--fps", type=float, default=BUDGET.fps, help="video frames sampled per second, within the frame budget")
-    a.add_argument("--min-frames", type=int, default=BUDGET.min_frames, metavar="N", help="fewest frames per video")
-    a.add_argument("--max-frames", type=int, default=BUDGET.max_frames, metavar="N", help="most frames per video")
-    a.add_argument("--video-min-pixels", type=int, default=BUDGET.video_min_pixels, metavar="N",
-                   help="fewest pixels per video frame after resizing")
-    a.add_argument("--video-max-pixels", type=int, default=BUDGET.video_max_pixels, metavar="N",
-                   help="most pixels per video frame after resizing")
-    a.add_argument("--image-min-pixels", type=int, default=BUDGET.image_min_pixels, metavar="N",
-                   help="fewest pixels per image after resizing")
-    a.add_argument("--image-max-pixels", type=int, default=BUDGET.image_max_pixels, metavar="N",
-                   help="most pixels per image after resizing")
-    a.add_argument("--second-per-grid", type=float, default=BUDGET.second_per_grid, metavar="S",
-                   help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
-                        "1.0 = the public code's fixed value (use what the model was trained with)")
-    a.add_argument("--frame-rounding", choices=encoding.FRAME_ROUNDINGS, default=BUDGET.frame_rounding,
-                   help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
-                        "code: clamp, then round down)")
+    encoding.add_budget_arguments(a)
     a.add_argument("--allow-outside-data-root", action="store_true",
                    help="allow media paths that resolve outside --data-root")
     args = p.parse_args(argv)
@@ -450,14 +430,13 @@ def parse_args(argv):
 
 def check_args(parser, args):
     """Stop on a bad setting with one line naming it, before any model is loaded."""
-    for name in ("max_new_tokens", "batch_size", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels",
-                 "image_min_pixels", "image_max_pixels"):
+    for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if problem := encoding.budget_problem(args):
+        parser.error(problem)
     if args.limit < 0:
         parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
-    if not args.fps > 0 or args.second_per_grid < 0 or args.max_frames < args.min_frames:
-        parser.error("--fps must be above 0, --second-per-grid at least 0, --max-frames at least --min-frames")
     missing = [m for m in args.models if not os.path.isdir(m)]
     if missing:
         parser.error(f"--models: no such directory: {', '.join(missing)} (a checkpoint is a local directory)")
@@ -488,7 +467,7 @@ def attention_main(args):
     else:
         raise data.DataError(f"--heatmap-sample {args.heatmap_sample} is not among the {len(ids)} samples analysed")
     labels = args.labels or args.models
-    budget_flags = {k: getattr(args, k) for k in BUDGET_FLAGS}
+    budget_flags = {k: getattr(args, k) for k in encoding.BUDGET_FLAGS}
     report = {"settings": {"data": args.data, "data_root": args.data_root, "samples": len(samples),
                            "completions": args.completions or f"greedy, at most {args.max_new_tokens} new tokens",
                            "visual_budget": budget_flags, "key_classes": KEY_CLASSES, "groups": GROUPS,

@@ -371,3 +371,50 @@ def select_prompt(prompts, i):
         if kind == 2 and "second_per_grid_ts" in prompts:
             out["second_per_grid_ts"] = prompts["second_per_grid_ts"][row:row + 1]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The visual budget on an argparse command line (evaluate.py, analyze.py; train.py and sft.py
+# take it from their Config)
+
+BUDGET_FLAGS = ("fps", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels", "image_min_pixels",
+                "image_max_pixels", "second_per_grid", "frame_rounding")
+
+
+def add_budget_arguments(parser, max_frames_help=None):
+    """The visual budget's flags with VisualBudget's defaults. max_frames_help: --max-frames
+    defaults to None, the caller choosing per file, and says so in this help line."""
+    b = VisualBudget()
+    parser.add_argument("--fps", type=float, default=b.fps, help="video frames sampled per second, within the frame budget")
+    parser.add_argument("--min-frames", type=int, default=b.min_frames, metavar="N", help="fewest frames per video")
+    parser.add_argument("--max-frames", type=int, default=None if max_frames_help else b.max_frames, metavar="N",
+                        help=max_frames_help or "most frames per video")
+    for kind, what in (("video", "per video frame"), ("image", "per image")):
+        parser.add_argument(f"--{kind}-min-pixels", type=int, default=getattr(b, f"{kind}_min_pixels"), metavar="N",
+                            help=f"fewest pixels {what} after resizing")
+        parser.add_argument(f"--{kind}-max-pixels", type=int, default=getattr(b, f"{kind}_max_pixels"), metavar="N",
+                            help=f"most pixels {what} after resizing")
+    parser.add_argument("--second-per-grid", type=float, default=b.second_per_grid, metavar="S",
+                        help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
+                             "1.0 = the public code's fixed value (use what the model was trained with)")
+    parser.add_argument("--frame-rounding", choices=FRAME_ROUNDINGS, default=b.frame_rounding,
+                        help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
+                             "code: clamp, then round down)")
+
+
+def budget_problem(args):
+    """The first bad visual-budget setting among add_budget_arguments' flags, as one line, or None."""
+    for name in ("min_frames", "video_min_pixels", "video_max_pixels", "image_min_pixels", "image_max_pixels"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    if not args.fps > 0:
+        return f"--fps must be above 0, got {args.fps}"
+    if args.max_frames is not None and args.max_frames < args.min_frames:
+        return f"--max-frames {args.max_frames} is below --min-frames {args.min_frames}"
+    for kind in ("video", "image"):
+        lo, hi = getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
+        if lo > hi:
+            return f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}"
+    if args.second_per_grid < 0:
+        return f"--second-per-grid must be 0 (measured) or more, got {args.second_per_grid}"
+    return None

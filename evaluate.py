@@ -102,25 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, metavar="T", help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.001, metavar="P",
                    help="nucleus sampling: the probability mass kept")
-    p.add_argument("--fps", type=float, default=BUDGET.fps, help="video frames sampled per second, within the frame budget")
-    p.add_argument("--min-frames", type=int, default=BUDGET.min_frames, metavar="N", help="fewest frames per video")
-    p.add_argument("--max-frames", type=int, default=None, metavar="N",
-                   help=f"most frames per video (default: {BUDGET.max_frames} for SEED-Bench-R1 files, "
-                        f"{GENERAL_MAX_FRAMES} for Video-R1-style files)")
-    p.add_argument("--video-min-pixels", type=int, default=BUDGET.video_min_pixels, metavar="N",
-                   help="fewest pixels per video frame after resizing")
-    p.add_argument("--video-max-pixels", type=int, default=BUDGET.video_max_pixels, metavar="N",
-                   help="most pixels per video frame after resizing")
-    p.add_argument("--image-min-pixels", type=int, default=BUDGET.image_min_pixels, metavar="N",
-                   help="fewest pixels per image after resizing")
-    p.add_argument("--image-max-pixels", type=int, default=BUDGET.image_max_pixels, metavar="N",
-                   help="most pixels per image after resizing")
-    p.add_argument("--second-per-grid", type=float, default=BUDGET.second_per_grid, metavar="S",
-                   help="seconds per temporal patch in the video positions: 0 = measured from the sampled fps; "
-                        "1.0 = the public code's fixed value (use what the model was trained with)")
-    p.add_argument("--frame-rounding", choices=encoding.FRAME_ROUNDINGS, default=BUDGET.frame_rounding,
-                   help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
-                        "code: clamp, then round down)")
+    encoding.add_budget_arguments(p, max_frames_help=f"most frames per video (default: {BUDGET.max_frames} for "
+                                                      f"SEED-Bench-R1 files, {GENERAL_MAX_FRAMES} for Video-R1-style files)")
     p.add_argument("--allow-outside-data-root", action="store_true",
                    help="allow media paths that resolve outside --data-root")
     p.add_argument("--limit", type=int, default=0, metavar="N",
@@ -141,8 +124,7 @@ def parse_args(argv=None):
 
 def check_args(parser, args):
     """Stop on a bad setting with one line naming it, before anything is loaded."""
-    at_least_one = ["batch_size", "max_new_tokens", "judge_max_new_tokens", "min_frames", "video_min_pixels",
-                    "video_max_pixels", "image_min_pixels", "image_max_pixels"]
+    at_least_one = ["batch_size", "max_new_tokens", "judge_max_new_tokens"]
     for name in at_least_one:
         if getattr(args, name) < 1:
             parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
@@ -150,16 +132,8 @@ def check_args(parser, args):
         parser.error(f"--temperature must be above 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.fps > 0:
-        parser.error(f"--fps must be above 0, got {args.fps}")
-    if args.max_frames is not None and args.max_frames < args.min_frames:
-        parser.error(f"--max-frames {args.max_frames} is below --min-frames {args.min_frames}")
-    for kind in ("video", "image"):
-        lo, hi = getattr(args, f"{kind}_min_pixels"), getattr(args, f"{kind}_max_pixels")
-        if lo > hi:
-            parser.error(f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}")
-    if args.second_per_grid < 0:
-        parser.error(f"--second-per-grid must be 0 (measured) or more, got {args.second_per_grid}")
+    if problem := encoding.budget_problem(args):
+        parser.error(problem)
     if args.limit < 0:
         parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
     if not os.path.isdir(args.model):
