@@ -3,6 +3,7 @@
     python bench/gpu.py                          # 7B shapes, 4 and 8 decoder layers (2 and 4 under 100 GiB)
     python bench/gpu.py --layers 4 --json out.json
     python bench/gpu.py --tiny                   # a tiny model on CPU: the test keeps this file working
+    python bench/gpu.py --layers 4 --decode      # and HF generate against static_decode, same model
 
 The model is a randomly initialised Qwen2_5_VLForConditionalGeneration with Qwen2.5-VL-7B-Instruct's
 shapes (bench/memory.py's QWEN25_VL_7B: hidden 3584, 28 heads, 4 KV heads, MLP 18944, vocab 152064,
@@ -30,7 +31,10 @@ up per shape shows there), the last is the one reported. Each phase: seconds (to
 (torch.cuda.max_memory_allocated, the peak reset before the phase), and for the rollout the
 decode rate, from a second generate of one token (prefill only) subtracted from the full one.
 Each phase's peak is set against bench/memory.py's estimate for the same shapes on one GPU
-(no CUDA context: max_memory_allocated does not see it). Writes --json.
+(no CUDA context: max_memory_allocated does not see it). With --decode, the same policy then
+generates --completion tokens both ways, HF generate and static_decode (static KV cache,
+compiled step), alternating (bench/decode.measure; the static path's first call, which
+compiles, kept apart as compile_seconds). Writes --json.
 """
 
 import argparse
@@ -226,6 +230,9 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
                           completion=t)
     result["estimate"] = {"phases_gib": est["phases_gib"], "parts_gib": est["parts_gib"],
                           "static_gib": est["static_gib"]}
+    if args.decode:
+        import decode  # bench/decode.py
+        result["decode"] = decode.measure(policy, prompts, tokenizer, g, args.completion, args.decode_repeats, device)
     if cuda:
         result["measured_over_predicted"] = {p: meter.rows[p]["peak_gib"] / est["phases_gib"][p]
                                              for p in ("rollout", "reference", "policy")}
@@ -302,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=2,
                         help="measured steps per configuration; the last is reported, the first's seconds kept")
     parser.add_argument("--no-cudnn-sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
+    parser.add_argument("--decode", action="store_true",
+                        help="also time HF generate against static_decode on the same policy (bench/decode.py)")
+    parser.add_argument("--decode-repeats", type=int, default=2, help="timed calls per decode path, after the first")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "gpu.json"))
@@ -338,6 +348,11 @@ def main(argv=None):
             print(f"{layers} layers, {attn}: out of memory", flush=True)
             continue
         r = out["results"][-1]
+        if "decode" in r:
+            d = r["decode"]
+            print(f"{layers} layers, {attn}: decode {d['length']} tokens: hf {d['tokens_per_second']['hf']:,.0f} "
+                  f"tok/s, static {d['tokens_per_second']['static']:,.0f} tok/s ({d['static_speedup']:.2f}x), "
+                  f"compile {d['compile_seconds']:.1f} s, same tokens: {d['same_tokens']}", flush=True)
         print(f"{layers} layers, {attn}: first step's rollout {r['first_step_seconds']['rollout']:.2f} s; "
               f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")
