@@ -235,7 +235,7 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
         result["decode"] = decode.measure(policy, prompts, tokenizer, g, args.completion, args.decode_repeats, device)
     if cuda:
         result["measured_over_predicted"] = {p: meter.rows[p]["peak_gib"] / est["phases_gib"][p]
-                                             for p in ("rollout", "reference", "policy")}
+                                             for p in ("rollout", "reference", "policy", "optimizer")}
     return result
 
 

@@ -174,7 +174,13 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     in_flight = (3 * shapes.layer_params + shapes.head_params + shapes.embed_params + root) * c if w > 1 else 0
 
     # Rollout: every weight gathered once, the KV cache, then the largest transient of prefill.
-    gathered = shapes.params * c if w > 1 else 0
+    # With one process the weights are not gathered, but autocast keeps a compute-dtype copy of
+    # every weight it casts (all but the embeddings) for the whole generate call (measured on an
+    # H200: 2 bytes per non-embedding parameter, bench/README.md).
+    if w > 1:
+        gathered = shapes.params * c
+    else:
+        gathered = (shapes.params - shapes.embed_params) * c if c < 4 else 0
     kv_cache = 2 * shapes.layers * b * seq * shapes.kv_dim * c
     # One prompt at a time, prefilled once and its cache copied for the G samples (the public
     # code prefills the G copies together).
@@ -208,7 +214,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
               + unsharded_grads)
 
     parts.update({
-        "rollout: gathered bf16 weights": gathered,
+        "rollout: bf16 weights (gathered; one process: autocast's copies)": gathered,
         "rollout: KV cache": kv_cache,
         "rollout: prefill / vision transient": max(prefill, vision_once),
         "scoring: gathered FSDP units in flight": in_flight,
@@ -218,7 +224,12 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
         "policy: one layer recomputed / LM-head chunk": recompute,
         "policy: unsharded gradients of one unit": unsharded_grads,
     })
-    phases = {"rollout": rollout, "reference": reference, "policy": policy}
+    # Optimizer: the gradients, and torch's foreach AdamW holds one more fp32 copy of the
+    # trainable shards for a moment (measured on an H200: the step's peak on one GPU).
+    adamw_scratch = 4 * shapes.trainable / w
+    optimizer = static + parts["gradients (fp32 shards)"] + adamw_scratch
+    parts["optimizer: AdamW's foreach scratch"] = adamw_scratch
+    phases = {"rollout": rollout, "reference": reference, "policy": policy, "optimizer": optimizer}
     peak = max(phases.values())
     budget = s.gpu_gib * GiB
     return {"settings": asdict(s), "prompt_tokens": sp, "static_gib": static / GiB, "vision_patches": patches,

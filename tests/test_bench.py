@@ -21,11 +21,17 @@ def test_7b_on_4_gpus_fits_with_10_percent_headroom(tmp_path):
     parts = est["parts_gib"]
     assert parts["parameters (fp32 shards)"] == pytest.approx(4 * est["params"] / 4 / 2**30)
     assert parts["optimizer (AdamW, fp32 shards)"] == pytest.approx(2 * parts["parameters (fp32 shards)"])
-    assert parts["rollout: gathered bf16 weights"] == pytest.approx(2 * est["params"] / 2**30)
+    assert parts["rollout: bf16 weights (gathered; one process: autocast's copies)"] == pytest.approx(2 * est["params"] / 2**30)
     # KV cache: 2 (K, V) x 28 layers x 8 sequences x 2768 tokens x 512 (4 KV heads x 128) x 2 bytes.
     assert parts["rollout: KV cache"] == pytest.approx(2 * 28 * 8 * 2768 * 512 * 2 / 2**30)
+    # The AdamW step's scratch: one more fp32 copy of the (all trainable) shards.
+    assert parts["optimizer: AdamW's foreach scratch"] == pytest.approx(parts["parameters (fp32 shards)"])
     # On one GPU it does not fit: the reason for FSDP.
-    assert not memory.main(["--gpus", "1", "--json", str(tmp_path / "one.json")])["fits"]
+    one = memory.main(["--gpus", "1", "--json", str(tmp_path / "one.json")])
+    assert not one["fits"]
+    # One process: autocast's bf16 copies of every weight but the 152064 x 3584 embeddings.
+    assert one["parts_gib"]["rollout: bf16 weights (gathered; one process: autocast's copies)"] == \
+        pytest.approx(2 * (est["params"] - 152064 * 3584) / 2**30)
 
 
 def test_more_frames_and_longer_completions_cost_memory(tmp_path):
@@ -110,7 +116,7 @@ def test_gpu_bench_runs_a_tiny_step_on_cpu(tmp_path):
         assert r["completion_tokens"] == 4 and r["completions_full_length"]
         assert r["vision_patches"] > 4096  # 16 frames at 128 x 28 x 28 and the image at 256 x 28 x 28
         assert r["phases"]["rollout"]["decode_tokens_per_second"] > 0
-        assert set(r["estimate"]["phases_gib"]) == {"rollout", "reference", "policy"}
+        assert set(r["estimate"]["phases_gib"]) == {"rollout", "reference", "policy", "optimizer"}
     assert out["results"][1]["params"] > out["results"][0]["params"]
     assert "seconds_at_28_layers" in out["per_layer"]["step"]
     assert json.load(open(tmp_path / "gpu.json"))["results"][1]["layers"] == 2
