@@ -77,6 +77,8 @@ class Settings:
     train_vision: bool = True
     cuda_overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
     repeat_prompts: bool = False    # True: the prompt and its visuals run G times (the public code)
+    lora_rank: int = 0              # > 0: LoRA on the language layers' projections, the base frozen
+    care: bool = True               # the reference under LoRA: CARE's EMA of the adapters, else (GRPO) none
 
 
 @dataclass
@@ -124,6 +126,14 @@ def shapes_of(config, train_vision=True):
                   temporal=v.temporal_patch_size)
 
 
+def lora_params(shapes, rank):
+    """Adapter parameters of rank-r LoRA on every language layer's q, k, v, o, gate, up and down
+    projections: r x (fan in + fan out) each."""
+    h, kv, i = shapes.hidden, shapes.kv_dim, shapes.inter
+    per_layer = rank * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+    return shapes.layers * per_layer
+
+
 def visual_tokens(shapes, s):
     """(patches through the vision tower, tokens in the prompt) for one prompt at the budgets."""
     per_patch = shapes.patch ** 2
@@ -158,11 +168,16 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     window = patches / max(1, s.frames // shapes.temporal + 1)  # vision attention is per frame (or window)
     copies = b if s.repeat_prompts else s.prompts_per_device
 
+    trainable = lora_params(shapes, s.lora_rank) if s.lora_rank else shapes.trainable
+    if s.lora_rank:  # the frozen base once; the reference is an fp32 EMA of the adapters (CARE) or none
+        reference_bytes = 4 * trainable / w if (s.reference and s.care) else 0
+    else:
+        reference_bytes = 4 * shapes.params / w if s.reference else 0
     parts = {
-        "parameters (fp32 shards)": 4 * shapes.params / w,
-        "gradients (fp32 shards)": 4 * shapes.trainable / w,
-        "optimizer (AdamW, fp32 shards)": 8 * shapes.trainable / w,
-        "EMA reference (fp32 shards)": 4 * shapes.params / w if s.reference else 0,
+        "parameters (fp32 shards)": 4 * (shapes.params + (trainable if s.lora_rank else 0)) / w,
+        "gradients (fp32 shards)": 4 * trainable / w,
+        "optimizer (AdamW, fp32 shards)": 8 * trainable / w,
+        "EMA reference (fp32 shards)": reference_bytes,
         "framework (CUDA, NCCL, allocator)": s.cuda_overhead_gib * GiB,
     }
     static = sum(parts.values()) - parts["gradients (fp32 shards)"]  # grads are freed between steps
@@ -177,10 +192,14 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     # With one process the weights are not gathered, but autocast keeps a compute-dtype copy of
     # every weight it casts (all but the embeddings) for the whole generate call (measured on an
     # H200: 2 bytes per non-embedding parameter, bench/README.md).
+    # (autocast caches only the casts of weights that require grad: a frozen LoRA base is cast
+    # layer by layer and freed.)
     if w > 1:
         gathered = shapes.params * c
+    elif c < 4 and not s.lora_rank:
+        gathered = (shapes.params - shapes.embed_params) * c
     else:
-        gathered = (shapes.params - shapes.embed_params) * c if c < 4 else 0
+        gathered = 0
     kv_cache = 2 * shapes.layers * b * seq * shapes.kv_dim * c
     # One prompt at a time, prefilled once and its cache copied for the G samples (the public
     # code prefills the G copies together).
@@ -201,15 +220,17 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     # one at a time; the gradients of the unit being reduced exist unsharded (fp32) meanwhile.
     # Saved: each layer's input, the embeddings and visual scatter, the 3D-RoPE cos/sin.
     saved = scored * ((shapes.layers + 2) * h + 2 * shapes.head_dim) * c
-    if s.train_vision:
+    if s.train_vision and not s.lora_rank:
         saved += copies * patches * vh * c * (shapes.vision_depth + 5)  # block inputs + patch embed + merger
     recompute = max(layer_bytes(scored, h, i, heads, row, GRAD_LAYER, c, s.flash_attention),
                     copies * layer_bytes(patches, vh, vi, vheads, window, GRAD_LAYER, c, s.flash_attention)
-                    if s.train_vision else 0,
+                    if s.train_vision and not s.lora_rank else 0,
                     min(s.chunk, m) * shapes.vocab * (c + 4 + 4 + 4))
     # A unit's unsharded gradients (compute dtype) and the fp32 reduce-scatter buffer FSDP
     # copies them into; the largest unit is the root, with the vision tower.
     unsharded_grads = (c + 4) * max(shapes.layer_params, shapes.head_params, root) if w > 1 else 0
+    if s.lora_rank:  # only the adapters have gradients
+        unsharded_grads = (c + 4) * lora_params(shapes, s.lora_rank) / shapes.layers if w > 1 else 0
     policy = (static + parts["gradients (fp32 shards)"] + in_flight + pixels + mask + saved + recompute
               + unsharded_grads)
 
@@ -226,7 +247,7 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
     })
     # Optimizer: the gradients, and torch's foreach AdamW holds one more fp32 copy of the
     # trainable shards for a moment (measured on an H200: the step's peak on one GPU).
-    adamw_scratch = 4 * shapes.trainable / w
+    adamw_scratch = 4 * trainable / w
     optimizer = static + parts["gradients (fp32 shards)"] + adamw_scratch
     parts["optimizer: AdamW's foreach scratch"] = adamw_scratch
     phases = {"rollout": rollout, "reference": reference, "policy": policy, "optimizer": optimizer}
@@ -237,6 +258,56 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
             "params": shapes.params, "parts_gib": {k: v / GiB for k, v in parts.items()},
             "phases_gib": {k: v / GiB for k, v in phases.items()}, "peak_gib": peak / GiB,
             "peak_phase": max(phases, key=phases.get), "headroom": 1 - peak / budget, "fits": peak <= budget}
+
+
+# --plan: which clusters each method fits, and if not, the smallest change that makes it fit.
+CLUSTERS = {"1x80GB": (1, 79.0), "2x80GB": (2, 79.0), "4x80GB": (4, 79.0), "8x40GB": (8, 39.0), "1x48GB": (1, 47.0)}
+METHODS = {"full fine-tuning": {}, "LoRA r=64": {"lora_rank": 64}}
+# From the least to the most change to the recipe; tried alone, then in pairs.
+KNOBS = (("--max-frames 8", {"frames": 8}),
+         ("--video-max-pixels 64x28x28", {"video_max_pixels": 64 * 28 * 28}),
+         ("--num-generations 4", {"num_generations": 4}),
+         ("--lora-rank 64", {"lora_rank": 64}),
+         ("--max-completion-length 384", {"completion": 384}))
+
+
+def plan(shapes_for, base=None):
+    """[{cluster, method, peak_gib, headroom, fits, change}] for every cluster and method: the
+    estimate at the official settings, and for a setting that does not fit the first single knob
+    (or pair of knobs) in KNOBS order that makes it fit. shapes_for(train_vision) -> Shapes.
+    CPU offload of the optimizer is not offered: train.py does not support it."""
+    base = base or {}
+    rows = []
+    for cluster, (gpus, gib) in CLUSTERS.items():
+        for method, extra in METHODS.items():
+            settings = Settings(**{**base, **extra, "gpus": gpus, "gpu_gib": gib})
+            est = estimate(shapes_for(not settings.lora_rank), settings)
+            row = {"cluster": cluster, "method": method, "peak_gib": est["peak_gib"], "peak_phase": est["peak_phase"],
+                   "headroom": est["headroom"], "fits": est["fits"], "change": None}
+            if not est["fits"]:
+                candidates = [[k] for k in KNOBS] + [[a, b] for i, a in enumerate(KNOBS) for b in KNOBS[i + 1:]]
+                for knobs in candidates:
+                    if any("lora_rank" in k[1] for k in knobs) and settings.lora_rank:
+                        continue
+                    changed = Settings(**{**asdict(settings), **{n: v for _, kv in knobs for n, v in kv.items()}})
+                    e = estimate(shapes_for(not changed.lora_rank), changed)
+                    if e["fits"]:
+                        row["change"] = {"flags": " ".join(k[0] for k in knobs), "peak_gib": e["peak_gib"],
+                                         "headroom": e["headroom"]}
+                        break
+            rows.append(row)
+    return rows
+
+
+def plan_table(rows):
+    lines = ["| cluster | method | fits | peak GiB (phase) | headroom | smallest change that fits |",
+             "| --- | --- | --- | ---: | ---: | --- |"]
+    for r in rows:
+        change = "-" if r["fits"] else (f"{r['change']['flags']}: {r['change']['peak_gib']:.1f} GiB, "
+                                        f"{100 * r['change']['headroom']:.0f}% headroom" if r["change"] else "none found")
+        lines.append(f"| {r['cluster']} | {r['method']} | {'yes' if r['fits'] else 'no'} | "
+                     f"{r['peak_gib']:.1f} ({r['peak_phase']}) | {100 * r['headroom']:.0f}% | {change} |")
+    return "\n".join(lines)
 
 
 def report(est):
@@ -429,6 +500,8 @@ def main(argv=None):
             parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--config", help="a Qwen2.5-VL config.json (default: Qwen2.5-VL-7B-Instruct's)")
     parser.add_argument("--measure", action="store_true", help="check the estimate against tiny models on CPU")
+    parser.add_argument("--plan", action="store_true", help="every cluster x method: fits, peak, and the smallest "
+                                                           "change that makes a setting fit")
     parser.add_argument("--json", help="default: bench/memory.json, or bench/memory_measured_<N>proc.json")
     args = parser.parse_args(argv)
     from transformers import Qwen2_5_VLConfig
@@ -437,6 +510,7 @@ def main(argv=None):
     if args.json is None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         args.json = (os.path.join(ROOT, "bench", f"memory_measured_{world}proc.json") if args.measure
+                     else os.path.join(ROOT, "bench", "memory_plan.json") if args.plan
                      else os.path.join(ROOT, "bench", "memory.json"))
     if args.measure:
         import tempfile
@@ -458,6 +532,12 @@ def main(argv=None):
         show(f"\nworst disagreement: {100 * worst:.0f}% of the peak, {100 * worst_dynamic:.0f}% of the part above static")
         out = {"processes": world, "measured": results, "worst_disagreement": worst,
                "worst_disagreement_above_static": worst_dynamic}
+    elif args.plan:
+        config = Qwen2_5_VLConfig(**QWEN25_VL_7B)
+        shapes = {v: shapes_of(config, v) for v in (True, False)}
+        rows = plan(lambda train_vision: shapes[train_vision])
+        print(plan_table(rows))
+        out = {"clusters": CLUSTERS, "methods": METHODS, "plan": rows}
     else:
         settings = Settings(**{k: getattr(args, k) for k in asdict(Settings())})
         if args.config:

@@ -120,3 +120,30 @@ def test_gpu_bench_runs_a_tiny_step_on_cpu(tmp_path):
     assert out["results"][1]["params"] > out["results"][0]["params"]
     assert "seconds_at_28_layers" in out["per_layer"]["step"]
     assert json.load(open(tmp_path / "gpu.json"))["results"][1]["layers"] == 2
+
+
+def test_the_cluster_plan_names_what_fits_and_the_change_that_makes_it_fit(tmp_path):
+    """--plan: every cluster x method; the 7B CARE setting with LoRA fits one 80 GB GPU with
+    at least 10% headroom, full fine-tuning does not and is told the smallest change."""
+    out = memory.main(["--plan", "--json", str(tmp_path / "plan.json")])
+    rows = {(r["cluster"], r["method"]): r for r in out["plan"]}
+    assert set(rows) == {(c, m) for c in memory.CLUSTERS for m in memory.METHODS}
+    lora = rows[("1x80GB", "LoRA r=64")]
+    assert lora["fits"] and lora["headroom"] >= 0.10
+    full = rows[("1x80GB", "full fine-tuning")]
+    assert not full["fits"] and full["change"]["flags"] == "--lora-rank 64"
+    assert rows[("4x80GB", "full fine-tuning")]["fits"]
+    for r in out["plan"]:  # a change only for a setting that does not fit, and the change fits
+        if r["fits"]:
+            assert r["change"] is None
+        elif r["change"] is not None:
+            assert r["change"]["headroom"] >= 0 and r["change"]["peak_gib"] < r["peak_gib"]
+
+
+def test_lora_adapter_count_by_hand():
+    """Rank 64 on q, k, v, o, gate, up, down of Qwen2.5-VL-7B's 28 layers: r x (in + out) each."""
+    from transformers import Qwen2_5_VLConfig
+    shapes = memory.shapes_of(Qwen2_5_VLConfig(**memory.QWEN25_VL_7B))
+    h, kv, i = 3584, 512, 18944
+    per_layer = 64 * ((h + h) + (h + kv) + (h + kv) + (h + h) + (h + i) + (h + i) + (i + h))
+    assert memory.lora_params(shapes, 64) == 28 * per_layer == 161_480_704
