@@ -5,6 +5,7 @@ error before anything loads."""
 import glob
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -47,6 +48,21 @@ def test_tensorboard_gets_the_log_rows_and_the_config(warm_model_dir, seed_bench
     settings = json.loads(texts["config/text_summary"][0].strip("`\n"))
     assert settings["algo"] == "care" and settings["num_generations"] == 4 and settings["report_to"] == "tensorboard"
 
+
+def test_a_resumed_run_replaces_the_steps_it_runs_again(warm_model_dir, seed_bench_root, tmp_path):
+    """Killed after step 2 was logged but before its checkpoint: the resumed run logs step 2
+    again, and TensorBoard shows it once (the old events from step 2 on are purged)."""
+    out = tmp_path / "run"
+    argv = train_argv(warm_model_dir, seed_bench_root, out, "--max-steps", "2", "--save-every", "1",
+                      "--report-to", "tensorboard")
+    train.train(config.parse_config(argv))
+    shutil.rmtree(out / "checkpoint-000002")
+    train.train(config.parse_config(argv + ["--resume", "auto"]))
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward")] == [1, 2]
+    assert events.Scalars("reward")[1].value == pytest.approx(read_log(out)[1]["reward"], rel=1e-6)
 
 def test_sft_reports_its_rows_the_same_way(tiny_model_dir, seed_bench_root, tmp_path):
     out = tmp_path / "sft"
