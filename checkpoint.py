@@ -47,7 +47,7 @@ RUN_FILES = ("log.jsonl", "completions.jsonl")
 FREE_ON_RESUME = {"output_dir", "resume", "overwrite", "allow_config_change", "save_every", "keep_last",
                   "log_completions", "check_data", "skip_bad_samples", "allow_outside_data_root",
                   "logprob_chunk_size", "gradient_checkpointing", "attn_implementation", "prompts_per_device",
-                  "reproduce_official", "preset"}
+                  "reproduce_official", "preset", "report_to"}
 
 
 # ---------------------------------------------------------------------------------------------

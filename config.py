@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import encoding
+import metrics
 
 
 def setting(default, help):
@@ -153,6 +154,8 @@ class Config:
     overwrite: bool = setting(False, "delete the run already in --output-dir and start a new one")
     allow_config_change: bool = setting(False, "resume even if the run-defining settings differ from the checkpoint's")
     log_completions: bool = setting(False, "also write every completion and its rewards to completions.jsonl")
+    report_to: str = setting("", "also send log.jsonl's numbers to tensorboard (OUTPUT/tensorboard) and/or wandb "
+                                 "(OUTPUT/wandb), comma-separated; each needs its pip package")
 
 
 # What --reproduce-official sets (unless the flag is given explicitly): the public code's
@@ -207,6 +210,7 @@ def check_settings(cfg):
         (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
          f"--attn-implementation must be auto, flash_attention_2, sdpa or eager, got {cfg.attn_implementation!r}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: pick one"),
+        *metrics.check_reporters(cfg.report_to),
     ]
 
 

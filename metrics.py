@@ -7,8 +7,15 @@ completions given the CARE bonus), ref_conf (mean reference confidence over comp
 answer span), adv_std, zero_adv_groups (groups whose G rewards are all equal: no gradient from
 them), completion_len, truncation_rate, loss, grad_norm, lr, kl, clip_frac, skipped, step_time
 and the sample ids of every process.
+
+--report-to tensorboard,wandb also sends every number of each log row, under the same name and
+at the same step, to TensorBoard (OUTPUT/tensorboard) and/or Weights & Biases (OUTPUT/wandb),
+with the run's settings recorded once (Reporters). Both are optional installs.
 """
 
+import dataclasses
+import importlib.util
+import json
 import os
 
 import torch
@@ -54,6 +61,90 @@ def completion_rows(step, samples, completions, scores):
             for i, s in enumerate(samples) for j in range(g)]
 
 
+# --report-to: each backend and the pip package it needs.
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def reporter_names(report_to):
+    """--report-to's names: "" -> [], "tensorboard,wandb" -> ["tensorboard", "wandb"]."""
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def check_reporters(report_to):
+    """config.check_settings' (condition, message) pairs for --report-to: each name known, its
+    package installed. Checked with find_spec, before anything loads (importing is slow)."""
+    checks = []
+    for name in reporter_names(report_to):
+        known = name in REPORTERS
+        checks.append((known, f"--report-to must name {' or '.join(REPORTERS)} (comma-separated), got {name!r}"))
+        if known:
+            checks.append((importlib.util.find_spec(REPORTERS[name]) is not None,
+                           f"--report-to {name} needs the {REPORTERS[name]} package: pip install {REPORTERS[name]}"))
+    return checks
+
+
+def numbers(row):
+    """The numeric fields of a log row (not step, not the sample ids, not booleans)."""
+    return {k: v for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoard:
+    """Scalars in OUTPUT/tensorboard; the settings as a JSON text ("config"). On resume, the
+    events of the steps after the checkpoint are purged: those steps run again."""
+
+    def __init__(self, cfg, start_step, settings):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
+        self.writer.add_text("config", "```\n" + json.dumps(settings, indent=1, default=str) + "\n```", start_step)
+
+    def log(self, step, values):
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run in OUTPUT/wandb with the settings as its config; WANDB_MODE
+    (offline, disabled), WANDB_PROJECT etc. come from the environment as usual. A resumed run
+    is a new wandb run in the same group (wandb cannot take back the steps it already has)."""
+
+    def __init__(self, cfg, start_step, settings):
+        import wandb
+        out = os.path.abspath(cfg.output_dir)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-care"), dir=out,
+                              group=os.path.basename(out), config={**settings, "start_step": start_step})
+
+    def log(self, step, values):
+        self.run.log(values, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Reporters:
+    """The --report-to backends of one run (none on the other processes); log(row) sends a log
+    row's numbers, under the log's names, at its step. train.py (RunLog) and sft.py share it."""
+
+    def __init__(self, cfg, is_main_process, start_step):
+        settings = dataclasses.asdict(cfg)
+        kinds = {"tensorboard": TensorBoard, "wandb": WandB}
+        self.backends = [kinds[name](cfg, start_step, settings)
+                         for name in reporter_names(cfg.report_to)] if is_main_process else []
+
+    def log(self, row):
+        values = numbers(row)
+        for backend in self.backends:
+            backend.log(row["step"], values)
+
+    def close(self):
+        for backend in self.backends:
+            backend.close()
+
+
 class RunLog:
     """log.jsonl, completions.jsonl and the progress bar of one run (written by the main process).
     On resume, the rows after the checkpoint's step are dropped: those steps run again."""
@@ -67,6 +158,7 @@ class RunLog:
                 checkpoint.trim_jsonl(path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
                         desc=cfg.algo)
+        self.reporters = Reporters(cfg, accelerator.is_main_process, start_step)
 
     def write(self, step, batch, completions, scores, update, skipped_total, seconds):
         """Average this step's metrics over the processes, append the log row (and the
@@ -83,6 +175,7 @@ class RunLog:
             rows = gather_object(rows) if accelerator.num_processes > 1 else rows
         if accelerator.is_main_process:
             checkpoint.append_jsonl(self.log_path, [row])
+            self.reporters.log(row)
             if self.cfg.log_completions:
                 checkpoint.append_jsonl(self.completions_path, rows)
             self.bar.set_postfix({label: format(row[key], fmt) for label, key, fmt in BAR})
@@ -93,3 +186,4 @@ class RunLog:
 
     def close(self):
         self.bar.close()
+        self.reporters.close()

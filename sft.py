@@ -46,6 +46,7 @@ import data
 import encoding
 import fsdp
 import guards
+import metrics
 import models
 import rollout
 import train
@@ -120,6 +121,7 @@ class SFTConfig:
     resume: str = as_in_train("resume")
     overwrite: bool = as_in_train("overwrite")
     allow_config_change: bool = as_in_train("allow_config_change")
+    report_to: str = as_in_train("report_to")
 
 
 # Samples per process per optimizer step = their product; each may change on resume as long as
@@ -325,6 +327,7 @@ def run(cfg, accelerator, resume):
     if accelerator.is_main_process:
         checkpoint.trim_jsonl(log_path, state["step"])  # a resumed run logs the later steps again
     bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="sft")
+    reporters = metrics.Reporters(cfg, accelerator.is_main_process, state["step"])  # --report-to
 
     while state["step"] < total_steps:
         t0 = time.time()
@@ -348,6 +351,7 @@ def run(cfg, accelerator, resume):
                "step_time": time.time() - t0, "samples": step.ids_per_process}
         if accelerator.is_main_process:
             checkpoint.append_jsonl(log_path, [row])
+            reporters.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             bar.update(1)
         for message in step.skipped:
@@ -356,6 +360,7 @@ def run(cfg, accelerator, resume):
             path = checkpoint.save(cfg, accelerator, model, None, optimizer, scheduler, tokenizer, state)
             accelerator.print(f"saved {path}")
     bar.close()
+    reporters.close()
     if state["skipped"]:
         accelerator.print(f"{state['skipped']} samples were skipped (--skip-bad-samples); see log.jsonl")
     accelerator.end_training()
