@@ -49,12 +49,16 @@ def target_regex(module_names, vision):
 def add_adapters(model, cfg):
     """Freeze model and put LoRA adapters (cfg.lora_rank, lora_alpha, lora_dropout,
     lora_target_modules, lora_vision) into it, in place. B starts at zero: the model computes
-    exactly what the base does until the first update."""
+    exactly what the base does until the first update; A starts random, drawn from cfg.seed."""
     model.requires_grad_(False)
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                         lora_dropout=cfg.lora_dropout,
                         target_modules=target_regex(cfg.lora_target_modules, cfg.lora_vision))
-    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # keeps config as model.peft_config
+    # A's random start from cfg.seed alone: every process must draw the same A (each shards its
+    # own copy; the processes' RNGs are seeded apart), and 1 or N processes the same run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # config kept as model.peft_config
     if not adapter_parameters(model):
         raise ValueError(f"--lora-target-modules {cfg.lora_target_modules!r} matches no linear layer of the model")
     return model

@@ -201,3 +201,46 @@ def test_a_lora_grpo_run_has_a_kl_to_the_base(warm_model_dir, seed_bench_root, t
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists() and (ckpt / "policy").exists()
     with pytest.raises(KeyError):
         read_state(str(ckpt), "reference")  # GRPO's reference is the base: nothing to save
+
+
+# --- two processes (FSDP2 over gloo): the frozen base and the adapters sharded ---------------
+
+
+def test_two_processes_train_resume_and_match_one(lora_care_run, warm_model_dir, seed_bench_root, tmp_path):
+    """The 1-process run's 3 steps on 2 processes (same global batch): the same rewards, gradient
+    norms, adapters and EMA; then step 3 again from the 2-process checkpoint of step 2."""
+    from test_distributed import argv_per_process, torchrun
+    out = tmp_path / "two"
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, out, "--lora-rank", "4", "--algo", "care",
+                                           "--max-steps", "3", "--save-every", "1"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-000002", resumed / "checkpoint-000002")
+    shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, resumed, "--lora-rank", "4",
+                                           "--algo", "care", "--max-steps", "3", "--save-every", "1", "--resume", "auto"))
+    one = read_log(lora_care_run)
+    for other in (out, resumed):
+        log = read_log(other)
+        assert [r["step"] for r in log] == [1, 2, 3]
+        for a, b in zip(one, log):
+            for key in ("reward", "reward_bonus", "ref_conf", "grad_norm", "lr"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+        for part in ("policy", "reference"):
+            a = read_state(os.path.join(lora_care_run, "checkpoint-000003"), part)
+            b = read_state(str(other / "checkpoint-000003"), part)
+            assert set(a) == set(b)
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    exported = load_file(str(out / "checkpoint-000003" / "policy" / "model.safetensors"))
+    single = load_file(os.path.join(lora_care_run, "checkpoint-000003", "policy", "model.safetensors"))
+    for k in single:
+        torch.testing.assert_close(exported[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_two_process_lora_grpo_run(warm_model_dir, seed_bench_root, tmp_path):
+    from test_distributed import argv_per_process, torchrun
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, tmp_path, "--lora-rank", "4",
+                                           "--algo", "grpo", "--max-steps", "3", "--save-every", "3"))
+    log = read_log(tmp_path)
+    assert log[0]["kl"] == 0 and log[2]["kl"] > 0
+    assert (tmp_path / "checkpoint-000003" / "adapter" / "adapter_config.json").exists()
