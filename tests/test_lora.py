@@ -244,3 +244,23 @@ def test_a_two_process_lora_grpo_run(warm_model_dir, seed_bench_root, tmp_path):
     log = read_log(tmp_path)
     assert log[0]["kl"] == 0 and log[2]["kl"] > 0
     assert (tmp_path / "checkpoint-000003" / "adapter" / "adapter_config.json").exists()
+
+
+def test_sft_with_lora_trains_the_adapters_and_resumes(warm_model_dir, seed_bench_root, tmp_path):
+    from test_sft import run as run_sft
+    run_sft(warm_model_dir, seed_bench_root, tmp_path / "full", "--lora-rank", "4", "--max-steps", "2",
+            "--save-every", "1")
+    ckpt = tmp_path / "full" / "checkpoint-000002"
+    policy = read_state(str(ckpt), "policy")
+    assert policy and all("lora_" in k for k in policy) and any(policy[k].abs().max() > 0 for k in policy
+                                                                if "lora_B" in k)
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    models.load_model(str(ckpt / "policy"), "sdpa")  # the merged export loads as evaluate.py loads it
+    shutil.copytree(tmp_path / "full" / "checkpoint-000001", tmp_path / "resumed" / "checkpoint-000001")
+    shutil.copy(tmp_path / "full" / "log.jsonl", tmp_path / "resumed" / "log.jsonl")
+    run_sft(warm_model_dir, seed_bench_root, tmp_path / "resumed", "--lora-rank", "4", "--max-steps", "2",
+            "--save-every", "1", "--resume", "auto")
+    assert read_log(tmp_path / "resumed")[1]["loss"] == pytest.approx(read_log(tmp_path / "full")[1]["loss"], rel=1e-5)
+    resumed = read_state(str(tmp_path / "resumed" / "checkpoint-000002"), "policy")
+    for k in policy:
+        torch.testing.assert_close(resumed[k], policy[k], rtol=1e-5, atol=1e-6)
