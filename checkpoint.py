@@ -4,8 +4,10 @@
       .lock                  held (flock) by the run writing here: two runs never mix
       log.jsonl              one row per step; completions.jsonl with --log-completions
       checkpoint-000500/
-        state/               sharded policy, AdamW state and reference (fsdp.save_sharded)
-        policy/              a Hugging Face export of the policy, for evaluate.py
+        state/               sharded policy, AdamW state and reference (fsdp.save_sharded);
+                             under LoRA the adapters, their AdamW state and their EMA alone
+        policy/              a Hugging Face export of the policy, for evaluate.py (LoRA: merged)
+        adapter/             LoRA only: the adapters in peft's format (PeftModel.from_pretrained)
         trainer_state.pt     step, skip counts, scheduler: plain data, loaded with weights_only=True
         config.json          the settings really used (defaults resolved, process count)
 
@@ -235,8 +237,13 @@ def save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, st
     tmp, commit = fsdp.atomic_dir(final, accelerator)
     try:
         fsdp.save_sharded(tmp, model, optimizer, ref_model)
+        lora_run = getattr(cfg, "lora_rank", 0) > 0
+        if lora_run:  # the adapters alone, in peft's format; policy/ below gets them merged in
+            import lora
+            lora.export_adapters(os.path.join(tmp, "adapter"), model, accelerator.is_main_process, cfg.model)
         policy_dir = fsdp.export_policy(os.path.join(tmp, "policy"), model, accelerator.is_main_process,
-                                        dtype=models.checkpoint_dtype(cfg.model))  # bf16 for Qwen's own
+                                        dtype=models.checkpoint_dtype(cfg.model),  # bf16 for Qwen's own
+                                        edit=lora.merger(model) if lora_run else None)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(policy_dir)
             preproc = os.path.join(cfg.model, "preprocessor_config.json")

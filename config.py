@@ -124,6 +124,15 @@ class Config:
     warmup_steps: int = setting(0, "linear warmup steps before the cosine decay")
     max_grad_norm: float = setting(5.0, "gradient-norm clip")
     freeze_vision: bool = setting(False, "do not train the vision tower (the official recipe trains it)")
+    # LoRA (off by default: the official recipe trains every weight)
+    lora_rank: int = setting(0, "LoRA: train rank-R adapters on a frozen base instead of every weight; 0 = off "
+                                "(full fine-tuning)")
+    lora_alpha: float = setting(0.0, "LoRA: the adapters' scale is alpha / rank; 0 = 2 x rank")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input while training")
+    lora_target_modules: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                       "LoRA: the language model's linear layers that get adapters (comma list)")
+    lora_vision: bool = setting(False, "LoRA: also put adapters on the vision blocks' linear layers "
+                                       "(otherwise the vision tower is frozen)")
     gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
     logprob_chunk_size: int = setting(1024, "completion tokens per LM-head chunk when scoring (bounds logits memory)")
     mixed_precision: str = setting("auto", "auto (bf16 on GPU, no on CPU) | bf16 | no")
@@ -209,6 +218,9 @@ def check_settings(cfg):
                                                          f"got {cfg.mixed_precision!r}"),
         (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
          f"--attn-implementation must be auto, flash_attention_2, sdpa or eager, got {cfg.attn_implementation!r}"),
+        (cfg.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = off), got {cfg.lora_rank}"),
+        (cfg.lora_alpha >= 0, f"--lora-alpha must be >= 0 (0 = 2 x rank), got {cfg.lora_alpha}"),
+        (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: pick one"),
         *metrics.check_reporters(cfg.report_to),
     ]

@@ -171,10 +171,20 @@ def gathered(model):
 # Face export for evaluation and sharing. Everything is written to <dir>.tmp and renamed.
 
 
+def _options(model):
+    """A LoRA policy's state is its trainable parameters, the adapters: the frozen base is the
+    --model checkpoint, read again on resume."""
+    lora = any("lora_" in n for n, _ in model.named_parameters())
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
 def _state(model, optimizer, ref_model):
-    policy, optim = get_state_dict(model, optimizer)
+    policy, optim = get_state_dict(model, optimizer, options=_options(model))
     state = {"policy": policy, "optimizer": optim}
-    if ref_model is not None:
+    if hasattr(ref_model, "checkpoint_state"):  # lora.Reference: the adapters' EMA (or nothing)
+        if ref_model.checkpoint_state():
+            state["reference"] = ref_model.checkpoint_state()
+    elif ref_model is not None:
         state["reference"] = get_model_state_dict(ref_model)
     return state
 
@@ -185,21 +195,24 @@ def save_sharded(path, model, optimizer, ref_model):
 
 def load_sharded(path, model, optimizer, ref_model):
     state = _state(model, optimizer, ref_model)  # shapes, dtypes and placements to load into
-    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
-    set_state_dict(model, optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"])
-    if ref_model is not None:
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))  # lora.Reference's EMA: in place
+    set_state_dict(model, optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"],
+                   options=_options(model))
+    if ref_model is not None and not hasattr(ref_model, "checkpoint_state"):
         set_model_state_dict(ref_model, state["reference"])
 
 
-def export_policy(path, model, is_main, dtype=None):
+def export_policy(path, model, is_main, dtype=None, edit=None):
     """Write a from_pretrained-loadable copy of the policy to path (main process), in dtype
     (checkpoint.save passes the initial checkpoint's own, models.checkpoint_dtype: bf16 for the
     Qwen VL checkpoints; default: model.config.dtype, fp32 for a model loaded by
     models.load_model). Every process takes part in the gather; the full weights only ever exist
     on the main process, in CPU memory. The export's config.json keeps the model_type, so it
-    loads back as the same family (models.family_of), and names dtype."""
+    loads back as the same family (models.family_of), and names dtype. edit(full state dict)
+    changes the weights before they are written (lora.merger: the adapters merged in)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
+        full = edit(full) if edit else full
         dtype = dtype or getattr(model.config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)

@@ -102,10 +102,13 @@ def load_model(path, attn_implementation="auto", dtype=torch.float32):
 
 def load_policy(cfg):
     """The policy to train from cfg.model, with cfg's attention, freeze_vision and
-    gradient_checkpointing."""
+    gradient_checkpointing; with cfg.lora_rank > 0 a frozen base with LoRA adapters (lora.py)."""
     model = load_model(cfg.model, cfg.attn_implementation)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
+    if getattr(cfg, "lora_rank", 0) > 0:
+        import lora  # imports peft, which full fine-tuning has no need of
+        model = lora.add_adapters(model, cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

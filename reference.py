@@ -36,17 +36,20 @@ def make_reference(model):
 
 @torch.no_grad()
 def ema_update(ref, policy, decay):
-    """theta_ref <- decay * theta_ref + (1 - decay) * theta, in fp32, parameter by parameter.
+    """theta_ref <- decay * theta_ref + (1 - decay) * theta, in fp32, for every parameter of ref
+    and the policy's parameter of the same name. ref is the reference model, or under LoRA
+    lora.Reference, whose parameters are the EMA of the adapters alone.
 
-    Under FSDP both models are sharded the same way (fsdp.py), so each process updates its own
+    Under FSDP both are sharded the same way (fsdp.py), so each process updates its own
     slice of every parameter from the policy's matching slice: no gather, no communication."""
     if decay >= 1.0:
         return
     reshard(ref)  # a forward with no backward after it leaves some FSDP units gathered
     reshard(policy)
-    for (name_r, p_r), (name, p) in zip(ref.named_parameters(), policy.named_parameters()):
-        assert name_r == name, f"reference and policy parameters out of order: {name_r} vs {name}"
-        mine, theirs = local_shard(p_r), local_shard(p)
+    params = dict(policy.named_parameters())
+    for name, p_r in ref.named_parameters():
+        assert name in params, f"reference parameter {name} has no policy parameter of that name"
+        mine, theirs = local_shard(p_r), local_shard(params[name])
         assert mine.shape == theirs.shape, f"{name}: reference slice {mine.shape} vs policy slice {theirs.shape}"
         mine.lerp_(theirs.to(mine.dtype), 1.0 - decay)
 

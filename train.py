@@ -36,6 +36,7 @@ import data
 import encoding
 import fsdp
 import guards
+import lora
 import metrics
 import models
 import reference
@@ -240,8 +241,11 @@ def run(cfg, accelerator, resume):
     policy = accelerator.unwrap_model(model)
     # CARE: an EMA reference, updated below. GRPO: a frozen reference, only needed for the KL.
     # Loaded after the policy is sharded, so two full fp32 copies never sit in CPU memory at once.
+    # Under LoRA both are views of the policy's frozen base (lora.Reference): no second model.
     ref_model = None
-    if cfg.algo == "care" or cfg.beta > 0:
+    if cfg.lora_rank > 0:
+        ref_model = lora.make_reference(cfg, policy)
+    elif cfg.algo == "care" or cfg.beta > 0:
         ref_model = fsdp.prepare_reference(accelerator, reference.make_reference(
             models.load_model(cfg.model, cfg.attn_implementation)))
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,
