@@ -370,6 +370,13 @@ MEASURED_CASES = [
      dict(num_generations=8, frames=4, video_max_pixels=84 * 112, image_max_pixels=84 * 84, completion=64)),
     ("h192-L3-G6-long", dict(hidden=192, layers=3, heads=6, vision_hidden=96, vision_depth=3, inter=576),
      dict(num_generations=6, frames=8, video_max_pixels=140 * 196, image_max_pixels=112 * 140, completion=96)),
+    # LoRA: the base frozen, adapters and their EMA (the reference) only
+    ("h128-L4-G4-lora8", dict(hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, inter=512),
+     dict(num_generations=4, frames=8, video_max_pixels=112 * 168, image_max_pixels=112 * 112, completion=48,
+          lora_rank=8)),
+    ("h256-L2-G8-lora16", dict(hidden=256, layers=2, heads=4, vision_hidden=64, vision_depth=2),
+     dict(num_generations=8, frames=4, video_max_pixels=84 * 112, image_max_pixels=84 * 84, completion=64,
+          lora_rank=16)),
 ]
 
 
@@ -426,7 +433,7 @@ def measure(name, dims, overrides, workdir, vocab=4096):
                               "--data-root", data_root, "--num-generations", str(s.num_generations),
                               "--prompts-per-device", "1", "--max-completion-length", str(s.completion),
                               "--logprob-chunk-size", str(s.chunk), "--max-frames", str(s.frames),
-                              "--min-frames", str(s.frames), "--mixed-precision", "no",
+                              "--min-frames", str(s.frames), "--mixed-precision", "no", "--lora-rank", str(s.lora_rank),
                               *[f"--{k.replace('_', '-')}={v}" for k, v in px.items()]])
     import data
     import encoding
@@ -439,7 +446,12 @@ def measure(name, dims, overrides, workdir, vocab=4096):
     model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, 10)
     model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)  # FSDP2 under torchrun, as in train.py
-    ref = fsdp.prepare_reference(accelerator, reference.make_reference(models.load_model(cfg.model, cfg.attn_implementation)))
+    if s.lora_rank:  # the EMA of the adapters over the policy's own frozen base (lora.py)
+        import lora
+        ref = lora.make_reference(cfg, model)
+    else:
+        ref = fsdp.prepare_reference(accelerator, reference.make_reference(models.load_model(cfg.model,
+                                                                                             cfg.attn_implementation)))
     gen = rollout.sampling_config(tokenizer, s.completion)
     gen.min_new_tokens = s.completion  # every completion exactly s.completion tokens
     enc = encoding.encode_prompt(sample, tokenizer, budget)
@@ -468,9 +480,10 @@ def measure(name, dims, overrides, workdir, vocab=4096):
 
     step()  # AdamW creates its state at the first step
     tracker = LiveBytes()
-    for obj in (model, ref):
-        for t in list(obj.parameters()) + list(obj.buffers()):
-            tracker.add(fsdp.local_shard(t))
+    for t in list(model.parameters()) + list(model.buffers()):
+        tracker.add(fsdp.local_shard(t))
+    for t in ([t for _, t in ref.named_parameters()] if s.lora_rank else list(ref.parameters()) + list(ref.buffers())):
+        tracker.add(fsdp.local_shard(t))
     for state in optimizer.state.values():
         for t in state.values():
             tracker.add(fsdp.local_shard(t))
