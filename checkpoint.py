@@ -231,6 +231,26 @@ def check_resume_config(path, cfg, num_processes, allow_change, batch_fields=("p
     return changes
 
 
+@contextmanager
+def opened_run(cfg, batch_fields=("prompts_per_device",)):
+    """What train.py and sft.py do before they load anything: name a missing input, find the
+    checkpoint to resume from, resolve the settings, make the accelerator (FSDP2 with more than
+    one process), refuse a resume with other run-defining settings, then hold the run directory
+    (lock, claim) for the block. Yields (resolved cfg, accelerator, checkpoint to resume or None)."""
+    check_inputs(cfg)
+    resume = resolve_resume(cfg.resume, cfg.output_dir)
+    cfg = resolved(cfg)
+    accelerator = fsdp.make_accelerator(cfg.mixed_precision)
+    if resume:
+        for change in check_resume_config(resume, cfg, accelerator.num_processes, cfg.allow_config_change,
+                                          batch_fields):
+            accelerator.print(f"changed on resume (--allow-config-change): {change}")
+    with locked(cfg.output_dir, accelerator.is_main_process):
+        claim(cfg.output_dir, bool(cfg.resume), cfg.overwrite, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        yield cfg, accelerator, resume
+
+
 def save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state):
     """Write checkpoint-<step> atomically; a full disk is named as such and leaves no .tmp."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']:06d}")

@@ -278,17 +278,7 @@ OOM_ADVICE = ("lower --max-frames, --video-max-pixels, --image-max-pixels or --m
 
 def sft(cfg):
     """Check the inputs and the output directory, then run (see run)."""
-    checkpoint.check_inputs(cfg)
-    resume = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
-    cfg = checkpoint.resolved(cfg)
-    accelerator = fsdp.make_accelerator(cfg.mixed_precision)  # FSDP2 when there is more than one process
-    if resume:
-        for change in checkpoint.check_resume_config(resume, cfg, accelerator.num_processes,
-                                                     cfg.allow_config_change, BATCH_FIELDS):
-            accelerator.print(f"changed on resume (--allow-config-change): {change}")
-    with checkpoint.locked(cfg.output_dir, accelerator.is_main_process):
-        checkpoint.claim(cfg.output_dir, bool(cfg.resume), cfg.overwrite, accelerator.is_main_process)
-        accelerator.wait_for_everyone()
+    with checkpoint.opened_run(cfg, BATCH_FIELDS) as (cfg, accelerator, resume):
         return run(cfg, accelerator, resume)
 
 
