@@ -13,6 +13,7 @@ import re
 import torch
 from transformers import GenerationConfig
 
+import data
 import rewards
 import rollout
 
@@ -29,18 +30,19 @@ or <answer>none</answer> if it does not settle on one option."""
 OPTION_RE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?\.?")
+ANSWER_BLOCK_RE = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 
 
 def option_letters(sample):
     """The option letters of a multiple-choice question ("A. ..." lines), in order."""
-    return OPTION_RE.findall(sample.question)
+    return OPTION_RE.findall(data.with_options(sample.question, sample.options))
 
 
 def reasoning_of(completion):
     """The reasoning with the final answer removed: the <think> part when there is one, else
     the completion with every <answer>...</answer> cut out."""
     think = THINK_RE.findall(completion)
-    text = think[-1] if think else rewards.ANSWER_RE.sub("", completion)
+    text = think[-1] if think else ANSWER_BLOCK_RE.sub("", completion)
     return text.strip()
 
 
@@ -74,7 +76,8 @@ def judge_replies(judge, tokenizer, texts, max_new_tokens):
     """Greedy replies of the judge model to a batch of text prompts."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    # The judge's own end of sequence, and every one its checkpoint lists (rollout.stop_ids).
+    stop = ({tokenizer.eos_token_id} | set(rollout.stop_ids(tokenizer, judge))) - {None, tokenizer.unk_token_id}
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop),
                               pad_token_id=tokenizer.pad_token_id, num_beams=1)
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(judge.device)
@@ -96,9 +99,11 @@ def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):
     if not todo or judge is None:
         return
     if callable(judge) and not isinstance(judge, torch.nn.Module):  # a rule: (question, reasoning) -> reply
-        replies = [judge(s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
+        replies = [judge(data.with_options(s.question, s.options), reasoning_of(row["completion"]))
+                   for s, row, _ in todo]
     else:
-        texts = [judge_text(tokenizer, s.question, reasoning_of(row["completion"])) for s, row, _ in todo]
+        texts = [judge_text(tokenizer, data.with_options(s.question, s.options), reasoning_of(row["completion"]))
+                 for s, row, _ in todo]
         replies = judge_replies(judge, tokenizer, texts, max_new_tokens)
     for (s, row, letters), reply in zip(todo, replies):
         row["judge_reply"] = reply

@@ -208,3 +208,63 @@ def test_score_batch():
 def test_score_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         score([wrap("A")], ["A", "B"], ["multiple choice"])
+
+# -----------------------------------------------------------------------------
+# one answer everywhere: the last complete block, never reaching across tags
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("<answer>C</think><answer>C</answer>", "C"),            # a stray tag before the real block
+    ("<think>a</think><answer>B</answer><answer>A</answer>", "A"),   # the last block
+    ("<answer>C</think></answer>", None),                    # malformed: a tag inside the answer
+    ("<answer>C<think>x</answer>", None),
+    ("<answer><answer>A</answer></answer>", None),           # the last block holds a </answer>
+    ("<answer>A</answer> and <answer>B", "A"),               # an unclosed block is not a block
+    ("<answer>\n B \n</answer>", "B"),
+])
+def test_the_answer_is_the_last_complete_block(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_one_answer_for_rewards_reference_judge_and_evaluation(tokenizer):
+    """rewards, the reference's span, the judge and evaluation read the answer through
+    rewards.answer_block: a malformed last block is no answer for any of them."""
+    import judge
+    import reference
+    from rewards import answer_block, eval_score
+    good, bad = "<think>x</think><answer>C</think><answer>B</answer>", "<think>x</think><answer>B</think></answer>"
+    assert answer_block(good) == (len(good) - len("B</answer>"), len(good) - len("</answer>"))
+    assert accuracy_reward(good, "B", "multiple choice") == 1.0 and accuracy_reward(bad, "B", "multiple choice") == 0.0
+    span = reference.answer_char_span(good)
+    assert good[span[0]:span[1]] == "B" and reference.answer_char_span(bad) is None
+    ids = tokenizer(bad, add_special_tokens=False)["input_ids"]
+    assert reference.answer_token_span(ids, tokenizer) is None
+    assert judge.parse_verdict(good, ["A", "B"]) == "B" and judge.parse_verdict("<answer>B</think></answer>", ["B"]) is None
+    assert eval_score(good, "B", "multiple choice") == 1.0 and eval_score(bad, "B", "multiple choice") == 0.0
+
+
+@pytest.mark.parametrize("pred", ["3 4", "1 234", "3\t4"])
+def test_spaces_inside_a_number_make_it_no_number(pred):
+    assert accuracy_reward(wrap(pred), "34", "numerical") == 0.0
+    assert accuracy_reward(wrap(pred), "34", "regression") == 0.0
+    assert accuracy_reward(wrap(f" {pred[0]} "), pred[0], "numerical") == 1.0   # surrounding spaces are fine
+
+
+@pytest.mark.parametrize("rules", ["official", "seed-bench-r1"])
+@pytest.mark.parametrize("completion", GARBAGE)
+def test_public_rules_never_raise_on_garbage(completion, rules):
+    for ptype, gt in (("multiple choice", "A"), ("numerical", "3"), ("regression", "3"), ("OCR", "a b"),
+                      ("free-form", "a b")):
+        if rules == "seed-bench-r1" and ptype != "multiple choice":
+            continue
+        assert 0.0 <= accuracy_reward(completion, gt, ptype, rules=rules) <= 1.0
+        from rewards import eval_score
+        assert 0.0 <= eval_score(completion or "", gt, ptype, rules) <= 1.0
+
+
+def test_seed_bench_r1_rules_refuse_other_problem_types():
+    from rewards import check_rules_cover
+    assert check_rules_cover("seed-bench-r1", {"multiple choice"}) is None
+    problem = check_rules_cover("seed-bench-r1", {"multiple choice", "numerical"})
+    assert "multiple choice only" in problem and "numerical" in problem
+    assert check_rules_cover("official", set(PROBLEM_TYPES)) is None
