@@ -6,6 +6,7 @@ counted skip. encoding.py turns a Sample into model inputs (prompt, video and im
     samples, skipped = load_samples("annotations/training_6k.jsonl", root, skip_bad=True)
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -21,8 +22,9 @@ from rewards import PROBLEM_TYPES, ground_truth, parse_number
 class Sample:
     sample_id: str
     problem_type: str           # one of PROBLEM_TYPES
-    question: str               # question text incl. lettered options, no thinking instruction
+    question: str               # the question text as in the data, without options or instruction
     solution: str               # option letter for multiple choice, else the answer text
+    options: list = dataclasses.field(default_factory=list)   # ["A. text", "B. text", ...]; [] if none
     video: str | None = None    # absolute paths
     image: str | None = None
     level: str | None = None    # "L1"/"L2"/"L3" (SEED-Bench-R1 validation), "train", None (Video-R1)
@@ -100,7 +102,11 @@ def _distinct(where, sid, labelled):
 
 
 def with_options(question, options):
-    """`question` + "Options:\\nA. ...\\nB. ...\\n": one layout for both datasets."""
+    """`question` + "Options:\\nA. ...\\nB. ...\\n" (the question alone when there are no
+    options): how the judge and the diagnostics show a question. The prompt's own layout is
+    encoding.PromptTemplate's."""
+    if not options:
+        return question
     if not question.endswith("\n"):
         question += "\n"
     return question + "Options:\n" + "".join(o + "\n" for o in options)
@@ -192,7 +198,7 @@ def _seed_bench_sample(where, row, root, seed, level, allow_outside_root):
     images = os.path.join(root, "images")
     image = _media(where, sid, "image", os.path.join(images, row["video_source"], row["current_observation_basename"]),
                    images, allow_outside_root)
-    return Sample(sample_id=sid, problem_type="multiple choice", question=with_options(question, lettered),
+    return Sample(sample_id=sid, problem_type="multiple choice", question=question, options=lettered,
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
 
@@ -253,10 +259,9 @@ def _video_r1_sample(where, row, root, allow_outside_root):
         raise DataError(f"{where} (sample {sid}): unknown data_type {dtype!r}, expected 'image' or 'video'")
     question = _text(where, sid, "problem (the question)", row["problem"])
     solution = _video_r1_solution(where, sid, row)
-    if ptype == "multiple choice":
-        question = with_options(question, row["options"])   # options are already "A. ..."
+    options = list(row["options"]) if ptype == "multiple choice" else []   # already "A. ..."
     path = _media(where, sid, dtype, os.path.join(root, row["path"]), root, allow_outside_root)
-    return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution,
+    return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution, options=options,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,
                   source=row.get("data_source"))
 

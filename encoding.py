@@ -1,6 +1,7 @@
-"""Encoding: a Sample as Qwen2-VL or Qwen2.5-VL model inputs. The chat prompt with the thinking
-instruction, the video and image decoded within the visual budget and cut into the patches the
-vision tower eats, prompts batched (left-padded) and split again.
+"""Encoding: a Sample as Qwen2-VL or Qwen2.5-VL model inputs. The chat prompt (question, options
+and thinking instruction laid out by a PromptTemplate: ours, the public code's, SEED-Bench-R1's,
+or a file of the user's), the video and image decoded within the visual budget and cut into the
+patches the vision tower eats, prompts batched (left-padded) and split again.
 
 torchvision is not available here, and transformers' Qwen2-VL video processor needs it, so all
 visual preprocessing lives here, one code path for CPU and GPU. It reproduces the HF PIL image
@@ -16,6 +17,7 @@ tests/test_data.py checks bit-equality against it.
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import decord
@@ -31,6 +33,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 FRAME_ROUNDINGS = ("nearest", "floor")
+RESIZE_RULES = ("hf", "qwen-vl-utils")
 
 
 @dataclass
@@ -56,6 +59,14 @@ class VisualBudget:
     video_max_pixels: int = 128 * 28 * 28
     image_min_pixels: int = 4 * 28 * 28
     image_max_pixels: int = 256 * 28 * 28
+    # How a size is fitted to the patch grid (smart_resize). "hf": transformers' rule. "qwen-vl-utils":
+    # the rule of the qwen_vl_utils copies in the public code, which differs only for sides under
+    # half a patch grid cell (e.g. 8x107 -> 28x112 there, 28x224 here).
+    resize_rule: str = "hf"
+    # 0: keep each frame's and image's aspect ratio within the pixel bounds above. S > 0: resize every
+    # frame and image to the grid size nearest S x S whatever its shape (within the image bounds), as
+    # SEED-Bench-R1's pipeline does with 256 (every visual 252x252).
+    resize_to: int = 0
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
@@ -68,6 +79,10 @@ class VisualBudget:
             raise ValueError(f"frame_rounding must be one of {FRAME_ROUNDINGS}, got {self.frame_rounding!r}")
         if not self.second_per_grid >= 0:
             raise ValueError(f"second_per_grid must be 0 (measured) or positive, got {self.second_per_grid}")
+        if self.resize_rule not in RESIZE_RULES:
+            raise ValueError(f"resize_rule must be one of {RESIZE_RULES}, got {self.resize_rule!r}")
+        if self.resize_to < 0:
+            raise ValueError(f"resize_to must be 0 (off) or positive, got {self.resize_to}")
 
 
 def checkpoint_file(model_dir, name):
@@ -104,8 +119,8 @@ def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-# The one thinking instruction, asking for what the public GRPO-CARE prompt asks (in our words):
-# an inner dialogue with hesitation and self-checks, self-verification, then both tag pairs.
+# The thinking instruction, asking for what the public GRPO-CARE prompt asks (in our words): an
+# inner dialogue with hesitation and self-checks, self-verification, then both tag pairs.
 THINKING = ("Think about this question the way a person would when pondering it deeply: reason it out as an "
             "inner dialogue, with natural thinking expressions such as 'let me think', 'wait', 'hmm', "
             "'oh, I see' or 'let me break it down'. Reflect on your reasoning and verify it before you settle. "
@@ -117,15 +132,89 @@ ANSWER_LINE = {
     "free-form": "Inside <answer> </answer> give only your text answer.",
 }
 ANSWER_LINE["regression"] = ANSWER_LINE["numerical"]
+# SEED-Bench-R1's prompt asks for the same two tag pairs in one sentence, with no answer-format line.
+SHORT_THINKING = "Write your reasoning inside <think> </think> and your final answer inside <answer> </answer>."
 VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
 
 
-def prompt_text(sample) -> str:
-    question = sample.question if sample.question.endswith("\n") else sample.question + "\n"
-    return f"{question}{THINKING}\n{ANSWER_LINE[sample.problem_type]}"
+def _lines(options):
+    return "".join(o + "\n" for o in options)
 
 
-def chat_prompt(sample) -> str:
+def ours_layout(question, options, answer_format):
+    """question (then a newline), "Options:" and one option per line, the instruction, and on a
+    line of its own the answer-format line."""
+    question = question if question.endswith("\n") else question + "\n"
+    block = "Options:\n" + _lines(options) if options else ""
+    return f"{question}{block}{THINKING}\n{answer_format}"
+
+
+def official_layout(question, options, answer_format):
+    """The public GRPO-CARE prompt's layout: "Options:" straight after the question (after its
+    question mark, on the same line), one option per line, a blank line, then the instruction
+    and the answer-format line as one paragraph."""
+    block = "Options:\n" + _lines(options) if options else ""
+    return f"{question}{block}\n{THINKING} {answer_format}"
+
+
+def seed_bench_r1_layout(question, options, answer_format):
+    """SEED-Bench-R1's layout: the question, a newline, one option per line with no "Options:"
+    label, then a one-sentence instruction between spaces; no answer-format line."""
+    return f"{question}\n{_lines(options)} {SHORT_THINKING} "
+
+
+LAYOUTS = {"ours": ours_layout, "official": official_layout, "seed-bench-r1": seed_bench_r1_layout}
+PLACEHOLDERS = ("question", "options", "answer_format")
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]+)\}")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The text of the user turn after the visuals. name: a built-in layout (LAYOUTS), or the
+    path of a template file, whose text is kept in `text`: any wording, with {question} (the
+    question as in the data), {options} (the lettered options, one per line, each ending in a
+    newline; empty for questions without options) and {answer_format} (ANSWER_LINE for the
+    sample's problem type). --prompt-template takes either."""
+    name: str = "ours"
+    text: str | None = None
+
+    def render(self, sample) -> str:
+        answer_format = ANSWER_LINE[sample.problem_type]
+        if self.text is None:
+            return LAYOUTS[self.name](sample.question, sample.options, answer_format)
+        values = {"question": sample.question, "options": _lines(sample.options), "answer_format": answer_format}
+        return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], self.text)   # one pass: no value is re-read
+
+
+def prompt_template(spec: str) -> PromptTemplate:
+    """--prompt-template: a layout name (ours, official, seed-bench-r1) or a template file, read
+    and checked now (one final newline dropped, as editors add one). Raises ValueError naming
+    the problem."""
+    if spec in LAYOUTS:
+        return PromptTemplate(spec)
+    if not os.path.isfile(spec):
+        raise ValueError(f"--prompt-template {spec!r} is neither a layout ({', '.join(LAYOUTS)}) nor a file")
+    with open(spec, encoding="utf-8") as f:
+        text = f.read()
+    text = text[:-1] if text.endswith("\n") else text
+    unknown = sorted({p for p in PLACEHOLDER_RE.findall(text) if p not in PLACEHOLDERS})
+    missing = [p for p in ("question", "options") if "{" + p + "}" not in text]
+    if unknown or missing:
+        problem = (f"unknown placeholder(s) {', '.join('{' + p + '}' for p in unknown)}" if unknown
+                   else f"no {', '.join('{' + p + '}' for p in missing)}")
+        raise ValueError(f"--prompt-template {spec}: {problem}; a template holds {{question}} and {{options}}, "
+                         f"and may hold {{answer_format}}")
+    return PromptTemplate(os.path.abspath(spec), text)
+
+
+OURS = PromptTemplate()
+
+
+def prompt_text(sample, template=OURS) -> str:
+    return template.render(sample)
+
+
+def chat_prompt(sample, template=OURS) -> str:
     """Qwen2-VL's and Qwen2.5-VL's chat template (the same) with the default system message; one
     placeholder per visual, video first. encode_prompt expands each placeholder to the visual's
     token count."""
@@ -135,7 +224,7 @@ def chat_prompt(sample) -> str:
     if sample.image:
         user += f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
     return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-            f"{user}{prompt_text(sample)}<|im_end|>\n<|im_start|>assistant\n")
+            f"{user}{prompt_text(sample, template)}<|im_end|>\n<|im_start|>assistant\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,16 +291,23 @@ def check_media(sample, budget):
         read_image(sample.image, sample.sample_id)
 
 
-def smart_resize(height, width, factor, min_pixels, max_pixels):
+def smart_resize(height, width, factor, min_pixels, max_pixels, rule="hf"):
     """The size closest to (height, width) with both sides multiples of `factor` and area in
-    [min_pixels, max_pixels], aspect ratio kept as well as possible (same as HF/Qwen)."""
+    [min_pixels, max_pixels], aspect ratio kept as well as possible. rule "hf" is transformers'
+    smart_resize; "qwen-vl-utils" (the public code's) rounds a side to at least one factor first,
+    and lets a side shrink to 0 when scaling down (a size we refuse)."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be below 200, got {height}x{width}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    floor_side = factor
+    if rule == "qwen-vl-utils":
+        h_bar, w_bar, floor_side = max(factor, h_bar), max(factor, w_bar), 0
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        h_bar = max(floor_side, math.floor(height / beta / factor) * factor)
+        w_bar = max(floor_side, math.floor(width / beta / factor) * factor)
+        if not h_bar or not w_bar:
+            raise ValueError(f"{height}x{width} resizes to {h_bar}x{w_bar} within {max_pixels} pixels")
     elif h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
@@ -219,12 +315,21 @@ def smart_resize(height, width, factor, min_pixels, max_pixels):
     return h_bar, w_bar
 
 
+def resized_size(height, width, min_pixels, max_pixels, budget):
+    """(h, w) a height x width frame or image is resized to under budget (see VisualBudget)."""
+    factor = budget.patch_size * budget.merge_size
+    if budget.resize_to:
+        height = width = budget.resize_to
+        min_pixels, max_pixels = budget.image_min_pixels, budget.image_max_pixels
+    return smart_resize(height, width, factor, min_pixels, max_pixels, budget.resize_rule)
+
+
 def patchify_frames(frames, min_pixels, max_pixels, budget):
     """uint8 [T,H,W,3] -> (float32 patches [grid_t*grid_h*grid_w, 3*tps*ps*ps], grid_thw [3]).
     An image is a one-frame clip; padding to tps frames repeats it, which is what HF does."""
     ps, m, tps = budget.patch_size, budget.merge_size, budget.temporal_patch_size
     t, height, width, _ = frames.shape
-    h, w = smart_resize(height, width, ps * m, min_pixels, max_pixels)
+    h, w = resized_size(height, width, min_pixels, max_pixels, budget)
     mean, std = np.array(budget.image_mean, np.float32), np.array(budget.image_std, np.float32)
     out = []
     for frame in frames:
@@ -254,7 +359,7 @@ def _token_id(tokenizer, token):
     return tid
 
 
-def encode_prompt(sample, tokenizer, budget) -> dict:
+def encode_prompt(sample, tokenizer, budget, template=OURS) -> dict:
     out = {"sample_id": sample.sample_id}
     n_tokens = {}   # placeholder id -> how many tokens it expands to
     try:
@@ -276,7 +381,7 @@ def encode_prompt(sample, tokenizer, budget) -> dict:
         raise
     except ValueError as e:   # smart_resize on absurd aspect ratios
         raise DataError(f"sample {sample.sample_id}: {e}") from e
-    ids = tokenizer(chat_prompt(sample), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(chat_prompt(sample, template), add_special_tokens=False)["input_ids"]
     # Exactly one placeholder per visual; a question quoting "<|image_pad|>" would break the
     # token/feature alignment in the model, so refuse it here with a readable message.
     for token in (VIDEO_PAD, IMAGE_PAD):
@@ -316,7 +421,7 @@ def collate_prompts(encoded, tokenizer) -> dict:
     return batch
 
 
-def encode_batch(samples, tokenizer, budget, max_prompt_length=None, skip_bad=False):
+def encode_batch(samples, tokenizer, budget, max_prompt_length=None, skip_bad=False, template=OURS):
     """Encode each sample's prompt (budget: one VisualBudget, or a list with one per sample).
     Returns (kept, encoded, skipped): the indices of the samples that could be read, their
     encoded prompts, and one message per sample left out. A sample that cannot be read, or
@@ -326,7 +431,7 @@ def encode_batch(samples, tokenizer, budget, max_prompt_length=None, skip_bad=Fa
     kept, encoded, skipped = [], [], []
     for i, (sample, sample_budget) in enumerate(zip(samples, budgets)):
         try:
-            enc = encode_prompt(sample, tokenizer, sample_budget)
+            enc = encode_prompt(sample, tokenizer, sample_budget, template)
             if max_prompt_length is not None and len(enc["input_ids"]) > max_prompt_length:
                 raise DataError(f"sample {sample.sample_id}: prompt has {len(enc['input_ids'])} tokens, more than "
                                 f"--max-prompt-length {max_prompt_length} (lower the frame or pixel budget)")
@@ -378,7 +483,15 @@ def select_prompt(prompts, i):
 # take it from their Config)
 
 BUDGET_FLAGS = ("fps", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels", "image_min_pixels",
-                "image_max_pixels", "second_per_grid", "frame_rounding")
+                "image_max_pixels", "second_per_grid", "frame_rounding", "resize_rule", "resize_to")
+
+
+TEMPLATE_HELP = ("the prompt's layout and wording: ours, official (the public GRPO-CARE layout), seed-bench-r1 "
+                 "(SEED-Bench-R1's), or a FILE of your own with {question}, {options} and optionally {answer_format}")
+RESIZE_RULE_HELP = ("how sizes are fitted to the patch grid: hf (transformers) or qwen-vl-utils (the public code's "
+                    "copy; differs only for sides under 14 pixels)")
+RESIZE_TO_HELP = ("resize every video frame and image to the grid size nearest S x S whatever its shape; 0 = keep "
+                  "the aspect ratio within the pixel bounds (SEED-Bench-R1's pipeline: 256, i.e. 252 x 252)")
 
 
 def add_budget_arguments(parser, max_frames_help=None):
@@ -400,6 +513,8 @@ def add_budget_arguments(parser, max_frames_help=None):
     parser.add_argument("--frame-rounding", choices=FRAME_ROUNDINGS, default=b.frame_rounding,
                         help="frame count: nearest (round to the temporal patch, then clamp) or floor (the public "
                              "code: clamp, then round down)")
+    parser.add_argument("--resize-rule", choices=RESIZE_RULES, default=b.resize_rule, help=RESIZE_RULE_HELP)
+    parser.add_argument("--resize-to", type=int, default=b.resize_to, metavar="S", help=RESIZE_TO_HELP)
 
 
 def budget_problem(args):
@@ -417,4 +532,6 @@ def budget_problem(args):
             return f"--{kind}-min-pixels {lo} is above --{kind}-max-pixels {hi}"
     if args.second_per_grid < 0:
         return f"--second-per-grid must be 0 (measured) or more, got {args.second_per_grid}"
+    if args.resize_to < 0:
+        return f"--resize-to must be 0 (off) or more, got {args.resize_to}"
     return None

@@ -3,6 +3,7 @@ PIL image processor), prompt encoding and batching, and the errors bad data must
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import tiny
 from data import DataError, Sample, load_samples, load_seed_bench_r1, load_video_r1
-from encoding import (THINKING, VisualBudget, budget_from_checkpoint, chat_prompt, check_media, collate_prompts,
+from encoding import (ANSWER_LINE, LAYOUTS, SHORT_THINKING, THINKING, PromptTemplate, VisualBudget,
+                      prompt_template, budget_from_checkpoint, chat_prompt, check_media, collate_prompts,
                       encode_prompt, patchify_frames, prompt_text, read_video)
 
 
@@ -19,11 +21,10 @@ def rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def parse_options(question):
-    head, opts = question.split("Options:\n")
-    lines = opts.rstrip("\n").split("\n")
-    assert [line[:3] for line in lines] == ["A. ", "B. ", "C. ", "D. "]
-    return head, [line[3:] for line in lines]
+def option_texts(sample):
+    """The texts of a sample's options, which must be lettered A. to D. in order."""
+    assert [o[:3] for o in sample.options] == ["A. ", "B. ", "C. ", "D. "]
+    return [o[3:] for o in sample.options]
 
 
 def hf_image_processor(min_pixels, max_pixels, budget=VisualBudget()):
@@ -43,11 +44,11 @@ def test_seed_bench_train_rows(seed_bench_root):
     assert skipped == [] and len(samples) == len(raw)
     for s, r in zip(samples, raw):
         assert s.sample_id == r["sample_id"] and s.problem_type == "multiple choice" and s.level == "train"
-        head, options = parse_options(s.question)
-        assert head == r["question"]                     # already ends with "\n"
+        options = option_texts(s)
+        assert s.question == r["question"]               # as in the file (it ends with "\n")
         assert options["ABCD".index(s.solution)] == r["answer"]
         assert set(options) - {r["answer"]} <= set(r["negative_answers"])
-        assert s.question == head + "Options:\n" + "".join(f"{L}. {o}\n" for L, o in zip("ABCD", options))
+        assert prompt_text(s).startswith(s.question + "Options:\n" + "".join(f"{L}. {o}\n" for L, o in zip("ABCD", options)))
         if r["task_progress_metadata"]:
             assert s.video == os.path.join(seed_bench_root, "videos", r["video_source"], r["video_basename"])
         else:
@@ -57,14 +58,14 @@ def test_seed_bench_train_rows(seed_bench_root):
     assert any(s.video is None for s in samples) and any(s.video for s in samples)
     # Deterministic per seed, independent of file order; another seed shuffles differently.
     again, _ = load_seed_bench_r1(path, seed_bench_root, seed=0)
-    assert [s.question for s in again] == [s.question for s in samples]
+    assert [s.options for s in again] == [s.options for s in samples]
     reversed_path = os.path.join(os.path.dirname(path), "reversed.jsonl")
     with open(reversed_path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in reversed(raw))
     rev, _ = load_seed_bench_r1(reversed_path, seed_bench_root, seed=0)
-    assert {s.sample_id: s.question for s in rev} == {s.sample_id: s.question for s in samples}
+    assert {s.sample_id: s.options for s in rev} == {s.sample_id: s.options for s in samples}
     other, _ = load_seed_bench_r1(path, seed_bench_root, seed=1)
-    assert [s.question for s in other] != [s.question for s in samples]
+    assert [s.options for s in other] != [s.options for s in samples]
     assert len({s.solution for s in samples}) > 1   # each sample gets its own shuffle
 
 
@@ -79,7 +80,7 @@ def test_seed_bench_training_task_has_four_options(seed_bench_root):
         samples, _ = load_seed_bench_r1(path, seed_bench_root, seed=seed)
         for s in samples:
             r = raw[s.sample_id]
-            _, options = parse_options(s.question)   # exactly A. B. C. D.
+            options = option_texts(s)   # exactly A. B. C. D.
             assert options["ABCD".index(s.solution)] == r["answer"] and options.count(r["answer"]) == 1
             wrong = [o for o in options if o != r["answer"]]
             assert len(set(wrong)) == 3 and set(wrong) <= set(r["negative_answers"])
@@ -95,7 +96,9 @@ def test_seed_bench_question_without_newline(tmp_path, seed_bench_root):
     path = tmp_path / "validation_L1.jsonl"
     path.write_text(json.dumps(r) + "\n")
     [s], _ = load_seed_bench_r1(str(path), seed_bench_root)
-    assert s.question == ("Which colour?\nOptions:\n" + "".join(f"{L}. {r['choice_' + L.lower()]}\n" for L in "ABCD"))
+    assert s.question == "Which colour?"
+    assert prompt_text(s).startswith("Which colour?\nOptions:\n" + "".join(f"{L}. {r['choice_' + L.lower()]}\n"
+                                                                          for L in "ABCD"))
 
 
 def test_seed_bench_validation_rows(seed_bench_root):
@@ -103,8 +106,8 @@ def test_seed_bench_validation_rows(seed_bench_root):
         path = os.path.join(seed_bench_root, "annotations", f"validation_{level}.jsonl")
         samples, _ = load_samples(path, seed_bench_root)   # dispatches to the SEED-Bench-R1 loader
         for s, r in zip(samples, rows(path), strict=True):
-            _, options = parse_options(s.question)
-            assert options == [r[f"choice_{k}"] for k in "abcd"]
+            options = option_texts(s)
+            assert s.question == r["question"] and options == [r[f"choice_{k}"] for k in "abcd"]
             assert s.solution == r["golden_choice_idx"] and options["ABCD".index(s.solution)] == r["answer"]
             assert s.level == level and s.domain == r.get("domain")
         if level == "L3":
@@ -144,9 +147,10 @@ def test_video_r1_rows(video_r1_root):
     assert skipped == [] and [s.problem_type for s in samples] == ["multiple choice", "numerical", "OCR",
                                                                      "free-form", "regression"]
     mc, num, ocr, free, reg = samples
-    assert mc == Sample("1", "multiple choice",
-                        "What moves?\nOptions:\nA. a square\nB. a circle\nC. nothing\nD. a cup\n", "A",
+    assert mc == Sample("1", "multiple choice", "What moves?", "A",
+                        options=["A. a square", "B. a circle", "C. nothing", "D. a cup"],
                         video=str(video_r1_root / "vids" / "a.mp4"), source="synthetic")
+    assert prompt_text(mc).startswith("What moves?\nOptions:\nA. a square\nB. a circle\nC. nothing\nD. a cup\n")
     assert num.question == "How many squares?" and num.solution == "1" and num.video is None
     assert num.image == str(video_r1_root / "imgs" / "a.jpg")
     assert ocr.solution == "STOP" and free.solution == "a red square moves right" and free.source is None
@@ -532,3 +536,68 @@ def test_batch_runs_through_tiny_model(tiny_model_dir, seed_bench_root):
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt layouts and the user's own template
+
+MC_SAMPLE = Sample("x", "multiple choice", "Which colour?", "B", options=["A. red", "B. blue"])
+
+
+def test_the_official_layout():
+    """The public GRPO-CARE prompt: "Options:" right after the question mark, one option per line,
+    a blank line, then the instruction and the answer-format line as one paragraph."""
+    assert PromptTemplate("official").render(MC_SAMPLE) == (
+        "Which colour?Options:\nA. red\nB. blue\n\n" + THINKING + " " + ANSWER_LINE["multiple choice"])
+    assert PromptTemplate("official").render(Sample("y", "numerical", "How many?", "3")) == (
+        "How many?\n" + THINKING + " " + ANSWER_LINE["numerical"])
+
+
+def test_the_seed_bench_r1_layout():
+    """SEED-Bench-R1's: the question, a newline, the options without a label, then one short
+    instruction between spaces and no answer-format line."""
+    assert PromptTemplate("seed-bench-r1").render(MC_SAMPLE) == f"Which colour?\nA. red\nB. blue\n {SHORT_THINKING} "
+
+
+def test_our_layout_is_unchanged():
+    assert PromptTemplate("ours").render(MC_SAMPLE) == (
+        "Which colour?\nOptions:\nA. red\nB. blue\n" + THINKING + "\n" + ANSWER_LINE["multiple choice"])
+    assert prompt_text(MC_SAMPLE) == PromptTemplate().render(MC_SAMPLE) and set(LAYOUTS) == {"ours", "official",
+                                                                                            "seed-bench-r1"}
+
+
+def test_a_template_file_of_the_users_own(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("Q: {question}\n{options}Say {answer_format} {not a placeholder} {}\n")
+    template = prompt_template(str(path))
+    text = template.render(Sample("x", "multiple choice", "Which {options}?", "B", options=["A. red", "B. blue"]))
+    # each placeholder filled once, the values never re-read, the final newline dropped
+    assert text == ("Q: Which {options}?\nA. red\nB. blue\nSay " + ANSWER_LINE["multiple choice"]
+                    + " {not a placeholder} {}")
+    assert chat_prompt(MC_SAMPLE, template).endswith(template.render(MC_SAMPLE) + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{Question} {options}", "unknown placeholder(s) {Question}"),
+    ("{question} only", "no {options}"),
+    ("{options}", "no {question}"),
+])
+def test_a_bad_template_is_refused_in_one_line(tmp_path, text, problem):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        prompt_template(str(path))
+    with pytest.raises(ValueError, match="neither a layout"):
+        prompt_template(str(tmp_path / "missing.txt"))
+
+
+def test_the_template_reaches_the_token_ids(tmp_path, tokenizer, seed_bench_root):
+    samples, _ = load_samples(os.path.join(seed_bench_root, "annotations", "validation_L1.jsonl"), seed_bench_root)
+    budget = VisualBudget(max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56,
+                          video_min_pixels=28 * 28, image_min_pixels=28 * 28)
+    path = tmp_path / "t.txt"
+    path.write_text("{options}{question} zebra")
+    mine = encode_prompt(samples[0], tokenizer, budget, prompt_template(str(path)))["input_ids"].tolist()
+    ours = encode_prompt(samples[0], tokenizer, budget)["input_ids"].tolist()
+    assert mine != ours and tokenizer.decode(mine).count("zebra") == 1
+    assert tokenizer.decode(mine).index("A. ") < tokenizer.decode(mine).index(samples[0].question.strip())

@@ -139,7 +139,8 @@ def warm_up_draws(known, letter_follows, n=4000):
     for sample, kind, options, truth in run.warm_up_pool(samples, truths, rng):
         assert truth == truths[sample.sample_id][kind]
         target = run.warm_up_target(kind, options, truth, rng, known, letter_follows)
-        stated, verdict = run.stated_and_verdict(sample.question, target.replace("<|im_end|>", ""), list("ABCD"))
+        stated, verdict = run.stated_and_verdict(data.with_options(sample.question, sample.options),
+                                                 target.replace("<|im_end|>", ""), list("ABCD"))
         assert stated is not None and verdict != "none", target
         draws.append((kind, truth, verdict == "ABCD"[options.index(truth)], stated == verdict))
     return draws

@@ -433,7 +433,7 @@ def main_bonus(args):
     with open(path) as f:
         completions = [json.loads(line) for line in f]
     samples, _ = data.load_samples(os.path.join(args.data_root, "annotations", "training_6k.jsonl"), args.data_root)
-    questions = {s.sample_id: s.question for s in samples}
+    questions = {s.sample_id: data.with_options(s.question, s.options) for s in samples}
     last = max(r["step"] for r in completions)
     windows = [(lo, min(lo + args.window - 1, last)) for lo in range(1, last + 1, args.window)]
     for w in bonus_split(completions, questions, windows):

@@ -295,14 +295,13 @@ def warm_up_pool(samples, truths, rng):
     on only some; with colour alone in the pool the 2-layer model never learned the answer's
     link to the stated fact), options in the benchmark's fixed order. Returns (sample, kind,
     options, the clip's true value)."""
-    import data
-
     pool = []
     for s in samples:
         kind = rng.choice(ATTRIBUTES)
         options = list(benchmark.VALUES[kind])
-        question = data.with_options(benchmark.QUESTIONS[kind] + "\n", [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)])
-        pool.append((dataclasses.replace(s, question=question), kind, options, truths[s.sample_id][kind]))
+        pool.append((dataclasses.replace(s, question=benchmark.QUESTIONS[kind],
+                                         options=[f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]),
+                     kind, options, truths[s.sample_id][kind]))
     return pool
 
 
@@ -814,7 +813,7 @@ def questions_of(s):
     import data
     data_root = os.path.join(s.out, "benchmark")
     samples, _ = data.load_samples(os.path.join(data_root, "annotations", "training_6k.jsonl"), data_root)
-    return {x.sample_id: x.question for x in samples}
+    return {x.sample_id: data.with_options(x.question, x.options) for x in samples}
 
 
 def main(argv=None):
