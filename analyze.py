@@ -57,7 +57,7 @@ import prefix_sharing
 import reference
 import rollout
 from evaluate import HelpFormatter
-from rewards import ANSWER_RE
+from rewards import answer_block
 
 KEY_CLASSES = ("video", "image", "text", "completion")   # where a generated token's attention goes
 GROUPS = ("reasoning", "answer")                          # which generated tokens
@@ -69,29 +69,26 @@ ATTENTION_NAME = "analyze_attention_shares"               # the name ShareRecord
 # Which token is which
 
 
-def token_groups(ids, tokenizer, eos_id):
+def token_groups(ids, tokenizer, eos_ids):
     """[T] long, one entry per completion token: 0 reasoning, 1 answer, -1 neither.
 
-    Reasoning: the tokens that start before the last <answer> tag (byte-level BPE can merge the
-    tag's "<" with the end of "</think>", so that token counts as reasoning: every character of
-    the reasoning is in a reasoning token); with no <answer>...</answer>, every token. Answer:
+    Reasoning: the tokens that start before the answer's <answer> tag (rewards.answer_block;
+    byte-level BPE can merge the tag's "<" with the end of "</think>", so that token counts as
+    reasoning: every character of the reasoning is in a reasoning token); with no answer, every
+    token. eos_ids: the stop ids (rollout.stop_ids). Answer:
     the tokens whose characters overlap the answer's text (reference.answer_token_span, the
     span CARE scores). A trailing end of turn is in neither."""
     ids = list(ids)
-    n = len(ids) - (1 if ids and ids[-1] == eos_id else 0)   # the text tokens
+    n = len(ids) - (1 if ids and ids[-1] in eos_ids else 0)   # the text tokens
     text_ids = ids[:n]
     groups = torch.full((len(ids),), -1, dtype=torch.long)
-    text = tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    tags = list(ANSWER_RE.finditer(text))
-    if not tags:
+    text, ends = reference.decoded_offsets(text_ids, tokenizer)
+    block = answer_block(text)
+    if block is None:
         groups[:n] = 0
         return groups
-
-    def prefix_len(k):   # characters of text_ids[:k], as in reference.answer_token_span
-        return len(tokenizer.decode(text_ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-
-    starting_before = bisect.bisect_left(range(n + 1), tags[-1].start(), key=prefix_len)
-    groups[:starting_before] = 0
+    tag = reference.byte_offset(text, block[0] - len("<answer>"))   # where the answer's <answer> starts
+    groups[:bisect.bisect_left([0] + ends[:-1], tag)] = 0          # the tokens that start before it
     span = reference.answer_token_span(text_ids, tokenizer)
     if span is not None:
         groups[span[0]:span[1]] = 1
@@ -187,11 +184,11 @@ def recording(model, recorder):
 
 
 @torch.no_grad()
-def sample_shares(model, prompt, completion, tokenizer, eos_id):
+def sample_shares(model, prompt, completion, tokenizer, stop):
     """One sample's attention shares from one teacher-forced forward of prompt + completion.
 
     prompt: a batch of one without padding (encoding.select_prompt); completion [T]: its token
-    ids up to and including the end of turn. Returns a dict: shares [layers, groups, classes]
+    ids up to and including the end of turn (stop: the stop ids). Returns a dict: shares [layers, groups, classes]
     (mean over heads and the group's tokens; NaN for a group with no tokens), tokens (per group),
     video and image (the attention on each visual token, mean over layers, heads and the
     reasoning and answer tokens; None without that visual)."""
@@ -202,7 +199,7 @@ def sample_shares(model, prompt, completion, tokenizer, eos_id):
     ids, positions, _, _ = prefix_sharing.pack_group(model, prompt, completion[None],
                                                      torch.ones(1, n, device=device))
     mm = prompt["mm_token_type_ids"][0]
-    groups = token_groups(completion.tolist(), tokenizer, eos_id).to(device)
+    groups = token_groups(completion.tolist(), tokenizer, stop).to(device)
     video, image = (mm == 2).nonzero()[:, 0], (mm == 1).nonzero()[:, 0]
     num_layers = model.model.language_model.config.num_hidden_layers
     recorder = ShareRecorder(num_layers, torch.arange(width, width + n, device=device), groups,
@@ -244,7 +241,8 @@ def read_completions(path):
     return out
 
 
-def analyse_checkpoint(path, samples, budget_flags, max_new_tokens, batch_size, completions=None, heatmap_sample=None):
+def analyse_checkpoint(path, samples, budget_flags, max_new_tokens, batch_size, completions=None, heatmap_sample=None,
+                       template=encoding.OURS):
     """Per-sample shares for one checkpoint: [{sample_id, completion, tokens, shares [layers,
     groups, classes]}], and the heat map of heatmap_sample (None if it has no visual). Completions
     are generated greedily, batch_size prompts a call, unless given as {sample_id: text}."""
@@ -253,24 +251,25 @@ def analyse_checkpoint(path, samples, budget_flags, max_new_tokens, batch_size, 
     model = models.load_model(path).to(device=device, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     budget = encoding.budget_from_checkpoint(path, **budget_flags)
+    stop = rollout.stop_ids(tokenizer, model)
     gen_config = rollout.sampling_config(tokenizer, max_new_tokens, temperature=None, top_p=None, top_k=None,
-                                         do_sample=False)
-    eos = gen_config.eos_token_id
+                                         do_sample=False, stop=stop)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows, heatmap = [], None
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        _, encoded, _ = encoding.encode_batch(batch, tokenizer, budget)
+        _, encoded, _ = encoding.encode_batch(batch, tokenizer, budget, template=template)
         prompts = {k: (v.to(device) if torch.is_tensor(v) else v)
                    for k, v in encoding.collate_prompts(encoded, tokenizer).items()}
         if completions is None:
             roll = rollout.generate(model, prompts, tokenizer, 1, gen_config)
             outs = [ids[:int(m.sum())] for ids, m in zip(roll.completion_ids, roll.completion_mask)]
         else:
-            outs = [torch.tensor(tokenizer(completions[s.sample_id], add_special_tokens=False)["input_ids"] + [eos],
+            outs = [torch.tensor(tokenizer(completions[s.sample_id], add_special_tokens=False)["input_ids"] + [end_of_turn],
                                  device=device) for s in batch]
         for i, (sample, completion) in enumerate(zip(batch, outs)):
             prompt = encoding.select_prompt(prompts, i)
-            result = sample_shares(model, prompt, completion, tokenizer, eos)
+            result = sample_shares(model, prompt, completion, tokenizer, stop)
             rows.append({"sample_id": sample.sample_id, "tokens": result["tokens"], "shares": result["shares"],
                          "completion": tokenizer.decode(completion, skip_special_tokens=True)})
             if sample.sample_id == heatmap_sample and (result["video"] is not None or result["image"] is not None):
@@ -421,6 +420,7 @@ def parse_args(argv):
     a.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="longest generated completion, in tokens")
     a.add_argument("--batch-size", type=int, default=4, metavar="N", help="prompts per generate call")
     encoding.add_budget_arguments(a)
+    a.add_argument("--prompt-template", default="ours", metavar="NAME|FILE", help=encoding.TEMPLATE_HELP)
     a.add_argument("--allow-outside-data-root", action="store_true",
                    help="allow media paths that resolve outside --data-root")
     args = p.parse_args(argv)
@@ -435,6 +435,10 @@ def check_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if problem := encoding.budget_problem(args):
         parser.error(problem)
+    try:
+        args.template = encoding.prompt_template(args.prompt_template)
+    except ValueError as e:
+        parser.error(str(e))
     if args.limit < 0:
         parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
     missing = [m for m in args.models if not os.path.isdir(m)]
@@ -470,7 +474,8 @@ def attention_main(args):
     budget_flags = {k: getattr(args, k) for k in encoding.BUDGET_FLAGS}
     report = {"settings": {"data": args.data, "data_root": args.data_root, "samples": len(samples),
                            "completions": args.completions or f"greedy, at most {args.max_new_tokens} new tokens",
-                           "visual_budget": budget_flags, "key_classes": KEY_CLASSES, "groups": GROUPS,
+                           "visual_budget": budget_flags, "prompt_template": args.template.name,
+                           "key_classes": KEY_CLASSES, "groups": GROUPS,
                            "averaging": "over heads, then over a sample's tokens of the group, then over samples"},
               "checkpoints": []}
     for k, (label, path) in enumerate(zip(labels, args.models)):
@@ -479,7 +484,7 @@ def attention_main(args):
             raise data.DataError(f"{args.completions[k]}: no completion for sample(s) {', '.join(absent[:5])}")
         print(f"[{label}] {path}: {len(samples)} samples", file=sys.stderr)
         rows, heatmap = analyse_checkpoint(path, samples, budget_flags, args.max_new_tokens, args.batch_size,
-                                           completions, heatmap_sample)
+                                           completions, heatmap_sample, args.template)
         layers, over_layers, with_tokens = summarize(rows)
         per_sample = [{"sample_id": r["sample_id"], "completion": r["completion"], "tokens": r["tokens"],
                        "shares": {g: {c: [finite(x) for x in r["shares"][:, gi, ci].tolist()]

@@ -77,8 +77,8 @@ def test_shares_match_eager_attention_weights(family, family_tiny_dir, seed_benc
     sample, prompt, completion, eos = prompt_and_completion(seed_bench_root, tiny_model_dir, tokenizer, index)
     assert bool(sample.video) == (index == 0) and sample.image
     monkeypatch.setattr(analyze, "QUERY_CHUNK", 4)   # several chunks per layer
-    got = analyze.sample_shares(sharp_model(tiny_model_dir, "sdpa"), prompt, completion, tokenizer, eos)
-    groups = analyze.token_groups(completion.tolist(), tokenizer, eos)
+    got = analyze.sample_shares(sharp_model(tiny_model_dir, "sdpa"), prompt, completion, tokenizer, [eos])
+    groups = analyze.token_groups(completion.tolist(), tokenizer, [eos])
     want, want_visual = direct_shares(tiny_model_dir, prompt, completion, groups, tokenizer)
     assert got["shares"].shape == (2, 2, 4)                     # layers, (reasoning, answer), classes
     torch.testing.assert_close(got["shares"], want, atol=1e-6, rtol=0)   # fp32: sdpa vs eager rounding
@@ -103,7 +103,7 @@ def test_each_query_row_splits_into_shares_that_sum_to_one(tiny_model_dir, seed_
         return reduce(self, layer, probs, groups)
 
     monkeypatch.setattr(analyze.ShareRecorder, "reduce", checked)
-    analyze.sample_shares(sharp_model(tiny_model_dir, "sdpa"), prompt, completion, tokenizer, eos)
+    analyze.sample_shares(sharp_model(tiny_model_dir, "sdpa"), prompt, completion, tokenizer, [eos])
     assert sum(seen) == 2 * len(completion)   # every completion token's row, in each of the 2 layers
 
 
@@ -112,7 +112,7 @@ def test_reasoning_and_answer_tokens(tokenizer):
 
     def split(text, end=True):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
-        groups = analyze.token_groups(ids, tokenizer, eos)
+        groups = analyze.token_groups(ids, tokenizer, [eos])
         assert len(groups) == len(ids)
         pick = lambda g: tokenizer.decode([i for i, x in zip(ids, groups.tolist()) if x == g])
         return pick(0), pick(1), groups
@@ -150,7 +150,7 @@ def test_one_chunk_of_one_layer_exists_at_a_time(tiny_model_dir, seed_bench_root
 
     monkeypatch.setattr(analyze, "attention_probs", tracked)
     model = sharp_model(tiny_model_dir, "sdpa")
-    analyze.sample_shares(model, prompt, completion, tokenizer, eos)
+    analyze.sample_shares(model, prompt, completion, tokenizer, [eos])
     length, heads = prompt["input_ids"].shape[1] + len(completion), model.config.text_config.num_attention_heads
     chunks = [min(5, len(completion) - s) for s in range(0, len(completion), 5)]
     assert shapes == [(heads, n, length) for n in chunks] * 2   # 2 layers, completion rows only
@@ -213,3 +213,25 @@ def test_command_refuses_bad_settings(tiny_model_dir, seed_bench_root, tmp_path)
     twice.write_text("".join(json.dumps({"sample_id": "l1_00000", "completion": c}) + "\n" for c in (COMPLETION, "B")))
     with pytest.raises(data.DataError, match="two different completions"):
         analyze.main(common + ["--models", tiny_model_dir, "--limit", "1", "--completions", str(twice), *BUDGET_FLAGS])
+
+
+def test_the_prompt_template_reaches_the_analysed_prompts(tiny_model_dir, seed_bench_root, tmp_path, capsys,
+                                                          monkeypatch):
+    """--prompt-template: the layout the model was trained with is the one analysed (recorded in
+    the report); a bad template stops the command in one line."""
+    import encoding
+    seen = []
+    real = encoding.encode_batch
+    monkeypatch.setattr(encoding, "encode_batch", lambda *a, **k: seen.append(k["template"]) or real(*a, **k))
+    report = analyze.main(["attention", "--models", tiny_model_dir, "--data-root", seed_bench_root,
+                           "--data", f"{seed_bench_root}/annotations/validation_L1.jsonl", "--limit", "1",
+                           "--max-new-tokens", "2", "--output-dir", str(tmp_path / "out"),
+                           "--prompt-template", "official", *BUDGET_FLAGS])
+    assert seen and all(t.name == "official" for t in seen) and report["settings"]["prompt_template"] == "official"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("{Question}")
+    with pytest.raises(SystemExit):
+        analyze.main(["attention", "--models", tiny_model_dir, "--data-root", seed_bench_root, "--data",
+                      f"{seed_bench_root}/annotations/validation_L1.jsonl", "--output-dir", str(tmp_path),
+                      "--prompt-template", str(bad)])
+    assert "unknown placeholder(s) {Question}" in capsys.readouterr().err
