@@ -27,8 +27,8 @@ from encoding import model_inputs, select_prompt
 class Rollout:
     prompts: dict                  # collated prompt batch for the P prompts (encoding.collate_prompts)
     completion_ids: torch.Tensor   # [P*G, T] sampled tokens, padded after the end of turn
-    completion_mask: torch.Tensor  # [P*G, T] 1.0 up to and including the first <|im_end|>
-    truncated: torch.Tensor        # [P*G] bool: never reached <|im_end|> within max_new_tokens
+    completion_mask: torch.Tensor  # [P*G, T] 1.0 up to and including the first stop token (stop_ids)
+    truncated: torch.Tensor        # [P*G] bool: never reached a stop token within max_new_tokens
     texts: list                    # [P*G] decoded completions, special tokens stripped
     num_generations: int
 
@@ -36,9 +36,20 @@ class Rollout:
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
+def stop_ids(tokenizer, model=None):
+    """The tokens that end a completion: <|im_end|>, and every end-of-sequence id of the model's
+    generation_config (the checkpoint's generation_config.json: Qwen2-VL and Qwen2.5-VL list
+    <|im_end|> and <|endoftext|>), so a completion stops where the checkpoint would stop it."""
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return sorted(ids)
+
+
 def sampling_config(tokenizer, max_new_tokens, temperature=1.0, top_p=0.95, top_k=0,
-                    repetition_penalty=1.0, do_sample=True):
-    """Every setting that shapes the sampling distribution, spelled out.
+                    repetition_penalty=1.0, do_sample=True, stop=None):
+    """Every setting that shapes the sampling distribution, spelled out. stop: the ids that end a
+    completion (stop_ids; default <|im_end|> alone).
 
     The visual placeholder tokens are never sampled: an <|image_pad|> inside a completion would
     make the scoring forward look for image features that do not exist. A trained model never
@@ -46,7 +57,7 @@ def sampling_config(tokenizer, max_new_tokens, temperature=1.0, top_p=0.95, top_
     return GenerationConfig(
         suppress_tokens=tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)), do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        num_beams=1, use_cache=True, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        num_beams=1, use_cache=True, eos_token_id=list(stop or stop_ids(tokenizer)),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
 
 
@@ -74,9 +85,10 @@ def own_generation_config(model, config):
         model.generation_config = saved
 
 
-def completion_mask_from_ids(completion_ids, eos_id):
-    """1.0 on tokens up to and including the first eos; truncated where there is no eos."""
-    is_eos = completion_ids == eos_id
+def completion_mask_from_ids(completion_ids, eos_ids):
+    """1.0 on tokens up to and including the first end-of-sequence token (eos_ids: one id or a
+    list); truncated where there is none."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device).reshape(-1))
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.shape[1] - 1)
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)

@@ -114,10 +114,12 @@ def build_model(out_dir, seed=0, tokenizer=None, family="qwen2_5_vl", **config_o
     torch.manual_seed(seed)
     model = models.family(family).model_class(tiny_config(tokenizer, family, **config_overrides))
     # Like the real checkpoint, ship near-greedy defaults: rollouts must never inherit them.
+    # Like the real checkpoints, end a sequence at <|im_end|> or <|endoftext|>: rollouts stop at both.
+    text = model.config.text_config
     model.generation_config = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1,
-                                               repetition_penalty=1.05, bos_token_id=model.config.text_config.bos_token_id,
-                                               eos_token_id=model.config.text_config.eos_token_id,
-                                               pad_token_id=model.config.text_config.pad_token_id)
+                                               repetition_penalty=1.05, bos_token_id=text.bos_token_id,
+                                               eos_token_id=[text.eos_token_id, text.pad_token_id],
+                                               pad_token_id=text.pad_token_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:

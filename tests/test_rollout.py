@@ -32,9 +32,27 @@ def prompts(tiny_model_dir, tokenizer, seed_bench_root):
 
 def test_completion_mask_covers_up_to_first_eos():
     ids = torch.tensor([[5, 6, 2, 9, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
-    mask, truncated = rollout.completion_mask_from_ids(ids, eos_id=2)
+    mask, truncated = rollout.completion_mask_from_ids(ids, eos_ids=2)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_a_completion_stops_at_every_end_of_sequence_of_the_checkpoint(model, tokenizer, prompts):
+    """The tiny checkpoint, like the real ones, ends a sequence at <|im_end|> or <|endoftext|>: a
+    model pushed to write <|endoftext|> stops there, and the mask and the text follow. With
+    <|im_end|> alone as the stop it would run on to max_new_tokens."""
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stop = rollout.stop_ids(tokenizer, model)
+    assert stop == sorted({eot, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    batch = encoding.collate_prompts(prompts, tokenizer)
+    for stops, length in ((stop, 1), ([tokenizer.convert_tokens_to_ids("<|im_end|>")], 6)):
+        config = rollout.sampling_config(tokenizer, max_new_tokens=6, stop=stops)
+        config.sequence_bias = {(eot,): 100.0}   # <|endoftext|> first, whatever the model
+        torch.manual_seed(0)
+        completions = rollout.generate(model, batch, tokenizer, 2, config, seeds=[1, 2])
+        assert completions.completion_mask.sum(1).tolist() == [length] * 4
+        assert completions.truncated.tolist() == [length == 6] * 4
+        assert completions.texts == [""] * 4
 
 
 def test_sampling_ignores_checkpoint_generation_config(model, tokenizer, prompts):

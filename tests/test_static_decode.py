@@ -30,11 +30,11 @@ def encoded_prompts(model_dir, tokenizer, root):
 
 def an_early_stop(ids, eos):
     """A token to use as end of turn so that some rows stop early and others run on: one that
-    occurs in some rows of ids (not at the first position) but not in all."""
+    occurs in some rows of ids (not at the first position) but not in all (eos: the stop ids)."""
     rows = [set(r[1:].tolist()) for r in ids]
-    for token in sorted(set().union(*rows) - {eos}):
+    for token in sorted(set().union(*rows) - set(eos)):
         if 0 < sum(token in r for r in rows) < len(rows):
-            return token
+            return [token]
     raise AssertionError("no token separates the rows")
 
 
