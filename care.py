@@ -25,7 +25,7 @@ and then over sequences:
 
     L = -(1/N) sum_n (1/|o_n|) sum_t m_nt * [ min(rho_nt A_n, clip(rho_nt, 1-e, 1+e) A_n)
                                               - beta * KL3_nt ]
-    rho = exp(logp - old_logp),    KL3 = exp(ref - logp) - (ref - logp) - 1
+    rho = exp(logp - old_logp),    KL3 = exp(d) - d - 1,  d = clamp(ref - logp, -c, c)   (c = 10)
 
 Each formula, its edge cases and its defaults: docs/algorithm.md, sections 4 to 7 and 10
 (e.g. docs/algorithm.md#5-the-consistency-bonus).
@@ -120,14 +120,19 @@ def group_advantages(rewards, eps=1e-4):
 # loss
 
 
-def k3_kl(logp, ref_logp):
+def k3_kl(logp, ref_logp, clamp=0.0):
     """Per-token k3 estimator of KL(policy || ref): exp(d) - d - 1 with d = ref - logp.
-    Always >= 0, and unbiased when tokens are sampled from the policy."""
+    Always >= 0, and unbiased when tokens are sampled from the policy. clamp > 0 first limits d
+    to [-clamp, clamp], as the public code does (10; SEED-Bench-R1's 11): a token the policy
+    finds e^20 times less likely than the reference then adds e^10 - 11, not e^20 - 21, and
+    beyond the clamp it adds no gradient."""
     d = ref_logp - logp
+    if clamp > 0:
+        d = d.clamp(-clamp, clamp)
     return torch.exp(d) - d - 1
 
 
-def policy_loss(logp, adv, mask, old_logp=None, epsilon=0.2, ref_logp=None, beta=0.0):
+def policy_loss(logp, adv, mask, old_logp=None, epsilon=0.2, ref_logp=None, beta=0.0, kl_clamp=0.0):
     """GRPO surrogate loss over N = P*G flattened sequences.
 
     logp, mask (and old_logp, ref_logp) are [N, T]; adv is [N] (row n = prompt n // G,
@@ -157,7 +162,7 @@ def policy_loss(logp, adv, mask, old_logp=None, epsilon=0.2, ref_logp=None, beta
 
     kl = 0.0
     if ref_logp is not None:
-        per_token_kl = k3_kl(logp, ref_logp.detach())
+        per_token_kl = k3_kl(logp, ref_logp.detach(), kl_clamp)
         kl = seq_token_mean(per_token_kl).mean().item()
         if beta > 0:
             objective = objective - beta * per_token_kl

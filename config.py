@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import encoding
 import metrics
+import rewards
 
 
 def setting(default, help):
@@ -69,16 +70,40 @@ BUDGET = encoding.VisualBudget()
 
 # --preset NAME: a published recipe, as the settings it changes (flags given explicitly win).
 PRESETS = {
-    # SEED-Bench-R1's GRPO (arXiv 2503.24376): Qwen2-VL-7B-Instruct, a KL of 0.1 to a frozen
-    # reference, the reward the option-letter match alone (no format reward).
-    "seed-bench-r1": {"model": "Qwen/Qwen2-VL-7B-Instruct", "algo": "grpo", "beta": 0.1, "format_weight": 0.0,
-                      "max_frames": 16, "max_prompt_length": 8192, "lr": 1e-6, "epochs": 1},
+    # SEED-Bench-R1's GRPO (arXiv 2503.24376; its src/open_r1_egoplan/grpo.py and scripts/grpo.sh):
+    # Qwen2-VL-7B-Instruct, a KL of 0.1 (clamped at 11) to a frozen reference, the reward its
+    # first-letter match alone (no format reward), its prompt layout, every frame and image
+    # resized to 252x252 (its qwen_vl_utils sets 256x256 on every visual), 16 frames as
+    # qwen_vl_utils counts them, TRL's sampling defaults (top-p 1, top-k 50, 256 new tokens)
+    # and the Hugging Face Trainer's (linear schedule, no weight decay, gradient clip 1).
+    "seed-bench-r1": {"model": "Qwen/Qwen2-VL-7B-Instruct", "algo": "grpo", "beta": 0.1, "kl_clamp": 11.0,
+                      "format_weight": 0.0, "reward_rules": "seed-bench-r1", "prompt_template": "seed-bench-r1",
+                      "max_frames": 16, "frame_rounding": "floor", "resize_rule": "qwen-vl-utils", "resize_to": 256,
+                      "video_min_pixels": 128 * 28 * 28, "video_max_pixels": 196 * 28 * 28,
+                      "image_min_pixels": 4 * 28 * 28, "image_max_pixels": 16384 * 28 * 28,
+                      "top_p": 1.0, "top_k": 50, "max_prompt_length": 8192, "max_completion_length": 256,
+                      "lr": 1e-6, "lr_schedule": "linear", "weight_decay": 0.0, "max_grad_norm": 1.0, "epochs": 1},
 }
+
+# What --reproduce-official sets (unless the flag is given explicitly): the public GRPO-CARE code's
+# effective behaviour. Its EMA write is discarded under ZeRO-3, so its reference stays frozen;
+# it never passes the sampled fps (1.0 s per temporal patch); it inherits transformers' top-k 50;
+# qwen_vl_utils clamps the frame count and then rounds it down to even, bounds every frame to
+# [128, 134.4] x 28 x 28 pixels (max(min(max, total / frames x 2), 1.05 x min) with min = max =
+# 128 x 28 x 28) and fits sizes with its own smart_resize; its prompt, reward and answer span are
+# its own (encoding.official_layout, rewards' "official" rules, reference.public_answer_span).
+OFFICIAL = {"ema_decay": 1.0, "second_per_grid": 1.0, "top_k": 50, "frame_rounding": "floor",
+            "video_min_pixels": 128 * 28 * 28, "video_max_pixels": int(128 * 28 * 28 * 1.05),
+            "resize_rule": "qwen-vl-utils", "prompt_template": "official", "reward_rules": "official",
+            "answer_span": "official"}
+
+
+def flags(values):
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
 
 
 def preset_help():
-    return "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
-                     for name, values in PRESETS.items())
+    return "; ".join(f"{name}: {flags(values)}" for name, values in PRESETS.items())
 
 
 @dataclass
@@ -103,7 +128,10 @@ class Config:
     top_p: float = setting(0.95, "nucleus sampling of the rollouts")
     top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
     repetition_penalty: float = setting(1.0, "1.0 = off")
+    prompt_template: str = setting("ours", encoding.TEMPLATE_HELP)
     # reward and CARE
+    reward_rules: str = setting("ours", "how accuracy and format are scored: ours, official (the public GRPO-CARE "
+                                        "rules) or seed-bench-r1 (its first-letter match; multiple choice only)")
     format_weight: float = setting(1.0, "weight w of the format reward: r = accuracy + w x format (+ bonus); 0 = off")
     bonus_coef: float = setting(0.5, "CARE: consistency bonus = bonus_coef x accuracy")
     conf_cap: float = setting(0.95, "CARE: the reference confidence is capped at this value")
@@ -111,12 +139,17 @@ class Config:
                                              "(0.01 when targeting general video benchmarks)")
     ema_decay: float = setting(0.995, "CARE: reference <- decay x reference + (1 - decay) x policy; 1.0 = frozen")
     ema_every: int = setting(10, "CARE: steps between reference updates")
+    answer_span: str = setting("tags", "CARE: the answer tokens the reference scores: tags (those carrying the text "
+                                       "of the last <answer> block) or official (the public code's search)")
     # loss; beta < 0 means "the algorithm's default": 0 for care, 0.04 for grpo
     num_iterations: int = setting(1, "policy updates per rollout (> 1 uses the PPO clipped ratio)")
     epsilon: float = setting(0.2, "PPO clip range (only with --num-iterations > 1)")
     beta: float = setting(-1.0, "KL coefficient to the reference; < 0 = the algorithm's default (care 0, grpo 0.04)")
+    kl_clamp: float = setting(10.0, "the KL term's log-ratio ref - logp is clamped to [-c, c] (the public code's 10); "
+                                    "0 = off")
     # optimizer
-    lr: float = setting(1e-6, "peak learning rate (AdamW, cosine decay)")
+    lr: float = setting(1e-6, "peak learning rate (AdamW)")
+    lr_schedule: str = setting("cosine", "decay of the learning rate to 0 after the warmup: cosine or linear")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on norms and biases)")
     adam_beta1: float = setting(0.9, "AdamW beta1")
     adam_beta2: float = setting(0.999, "AdamW beta2")
@@ -149,9 +182,10 @@ class Config:
                                           "sampled fps; 1.0 = the public code's fixed value")
     frame_rounding: str = setting(BUDGET.frame_rounding, "frame count: nearest (round to the temporal patch, then clamp) | "
                                              "floor (the public code: clamp, then round down to even)")
-    reproduce_official: bool = setting(False, "the public code's effective behaviour: frozen reference "
-                                              "(--ema-decay 1.0), --second-per-grid 1.0, --top-k 50, "
-                                              "--frame-rounding floor; flags given explicitly win")
+    resize_rule: str = setting(BUDGET.resize_rule, encoding.RESIZE_RULE_HELP)
+    resize_to: int = setting(BUDGET.resize_to, encoding.RESIZE_TO_HELP)
+    reproduce_official: bool = setting(False, "the public GRPO-CARE code's effective behaviour (flags given explicitly "
+                                              "win): " + flags(OFFICIAL))
     # data checks
     skip_bad_samples: bool = setting(False, "skip (and count) unreadable samples instead of stopping")
     check_data: bool = setting(False, "decode every video and image before step 1")
@@ -165,13 +199,6 @@ class Config:
     log_completions: bool = setting(False, "also write every completion and its rewards to completions.jsonl")
     report_to: str = setting("", "also send log.jsonl's numbers to tensorboard (OUTPUT/tensorboard) and/or wandb "
                                  "(OUTPUT/wandb), comma-separated; each needs its pip package")
-
-
-# What --reproduce-official sets (unless the flag is given explicitly): the public code's
-# effective behaviour. Its EMA write is discarded under ZeRO-3, so its reference stays frozen;
-# it never passes the sampled fps (1.0 s per temporal patch); it inherits transformers' top-k 50;
-# qwen_vl_utils clamps the frame count and then rounds it down to even.
-OFFICIAL = {"ema_decay": 1.0, "second_per_grid": 1.0, "top_k": 50, "frame_rounding": "floor"}
 
 
 def check_settings(cfg):
@@ -214,6 +241,15 @@ def check_settings(cfg):
         (cfg.second_per_grid >= 0, f"--second-per-grid must be >= 0 (0 = measured), got {cfg.second_per_grid}"),
         (cfg.frame_rounding in ("nearest", "floor"), f"--frame-rounding must be nearest or floor, "
                                                       f"got {cfg.frame_rounding!r}"),
+        (cfg.resize_rule in encoding.RESIZE_RULES, f"--resize-rule must be one of {', '.join(encoding.RESIZE_RULES)}, "
+                                                   f"got {cfg.resize_rule!r}"),
+        (cfg.resize_to >= 0, f"--resize-to must be 0 (off) or more, got {cfg.resize_to}"),
+        (cfg.reward_rules in rewards.RULES, f"--reward-rules must be one of {', '.join(rewards.RULES)}, "
+                                            f"got {cfg.reward_rules!r}"),
+        (cfg.answer_span in ("tags", "official"), f"--answer-span must be tags or official, got {cfg.answer_span!r}"),
+        (cfg.kl_clamp >= 0, f"--kl-clamp must be >= 0 (0 = off), got {cfg.kl_clamp}"),
+        (cfg.lr_schedule in ("cosine", "linear"), f"--lr-schedule must be cosine or linear, got {cfg.lr_schedule!r}"),
+        template_problem(cfg.prompt_template),
         (cfg.mixed_precision in ("auto", "bf16", "no"), f"--mixed-precision must be auto, bf16 or no, "
                                                          f"got {cfg.mixed_precision!r}"),
         (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
@@ -224,6 +260,15 @@ def check_settings(cfg):
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other: pick one"),
         *metrics.check_reporters(cfg.report_to),
     ]
+
+
+def template_problem(spec):
+    """(ok, message) for --prompt-template: a layout name or a readable template file."""
+    try:
+        encoding.prompt_template(spec)
+    except ValueError as e:
+        return False, str(e)
+    return True, ""
 
 
 def presets_where_not_given(cfg, argv):

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import data
 import encoding
+import config
 import judge
 import models
 import results
@@ -57,14 +58,38 @@ GENERAL_MAX_FRAMES = 32  # the general video benchmarks' frame budget (Video-R1'
 # Scoring
 
 
-def score(sample, completion):
-    """Score one completion. Like the paper's evaluation code, a completion with no <answer> tag
-    is compared as a whole (so a bare "B" still counts); format validity is reported apart."""
-    answer = rewards.extract_answer(completion)
-    scored = completion if answer is not None else f"<answer>{completion.strip()}</answer>"
-    return {"answer": answer,
-            "score": rewards.accuracy_reward(scored, sample.solution, sample.problem_type, rewards.EVAL_SCORERS),
+def score(sample, completion, rules="ours"):
+    """Score one completion by `rules` (--scoring: rewards.eval_score). Under ours, as in the
+    public evaluation, a completion with no <answer> block is compared as a whole (so a bare "B"
+    still counts); format validity (our rule) is reported apart."""
+    return {"answer": rewards.extract_answer(completion),
+            "score": rewards.eval_score(completion, sample.solution, sample.problem_type, rules),
             "format_ok": bool(rewards.format_reward(completion))}
+
+
+# --reproduce-official: the public GRPO-CARE evaluation (src/eval_bench.py): its scoring and prompt
+# layout, and qwen_vl_utils' frame count and per-frame bounds. It passes the sampled fps to the
+# model (--second-per-grid 0, ours too) and decodes at temperature 0.1, top-p 0.001, 1,024 new
+# tokens, 16 frames for SEED-Bench-R1 and 32 for the general benchmarks (ours too).
+OFFICIAL = {"scoring": "official", "prompt_template": "official", "frame_rounding": "floor",
+            "video_min_pixels": 128 * 28 * 28, "video_max_pixels": int(128 * 28 * 28 * 1.05),
+            "resize_rule": "qwen-vl-utils"}
+# --preset seed-bench-r1: SEED-Bench-R1's infer.py: its scoring, prompt and visual pipeline
+# (config.PRESETS), 256 new tokens, and the repetition penalty of 1.05 that its generate() call
+# inherits from Qwen2-VL-7B-Instruct's generation_config (whose top-k 1 makes it greedy, as our
+# near-greedy defaults are).
+PRESETS = {"seed-bench-r1": {"scoring": "seed-bench-r1", "max_new_tokens": 256, "repetition_penalty": 1.05,
+                             **{k: v for k, v in config.PRESETS["seed-bench-r1"].items()
+                                if k in ("prompt_template", "max_frames", *encoding.BUDGET_FLAGS)}}}
+
+
+def given_flags(parser, argv):
+    """The destinations of the options that argv gives explicitly."""
+    given = set()
+    for action in parser._actions:  # internal: argparse has no public list of a parser's options
+        if any(arg == opt or arg.startswith(opt + "=") for opt in action.option_strings for arg in argv):
+            given.add(action.dest)
+    return given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +127,18 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, metavar="T", help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.001, metavar="P",
                    help="nucleus sampling: the probability mass kept")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1.0 = off")
+    p.add_argument("--scoring", choices=rewards.RULES, default="ours",
+                   help="the rules that score each answer: ours, official (the public GRPO-CARE evaluation: the "
+                        "first <answer>, exact letters, OCR and free-form 0) or seed-bench-r1 (its first-letter "
+                        "match); recorded, and compare refuses summaries scored by different rules")
+    p.add_argument("--prompt-template", default="ours", metavar="NAME|FILE", help=encoding.TEMPLATE_HELP)
+    p.add_argument("--reproduce-official", action="store_true",
+                   help="score and prompt as the public GRPO-CARE evaluation does (flags given explicitly win): "
+                        + config.flags(OFFICIAL))
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="evaluate as a published recipe's inference script does (flags given explicitly win): "
+                        + "; ".join(f"{k}: {config.flags(v)}" for k, v in PRESETS.items()) + " (default: none)")
     encoding.add_budget_arguments(p, max_frames_help=f"most frames per video (default: {BUDGET.max_frames} for "
                                                       f"SEED-Bench-R1 files, {GENERAL_MAX_FRAMES} for Video-R1-style files)")
     p.add_argument("--allow-outside-data-root", action="store_true",
@@ -118,6 +155,11 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="delete the results in --output-dir first (needed when the settings changed)")
     args = p.parse_args(argv)
+    explicit = given_flags(p, argv or [])
+    for wanted, values in ((args.preset, PRESETS.get(args.preset, {})), (args.reproduce_official, OFFICIAL)):
+        for name, value in values.items() if wanted else ():
+            if name not in explicit:
+                setattr(args, name, value)
     check_args(p, args)
     return args
 
@@ -134,6 +176,12 @@ def check_args(parser, args):
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if problem := encoding.budget_problem(args):
         parser.error(problem)
+    if not args.repetition_penalty > 0:
+        parser.error(f"--repetition-penalty must be above 0, got {args.repetition_penalty}")
+    try:
+        encoding.prompt_template(args.prompt_template)
+    except ValueError as e:
+        parser.error(str(e))
     if args.limit < 0:
         parser.error(f"--limit must be 0 (all) or more, got {args.limit}")
     if not os.path.isdir(args.model):
@@ -189,6 +237,9 @@ def row_settings(args):
     is listed there. Paths are made absolute: the same checkpoint through another path or a
     symlink is the same setting; --mixed-precision is recorded as resolved (auto: bf16 or no)."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    if args.prompt_template not in encoding.LAYOUTS:  # a file: where it is, and what it says
+        template = encoding.prompt_template(args.prompt_template)
+        settings["prompt_template"] = {"file": template.name, "text": template.text}
     settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root),
                     mixed_precision="bf16" if compute_dtype(args.mixed_precision) == torch.bfloat16 else "no")
     if judge.is_rule(args.judge):
@@ -236,7 +287,9 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     judge_model, judge_tokenizer = judge.load_judge(args.judge, model, tokenizer, device, dtype)
     gen_config = rollout.sampling_config(tokenizer, args.max_new_tokens, temperature=args.temperature,
-                                         top_p=args.top_p, top_k=0, repetition_penalty=1.0)
+                                         top_p=args.top_p, top_k=0, repetition_penalty=args.repetition_penalty,
+                                         stop=rollout.stop_ids(tokenizer, model))
+    template = encoding.prompt_template(args.prompt_template)
     budgets = {}
 
     def budget(frames):
@@ -245,10 +298,13 @@ def main(argv=None):
                 args.model, fps=args.fps, min_frames=min(args.min_frames, frames), max_frames=frames,
                 video_min_pixels=args.video_min_pixels, video_max_pixels=args.video_max_pixels,
                 image_min_pixels=args.image_min_pixels, image_max_pixels=args.image_max_pixels,
-                second_per_grid=args.second_per_grid, frame_rounding=args.frame_rounding)
+                second_per_grid=args.second_per_grid, frame_rounding=args.frame_rounding,
+                resize_rule=args.resize_rule, resize_to=args.resize_to)
         return budgets[frames]
 
     work, load_skips = load_work(args)  # the same on every process: printed and counted once
+    if problem := rewards.check_rules_cover(args.scoring, {w[1].problem_type for w in work}):
+        raise data.DataError(f"--scoring {args.scoring}: {problem}")
     for message in load_skips if accelerator.is_main_process else []:
         print(f"skipped while loading: {one_line(message)}", file=sys.stderr)
     order = {w[0]: i for i, w in enumerate(work)}
@@ -270,7 +326,7 @@ def main(argv=None):
             batch = batches[k]
             kept, encoded, skipped_here = encoding.encode_batch([item[1] for item in batch], tokenizer,
                                                                 [budget(item[3]) for item in batch],
-                                                                skip_bad=args.skip_bad_samples)
+                                                                skip_bad=args.skip_bad_samples, template=template)
             left_out = [item for i, item in enumerate(batch) if i not in kept]
             for item, message in zip(left_out, skipped_here):  # printed by the process it happens on
                 tqdm.write(f"process {rank}: skipped {item[0]}: {one_line(message)}", file=sys.stderr)
@@ -284,7 +340,7 @@ def main(argv=None):
             texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
             rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
                      "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
-                     "completion": text, **score(s, text), "settings": tag}
+                     "completion": text, **score(s, text, args.scoring), "settings": tag}
                     for (key, s, bench, _), text in zip(kept, texts)]
             judge.judge_rows(judge_model, judge_tokenizer, [item[1] for item in kept], rows, args.judge_max_new_tokens)
             for row in rows:

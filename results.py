@@ -178,9 +178,19 @@ def read_summary(path):
     return summary
 
 
+def scoring_of(summary):
+    """The rules a summary was scored by (evaluate.py --scoring); summaries from before the flag
+    existed were scored by ours."""
+    return (summary.get("settings") or {}).get("scoring", "ours")
+
+
 def compare(path_a, path_b):
-    """Side-by-side accuracy and consistency of two runs, with B - A."""
+    """Side-by-side accuracy and consistency of two runs, with B - A. Summaries scored by
+    different rules are not comparable: refused, naming both."""
     a, b = read_summary(path_a), read_summary(path_b)
+    if scoring_of(a) != scoring_of(b):
+        raise SystemExit(f"{path_a} was scored by the {scoring_of(a)} rules and {path_b} by the {scoring_of(b)} "
+                         f"rules (evaluate.py --scoring): evaluate both with the same rules to compare them")
     names = list(a["results"]) + [n for n in b["results"] if n not in a["results"]]
 
     def cells(name, key):
@@ -188,7 +198,7 @@ def compare(path_a, path_b):
         delta = "-" if x is None or y is None else f"{y - x:+.1f}"
         return f"{pct(x)} | {pct(y)} | {delta}"
 
-    lines = [f"A: {a['model']}", f"B: {b['model']}", "",
+    lines = [f"A: {a['model']}", f"B: {b['model']}", f"scoring: {scoring_of(a)} rules", "",
              "| split | n (A / B) | accuracy A | accuracy B | delta | consistency A | consistency B | delta |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in names:

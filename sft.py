@@ -96,6 +96,7 @@ class SFTConfig:
     adam_beta2: float = as_in_train("adam_beta2")
     adam_eps: float = as_in_train("adam_eps")
     max_grad_norm: float = setting(1.0, "gradient-norm clip (the recipe keeps the Hugging Face Trainer's 1.0)")
+    lr_schedule: str = as_in_train("lr_schedule")
     freeze_vision: bool = setting(False, "do not train the vision tower (the recipe trains it)")
     lora_rank: int = as_in_train("lora_rank")
     lora_alpha: float = as_in_train("lora_alpha")
@@ -116,6 +117,9 @@ class SFTConfig:
     image_max_pixels: int = as_in_train("image_max_pixels")
     second_per_grid: float = as_in_train("second_per_grid")
     frame_rounding: str = as_in_train("frame_rounding")
+    resize_rule: str = as_in_train("resize_rule")
+    resize_to: int = as_in_train("resize_to")
+    prompt_template: str = as_in_train("prompt_template")
     # data checks
     skip_bad_samples: bool = setting(False, "skip (and count) unreadable or too long samples instead of stopping")
     check_data: bool = as_in_train("check_data")
@@ -171,11 +175,12 @@ class Example:
     target: torch.Tensor    # [T] the reply's token ids, <|im_end|> last
 
 
-def encode_examples(cfg, samples, tokenizer, budget):
+def encode_examples(cfg, samples, tokenizer, budget, template=encoding.OURS):
     """Each sample's prompt (encoding.encode_batch) and reply. A sample that cannot be read, or
     whose prompt and reply are longer than --max-length together, raises its DataError, or with
     --skip-bad-samples is left out and named in skipped. Returns (examples, skipped)."""
-    kept, prompts, skipped = encoding.encode_batch(samples, tokenizer, budget, skip_bad=cfg.skip_bad_samples)
+    kept, prompts, skipped = encoding.encode_batch(samples, tokenizer, budget, skip_bad=cfg.skip_bad_samples,
+                                                   template=template)
     examples = []
     for i, prompt in zip(kept, prompts):
         target = torch.tensor(tokenizer(target_text(samples[i]), add_special_tokens=False)["input_ids"])
@@ -223,13 +228,13 @@ class Step:
         return [e.sample.sample_id for examples, weight in self.micro_batches if weight for e in examples]
 
 
-def next_step(cfg, accelerator, samples, tokenizer, budget, step, steps_per_epoch):
+def next_step(cfg, accelerator, samples, tokenizer, budget, step, steps_per_epoch, template=encoding.OURS):
     """This process's A micro-batches for step (0-based): its B x A samples of the epoch's
     shuffled order (train.shard_order, train.py's deal), encoded and cut into micro-batches."""
     world, b, a = accelerator.num_processes, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
     epoch, index = divmod(step, steps_per_epoch)
     indices = train.shard_order(len(samples), epoch, cfg.seed, accelerator.process_index, world, b * a)[index]
-    examples, skipped = encode_examples(cfg, [samples[i] for i in indices], tokenizer, budget)
+    examples, skipped = encode_examples(cfg, [samples[i] for i in indices], tokenizer, budget, template)
     # What every process kept and skipped: the log and the skip count cover the global batch.
     per_process = [([e.sample.sample_id for e in examples], skipped)]
     per_process = gather_object(per_process) if world > 1 else per_process
@@ -288,6 +293,7 @@ def run(cfg, accelerator, resume):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name) for f in
                                                            dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
+    template = encoding.prompt_template(cfg.prompt_template)
     samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
                                             allow_outside_root=cfg.allow_outside_data_root,
                                             reasoning_field=cfg.reasoning_field)
@@ -326,7 +332,7 @@ def run(cfg, accelerator, resume):
 
     while state["step"] < total_steps:
         t0 = time.time()
-        step = next_step(cfg, accelerator, samples, tokenizer, budget, state["step"], steps_per_epoch)
+        step = next_step(cfg, accelerator, samples, tokenizer, budget, state["step"], steps_per_epoch, template)
         # 1. Forward and backward, micro-batch by micro-batch; gradients add up in .grad.
         with guards.oom_hint("forward and backward", cfg, OOM_ADVICE):
             nll = accumulate(cfg, accelerator, model, tokenizer, step.micro_batches, step.tokens, step.step)

@@ -11,8 +11,9 @@ them); this file is the loop.
     torchrun --nproc_per_node 4 train.py --model Qwen/Qwen2.5-VL-7B-Instruct \
         --data SEED-Bench-R1/annotations/training_6k.jsonl --data-root SEED-Bench-R1 --algo care
 
-Every setting is in config.py. The defaults are the official GRPO-CARE settings but for four
-deliberate differences (docs/algorithm.md, section 12), which --reproduce-official undoes. With
+Every setting is in config.py. The defaults are the official GRPO-CARE settings but for some
+deliberate differences (docs/algorithm.md, section 12), which --reproduce-official undoes;
+--preset seed-bench-r1 is SEED-Bench-R1's GRPO recipe. With
 more than one process the policy and the reference are sharded with FSDP2 (fsdp.py); nothing
 else changes. checkpoint.py keeps runs apart and resumable, metrics.py writes the log,
 guards.py stops a step that went wrong.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import care
 import checkpoint
@@ -49,8 +50,9 @@ import rollout
 
 
 def build_optimizer(cfg, model, total_steps, warmup_steps=None):
-    """AdamW (no weight decay on norms and biases) and the cosine schedule over total_steps,
-    after warmup_steps of linear warmup (default: cfg.warmup_steps; sft.py derives its own)."""
+    """AdamW (no weight decay on norms and biases) and the learning-rate schedule over
+    total_steps (cfg.lr_schedule: cosine or linear decay to 0), after warmup_steps of linear
+    warmup (default: cfg.warmup_steps; sft.py derives its own)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -59,7 +61,8 @@ def build_optimizer(cfg, model, total_steps, warmup_steps=None):
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    schedule = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[cfg.lr_schedule]
+    scheduler = schedule(optimizer, warmup_steps, total_steps)
     return optimizer, scheduler
 
 
@@ -117,7 +120,7 @@ class Batch:
         return [s.sample_id for s in self.samples]
 
 
-def next_batch(cfg, accelerator, samples, tokenizer, budget, step, steps_per_epoch):
+def next_batch(cfg, accelerator, samples, tokenizer, budget, template, step, steps_per_epoch):
     """This process's prompts for step (0-based): its share of the epoch's shuffled order, read
     and encoded (a sample that cannot be read stops the run, or is skipped and counted with
     --skip-bad-samples), collated on the device, with one sampling seed per prompt."""
@@ -126,7 +129,7 @@ def next_batch(cfg, accelerator, samples, tokenizer, budget, step, steps_per_epo
     indices = shard_order(len(samples), epoch, cfg.seed, accelerator.process_index, world,
                           cfg.prompts_per_device)[index]
     kept, encoded, skipped = encoding.encode_batch([samples[i] for i in indices], tokenizer, budget,
-                                                   cfg.max_prompt_length, cfg.skip_bad_samples)
+                                                   cfg.max_prompt_length, cfg.skip_bad_samples, template)
     mine = [samples[indices[k]] for k in kept]
     # What every process kept and skipped: the log and the skip count cover the global batch.
     per_process = [([s.sample_id for s in mine], skipped)]
@@ -148,11 +151,12 @@ def score_rollout(cfg, completions, samples, ref_model, tokenizer):
     p, g = len(samples), cfg.num_generations
     solutions = [s.solution for s in samples for _ in range(g)]                 # [P*G]
     types = [s.problem_type for s in samples for _ in range(g)]                 # [P*G]
-    acc, fmt = rewards.score(completions.texts, solutions, types)
+    acc, fmt = rewards.score(completions.texts, solutions, types, cfg.reward_rules)
     acc, fmt = torch.tensor(acc).view(p, g), torch.tensor(fmt).view(p, g)       # [P, G] each
     weighted_fmt = cfg.format_weight * fmt                                      # [P, G] w x format
     if cfg.algo == "care":  # the reference's confidence in each stated answer, given the reasoning
-        answer_logp, has_span = reference.answer_logprob(ref_model, completions, tokenizer, cfg.logprob_chunk_size)
+        answer_logp, has_span = reference.answer_logprob(ref_model, completions, tokenizer, cfg.logprob_chunk_size,
+                                                         cfg.answer_span)
         fsdp.reshard(ref_model)
         has_span = has_span.cpu().view(p, g)                                     # [P, G]
         scores = care.care_rewards(acc, weighted_fmt, answer_logp.cpu().view(p, g), has_span,
@@ -182,7 +186,7 @@ def policy_update(cfg, accelerator, model, optimizer, scheduler, ref_model, comp
         with accelerator.autocast():
             logp = rollout.completion_logprobs(model, completions, chunk)          # [P*G, T]
         loss, stats = care.policy_loss(logp, adv, mask, old_logp=old_logp, epsilon=cfg.epsilon,
-                                       ref_logp=ref_logp, beta=cfg.beta)
+                                       ref_logp=ref_logp, beta=cfg.beta, kl_clamp=cfg.kl_clamp)
         guards.stop_if_not_finite(accelerator, "loss", loss.detach(), batch.step, batch.sample_ids)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -209,8 +213,11 @@ def run(cfg, accelerator, resume):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name)
                                                            for f in dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
+    template = encoding.prompt_template(cfg.prompt_template)
     samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
                                             allow_outside_root=cfg.allow_outside_data_root)
+    if problem := rewards.check_rules_cover(cfg.reward_rules, {s.problem_type for s in samples}):
+        raise data.DataError(f"{cfg.data}: --reward-rules {cfg.reward_rules}: {problem}")
     if cfg.check_data:
         samples, check_skips = check_all_media(cfg, accelerator, samples, budget)
         load_skips += check_skips
@@ -239,7 +246,7 @@ def run(cfg, accelerator, resume):
         ref_model = fsdp.prepare_reference(accelerator, reference.make_reference(
             models.load_model(cfg.model, cfg.attn_implementation)))
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                         cfg.top_k, cfg.repetition_penalty)
+                                         cfg.top_k, cfg.repetition_penalty, stop=rollout.stop_ids(tokenizer, policy))
     state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
     if resume:
         state = checkpoint.load(resume, model, ref_model, optimizer, scheduler)
@@ -250,7 +257,7 @@ def run(cfg, accelerator, resume):
 
     while state["step"] < total_steps:
         t0 = time.time()
-        batch = next_batch(cfg, accelerator, samples, tokenizer, budget, state["step"], steps_per_epoch)
+        batch = next_batch(cfg, accelerator, samples, tokenizer, budget, template, state["step"], steps_per_epoch)
         # 1. Generate: G completions per prompt, sampled by the policy.
         with guards.oom_hint("rollout", cfg), fsdp.gathered(policy), accelerator.autocast():
             completions = rollout.generate(policy, batch.prompts, tokenizer, cfg.num_generations, gen_config,

@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, multiprocess_env
+from transformers import AutoTokenizer
 
+import data
 import evaluate
 import judge
+import models
 import results
 import rewards
 import tiny
@@ -555,10 +558,58 @@ def test_the_public_video_switches_reach_the_prompts(warm_model_dir, seed_bench_
     import encoding
     budgets = []
     real = encoding.encode_prompt
-    monkeypatch.setattr(encoding, "encode_prompt", lambda s, tok, budget: budgets.append(budget) or real(s, tok, budget))
+    monkeypatch.setattr(encoding, "encode_prompt",
+                        lambda s, tok, budget, *rest: budgets.append(budget) or real(s, tok, budget, *rest))
     evaluate.main(["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root", seed_bench_root,
                    "--output-dir", str(tmp_path), "--limit", "1", "--judge", "none", *SMALL,
                    "--second-per-grid", "1.0", "--frame-rounding", "floor"])
     assert budgets and all(b.second_per_grid == 1.0 and b.frame_rounding == "floor" for b in budgets)
     settings = json.load(open(tmp_path / "eval_settings.json"))["settings"]
     assert settings["second_per_grid"] == 1.0 and settings["frame_rounding"] == "floor"
+
+
+def test_the_public_evaluations_reach_scoring_prompt_budget_and_stopping(warm_model_dir, seed_bench_root, tmp_path,
+                                                                          monkeypatch):
+    """--reproduce-official (eval_bench.py) and --preset seed-bench-r1 (infer.py): the scoring
+    rules, the prompt layout, the visual pipeline and the decoding reach the pieces that use
+    them and are recorded; every completion stops at the checkpoint's end-of-sequence ids."""
+    import encoding
+    import rewards
+    import rollout
+    real_encode, real_score, real_config = encoding.encode_prompt, rewards.eval_score, rollout.sampling_config
+    for switch, rules in ((["--reproduce-official"], "official"), (["--preset", "seed-bench-r1"], "seed-bench-r1")):
+        encoded, scored, configs = [], [], []
+        monkeypatch.setattr(encoding, "encode_prompt", lambda *a: encoded.append(a) or real_encode(*a))
+        monkeypatch.setattr(rewards, "eval_score", lambda *a: scored.append(a) or real_score(*a))
+        monkeypatch.setattr(rollout, "sampling_config", lambda *a, **k: configs.append(k) or real_config(*a, **k))
+        out = tmp_path / rules
+        evaluate.main(["--model", warm_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root",
+                       seed_bench_root, "--output-dir", str(out), "--limit", "2", "--judge", "none",
+                       "--max-new-tokens", "8", *switch])
+        settings = json.load(open(out / "eval_settings.json"))["settings"]
+        assert settings["scoring"] == rules and settings["prompt_template"] == rules
+        assert encoded and all(a[3].name == rules and a[2].frame_rounding == "floor" for a in encoded)
+        assert scored and all(a[3] == rules for a in scored)
+        assert configs[0]["stop"] == rollout.stop_ids(AutoTokenizer.from_pretrained(warm_model_dir),
+                                                      models.load_model(warm_model_dir))
+        assert len(configs[0]["stop"]) == 2
+    assert encoded[0][2].resize_to == 256 and configs[0]["repetition_penalty"] == 1.05   # the preset's
+    assert settings["max_new_tokens"] == 8   # a flag given explicitly wins over the preset's 256
+
+
+def test_compare_refuses_summaries_scored_by_different_rules(tmp_path):
+    def summary(name, scoring):
+        path = tmp_path / f"{name}.json"
+        settings = {"scoring": scoring} if scoring else {}
+        path.write_text(json.dumps({"model": name, "settings": settings, "results": {"all": {"n": 1, "accuracy": 50.0}}}))
+        return str(path)
+    with pytest.raises(SystemExit, match="scored by the official rules .* by the ours rules"):
+        evaluate.main(["compare", summary("a", "official"), summary("b", None)])   # an old summary: ours
+    assert "scoring: official rules" in evaluate.main(["compare", summary("c", "official"), summary("d", "official")])
+
+
+def test_seed_bench_r1_scoring_refuses_other_problem_types(warm_model_dir, tmp_path):
+    root = tiny.build_video_r1_eval(str(tmp_path / "data"), n=5)
+    with pytest.raises(data.DataError, match="--scoring seed-bench-r1: the seed-bench-r1 rules score multiple choice"):
+        evaluate.main(["--model", warm_model_dir, "--data", f"{root}/eval_tiny.json", "--data-root", root,
+                       "--output-dir", str(tmp_path / "out"), "--scoring", "seed-bench-r1", "--judge", "none"])

@@ -322,3 +322,18 @@ def test_two_processes_match_one(sft_run, tiny_model_dir, seed_bench_root, tmp_p
     b = load_file(os.path.join(tmp_path, "checkpoint-000012", "policy", "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-4)
+
+
+def test_the_prompt_template_reaches_the_sft_prompts(tiny_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """--prompt-template: a one-step SFT run encodes every prompt with it (here a file written by
+    the test), and what is trained on is its text."""
+    path = tmp_path / "template.txt"
+    path.write_text("{question}{options}zebra {answer_format}")
+    seen = []
+    real = encoding.encode_batch
+    monkeypatch.setattr(encoding, "encode_batch", lambda *a, **k: seen.append(k["template"]) or real(*a, **k))
+    run(tiny_model_dir, seed_bench_root, tmp_path / "out", "--max-steps", "1", "--prompt-template", str(path))
+    assert seen and all(t.text == "{question}{options}zebra {answer_format}" for t in seen)
+    cfg, tokenizer, budget, samples = setup(tiny_model_dir, seed_bench_root)
+    [example], _ = sft.encode_examples(cfg, samples[:1], tokenizer, budget, seen[0])
+    assert "zebra" in tokenizer.decode(example.prompt["input_ids"])

@@ -137,6 +137,42 @@ def test_the_seed_bench_r1_preset_sets_its_recipe_and_explicit_flags_win():
     assert set(config.PRESETS["seed-bench-r1"]) <= {f.name for f in dataclasses.fields(config.Config)}
     with pytest.raises(SystemExit):
         config.parse_config(["--preset", "no-such-recipe"])
+    # SEED-Bench-R1's reward, prompt, visual pipeline, KL clamp, sampling and trainer defaults
+    assert (cfg.reward_rules, cfg.prompt_template, cfg.kl_clamp, cfg.resize_to, cfg.resize_rule, cfg.frame_rounding,
+            cfg.top_p, cfg.top_k, cfg.max_completion_length, cfg.lr_schedule, cfg.weight_decay, cfg.max_grad_norm) == \
+        ("seed-bench-r1", "seed-bench-r1", 11.0, 256, "qwen-vl-utils", "floor", 1.0, 50, 256, "linear", 0.0, 1.0)
+    help_text = config.build_parser(doc="").format_help()
+    assert "--reward-rules seed-bench-r1" in " ".join(help_text.split())   # --help says what the preset sets
+
+
+def test_the_seed_bench_r1_preset_reaches_every_piece(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """A 1-step run under --preset seed-bench-r1 (the tiny model and data, the preset's
+    pipeline): its rules score, its layout and fixed 252 x 252 visuals encode, its clamp reaches
+    the KL term, and the linear schedule the optimizer."""
+    budgets, scored, losses, built = [], [], [], []
+    spy(monkeypatch, encoding, "encode_prompt", budgets)
+    spy(monkeypatch, train.rewards, "score", scored)
+    spy(monkeypatch, care, "policy_loss", losses)
+    real_build = train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda *a: built.append(real_build(*a)) or built[-1])
+    argv = ["--preset", "seed-bench-r1", "--model", warm_model_dir, "--data",
+            f"{seed_bench_root}/annotations/training_6k.jsonl", "--data-root", seed_bench_root,
+            "--output-dir", str(tmp_path), "--num-generations", "2", "--max-completion-length", "4",
+            "--max-steps", "2", "--max-frames", "4", "--lr", "1e-3"]
+    train.train(config.parse_config(argv))
+    (args, _), *_ = budgets
+    sample, _, budget, template = args
+    assert template.name == "seed-bench-r1" and budget.resize_to == 256
+    enc = encoding.encode_prompt(sample, args[1], budget, template)
+    grids = [enc[k][0, 1:].tolist() for k in ("image_grid_thw", "video_grid_thw") if k in enc]
+    assert grids and all(g == [18, 18] for g in grids)   # 252 / 14 patches a side
+    assert all(a[3] == "seed-bench-r1" for a, _ in scored)
+    assert losses and all(k["kl_clamp"] == 11.0 and k["beta"] == 0.1 for _, k in losses)
+    from transformers import get_linear_schedule_with_warmup
+    (optimizer, scheduler), = built
+    # Over 2 steps the two schedules agree at whole steps; half way through step 1 they do not.
+    probe = get_linear_schedule_with_warmup(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 0, 2)
+    assert scheduler.lr_lambdas[0](0.5) == probe.lr_lambdas[0](0.5) == 0.75
 
 
 # --- a real run: what the loss used, which model scored, when the reference moved -------------
@@ -210,16 +246,25 @@ def test_the_reference_moves_every_ema_every_steps_by_the_closed_form(spied_run,
 def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video(
         warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
     """--reproduce-official: frozen reference, top-k 50, 1.0 s per temporal patch, frames
-    rounded down; each reaches the piece that uses it."""
-    sampling, budgets, ema = [], [], []
+    rounded down, the public frame bounds and resize rule, prompt layout, reward rules and answer
+    span; each reaches the piece that uses it. (The small test budget's pixel flags are left to
+    the switch here, so the public per-frame bounds apply.)"""
+    sampling, budgets, ema, scored, spans = [], [], [], [], []
     spy(monkeypatch, rollout, "sampling_config", sampling)
     spy(monkeypatch, encoding, "encode_prompt", budgets)
     spy(monkeypatch, reference, "ema_update", ema)
-    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
-                                              "--max-steps", "2", "--reproduce-official")))
+    spy(monkeypatch, train.rewards, "score", scored)
+    spy(monkeypatch, reference, "answer_logprob", spans)
+    argv = [a for a in train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2",
+                                  "--reproduce-official") if not a.startswith("--video-")]
+    train.train(config.parse_config(argv))
     assert sampling[0][0][4] == 50  # top_k
     budget = budgets[0][0][2]
     assert budget.second_per_grid == 1.0 and budget.frame_rounding == "floor"
+    assert (budget.video_min_pixels, budget.video_max_pixels, budget.resize_rule) == (100352, 105369, "qwen-vl-utils")
+    assert budgets[0][0][3].name == "official"                     # the prompt layout
+    assert all(args[3] == "official" for args, _ in scored)         # the reward rules
+    assert spans and all(args[4] == "official" for args, _ in spans)   # the answer span
     assert [args[2] for args, _ in ema] == [1.0, 1.0]  # called (ema every step) with a frozen decay
     start = models.load_model(warm_model_dir).state_dict()
     ref = read_state(tmp_path / "checkpoint-000002", "reference")
@@ -347,3 +392,15 @@ def test_logged_reference_confidence_is_over_answers_with_a_span():
     assert metrics.step_metrics(scores, completions, {})["ref_conf"] == pytest.approx(0.6)
     scores["has_span"] = torch.zeros(1, 4, dtype=torch.bool)
     assert math.isnan(metrics.step_metrics(scores, completions, {})["ref_conf"])
+
+
+def test_seed_bench_r1_rules_refuse_other_problem_types_before_a_step(tiny_model_dir, tmp_path):
+    """Its first-letter rule would score a number by its first digit: a mixed Video-R1 file under
+    --reward-rules seed-bench-r1 stops before any step, naming the types."""
+    import tiny
+    root = tiny.build_video_r1_eval(str(tmp_path / "data"), n=5)
+    cfg = config.parse_config(["--model", tiny_model_dir, "--data", f"{root}/eval_tiny.json", "--data-root", root,
+                               "--output-dir", str(tmp_path / "out"), "--reward-rules", "seed-bench-r1"])
+    with pytest.raises(data.DataError, match="multiple choice only .* free-form, numerical"):
+        train.train(cfg)
+    assert not (tmp_path / "out" / "log.jsonl").exists()
