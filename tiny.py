@@ -71,9 +71,11 @@ def build_tokenizer(vocab_size=512, extra_lines=()):
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
 
-def tiny_config(tokenizer, family="qwen2_5_vl", hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2):
+def tiny_config(tokenizer, family="qwen2_5_vl", hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=2,
+                init_std=None):
     """A tiny config of family (a models.FAMILIES key): the same text model and patch geometry
-    in every family, each family's own vision tower."""
+    in every family, each family's own vision tower. init_std = (text, vision): the std of the
+    random initial weights (transformers' initializer_range, 0.02 when None)."""
     import models
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -95,10 +97,15 @@ def tiny_config(tokenizer, family="qwen2_5_vl", hidden=64, layers=2, heads=4, vi
         vision = dict(embed_dim=vision_hidden, mlp_ratio=2, hidden_size=hidden, **geometry)
     else:
         raise ValueError(f"tiny.py builds no {family!r} model (models.FAMILIES: {', '.join(models.FAMILIES)})")
+    if init_std is not None:
+        text["initializer_range"], vision["initializer_range"] = init_std
     config_class = models.family(family).model_class.config_class
-    return config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    config = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                          vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    if init_std is not None:
+        config.initializer_range = init_std[0]
+    return config
 
 
 def build_model(out_dir, seed=0, tokenizer=None, family="qwen2_5_vl", **config_overrides):
@@ -127,6 +134,21 @@ def build_model(out_dir, seed=0, tokenizer=None, family="qwen2_5_vl", **config_o
                    "image_std": [0.26862954, 0.26130258, 0.27577711],
                    "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}, f, indent=2)
     return out_dir
+
+
+# A random tiny model at transformers' initial scale (std 0.02) barely looks at its prompt: its
+# attention is near uniform and the residual stream is its own token's embedding, so swapping the
+# video, the image or the options moves a completion's log-probs by ~0.01 and its greedy tokens
+# not at all, and no value a test compares can see a prompt or video mixed up. At std 0.3 (text)
+# and 0.6 (vision) attention is sharp and the visual embeddings are large, and every part of the
+# prompt moves the log-probs (tests/test_rollout.py measures by how much).
+PROMPT_SENSITIVE_STD = (0.3, 0.6)
+
+
+def build_prompt_sensitive_model(out_dir, seed=0, family="qwen2_5_vl"):
+    """build_model with weights large enough that completions and log-probs depend clearly on
+    the video, the image, the question and the options (PROMPT_SENSITIVE_STD)."""
+    return build_model(out_dir, seed=seed, family=family, init_std=PROMPT_SENSITIVE_STD)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,19 +43,53 @@ def tokenizer():
     return tiny.build_tokenizer()
 
 
+# The files the built models and data below depend on. Under GRPO_CARE_TEST_CACHE=DIR (set by
+# tests/mutations.py, which runs the tests many times) each is built once per content of these
+# files and reused from DIR; otherwise (CI, a plain pytest run) each session builds its own.
+FIXTURE_SOURCES = ("tiny.py", "data.py", "encoding.py", "models.py", "rewards.py")
+
+
+def built(tmp_path_factory, name, build):
+    """build(directory) -> directory, once per session, or once per FIXTURE_SOURCES content under
+    GRPO_CARE_TEST_CACHE. Tests only read these directories."""
+    cache = os.environ.get("GRPO_CARE_TEST_CACHE")
+    if not cache:
+        return build(str(tmp_path_factory.mktemp(name)))
+    import hashlib
+    digest = hashlib.sha256(name.encode())
+    for source in FIXTURE_SOURCES:
+        with open(os.path.join(ROOT, source), "rb") as f:
+            digest.update(f.read())
+    path = os.path.join(cache, f"{name}-{digest.hexdigest()[:16]}")
+    if not os.path.isdir(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        os.makedirs(tmp)
+        build(tmp)
+        os.replace(tmp, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    return tiny.build_model(str(tmp_path_factory.mktemp("tiny-model")))
+    return built(tmp_path_factory, "tiny-model", tiny.build_model)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tmp_path_factory):
-    return tiny.build_model(str(tmp_path_factory.mktemp("tiny-qwen2-vl")), family="qwen2_vl")
+    return built(tmp_path_factory, "tiny-qwen2-vl", lambda d: tiny.build_model(d, family="qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def sensitive_model_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL whose completions and log-probs depend clearly on the video, the image,
+    the question and the options (tiny.build_prompt_sensitive_model): for the tests where prompts,
+    videos or groups could be mixed up, which the other tiny models cannot see."""
+    return built(tmp_path_factory, "sensitive-model", tiny.build_prompt_sensitive_model)
 
 
 @pytest.fixture(scope="session")
 def seed_bench_root(tmp_path_factory):
-    return tiny.build_seed_bench(str(tmp_path_factory.mktemp("seed-bench")), n_train=8, n_val=4)
+    return built(tmp_path_factory, "seed-bench", lambda d: tiny.build_seed_bench(d, n_train=8, n_val=4))
 
 
 # Tiny visual budget shared by the end-to-end tests: 56x56 frames, 4 frames.
@@ -68,15 +102,16 @@ def warm_model_dir(tmp_path_factory, seed_bench_root):
     """The tiny checkpoint after a short format warm-up (tiny.warm_up): it answers in the
     <think>/<answer> format about half the time, at chance accuracy, so rewards, advantages
     and the CARE bonus are non-trivial."""
-    path = tiny.build_model(str(tmp_path_factory.mktemp("warm-model")))
-    return tiny.warm_up(path, f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET)
+    return built(tmp_path_factory, "warm-model", lambda d: tiny.warm_up(
+        tiny.build_model(d), f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET))
 
 
 @pytest.fixture(scope="session")
 def warm_qwen2_vl_dir(tmp_path_factory, seed_bench_root):
     """warm_model_dir's Qwen2-VL counterpart."""
-    path = tiny.build_model(str(tmp_path_factory.mktemp("warm-qwen2-vl")), family="qwen2_vl")
-    return tiny.warm_up(path, f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root, **SMALL_BUDGET)
+    return built(tmp_path_factory, "warm-qwen2-vl", lambda d: tiny.warm_up(
+        tiny.build_model(d, family="qwen2_vl"), f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root,
+        **SMALL_BUDGET))
 
 
 # --- train.py runs -------------------------------------------------------------------------
@@ -84,8 +119,9 @@ def warm_qwen2_vl_dir(tmp_path_factory, seed_bench_root):
 
 def train_argv(model_dir, root, out, *extra):
     """train.py flags for the tiny runs: G=4, 2 prompts per process, 20-token completions, a
-    large lr so 2 steps move the weights, EMA every step. Seed 0: both of the first two steps
-    have groups with different rewards (a learning signal), which not every seed gives."""
+    large lr so 2 steps move the weights, EMA every step. Seed 0: the second step has groups with
+    different rewards (a learning signal), the first none; seed 2 (test_train's resume run) has
+    both."""
     budget = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_BUDGET.items()]
     return ["--model", model_dir, "--data", f"{root}/annotations/training_6k.jsonl", "--data-root", root,
             "--output-dir", str(out), "--num-generations", "4", "--prompts-per-device", "2",

@@ -116,6 +116,24 @@ def test_care_reference_scores_equal_an_explicitly_merged_model(warm_model_dir, 
     assert policy.training is False
 
 
+@pytest.mark.parametrize("algo", ["care", "grpo"])
+def test_the_reference_scores_without_dropout_while_the_policy_trains(warm_model_dir, tokenizer, completions, algo):
+    """With --lora-dropout 0.5 and the policy in train mode, as during a step, the reference
+    (the EMA adapters, or the base) scores in eval mode: the same numbers every call, those of
+    the policy put in eval mode by hand, and the policy is left training."""
+    policy = models.load_policy(lora_cfg(warm_model_dir, "--lora-dropout", "0.5", "--algo", algo))
+    randomize_adapters(policy, 3)
+    ref = lora.make_reference(lora_cfg(warm_model_dir, "--lora-dropout", "0.5", "--algo", algo), policy)
+    policy.train()
+    first, has_span = reference.answer_logprob(ref, completions, tokenizer)
+    second, _ = reference.answer_logprob(ref, completions, tokenizer)
+    assert policy.training and has_span.sum() >= 4
+    policy.eval()
+    by_hand, _ = reference.answer_logprob(ref, completions, tokenizer)
+    torch.testing.assert_close(first, second, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(first, by_hand, rtol=0, atol=0, equal_nan=True)
+
+
 def test_grpo_reference_is_the_base_with_adapters_disabled(warm_model_dir, completions):
     base = models.load_model(warm_model_dir, "sdpa").eval()
     policy = models.load_policy(lora_cfg(warm_model_dir, "--algo", "grpo")).train()
@@ -134,11 +152,16 @@ def run(model_dir, root, out, *extra):
     return train.train(config.parse_config(train_argv(model_dir, root, out, "--lora-rank", "4", *extra)))
 
 
+# Seed 2: each of the three steps has a reward spread, so each moves the adapters and their EMA
+# (seed 0's third has none, and a resume that got the adapters wrong would not show there).
+LORA_CARE = ("--algo", "care", "--max-steps", "3", "--save-every", "1", "--seed", "2")
+
+
 @pytest.fixture(scope="module")
 def lora_care_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     """Three LoRA CARE steps in one process, a checkpoint after each."""
     out = tmp_path_factory.mktemp("lora-care")
-    run(warm_model_dir, seed_bench_root, out, "--algo", "care", "--max-steps", "3", "--save-every", "1")
+    run(warm_model_dir, seed_bench_root, out, *LORA_CARE)
     return out
 
 
@@ -179,8 +202,7 @@ def test_a_lora_run_resumes_exactly(lora_care_run, warm_model_dir, seed_bench_ro
     uninterrupted 3 steps."""
     shutil.copytree(os.path.join(lora_care_run, "checkpoint-000002"), tmp_path / "checkpoint-000002")
     shutil.copy(os.path.join(lora_care_run, "log.jsonl"), tmp_path / "log.jsonl")
-    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "3", "--save-every", "1",
-        "--resume", "auto")
+    run(warm_model_dir, seed_bench_root, tmp_path, *LORA_CARE, "--resume", "auto")
     resumed, full = read_log(tmp_path), read_log(lora_care_run)
     assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[2]["grad_norm"] > 0
     for key in ("loss", "reward", "reward_bonus", "ref_conf", "grad_norm", "lr", "completion_len"):
@@ -211,13 +233,12 @@ def test_two_processes_train_resume_and_match_one(lora_care_run, warm_model_dir,
     norms, adapters and EMA; then step 3 again from the 2-process checkpoint of step 2."""
     from test_distributed import argv_per_process, torchrun
     out = tmp_path / "two"
-    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, out, "--lora-rank", "4", "--algo", "care",
-                                           "--max-steps", "3", "--save-every", "1"))
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, out, "--lora-rank", "4", *LORA_CARE))
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-000002", resumed / "checkpoint-000002")
     shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
-    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, resumed, "--lora-rank", "4",
-                                           "--algo", "care", "--max-steps", "3", "--save-every", "1", "--resume", "auto"))
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, resumed, "--lora-rank", "4", *LORA_CARE,
+                                           "--resume", "auto"))
     one = read_log(lora_care_run)
     for other in (out, resumed):
         log = read_log(other)

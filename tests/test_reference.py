@@ -151,3 +151,38 @@ def test_reference_is_frozen_fp32_eval():
     ref = reference.make_reference(small_model(0).to(torch.bfloat16).train())
     assert not any(p.requires_grad for p in ref.parameters())
     assert all(p.dtype == torch.float32 for p in ref.parameters()) and not ref.training
+
+
+def test_each_groups_answer_is_scored_under_its_own_prompt(sensitive_model_dir, tokenizer, seed_bench_root):
+    """CARE's confidence for a group comes from that group's prompt: the same completions after
+    two prompts that differ only in their video get each prompt's own answer log-prob (what it
+    gets alone), and the two differ, so a group scored under another's video would show."""
+    import dataclasses
+
+    import data
+    import encoding
+    import models
+    import rollout
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    a, b = [s for s in samples if s.video][:2]
+    budget = encoding.budget_from_checkpoint(sensitive_model_dir, max_frames=4, video_max_pixels=56 * 56,
+                                             image_max_pixels=56 * 56, video_min_pixels=784, image_min_pixels=784)
+    prompts = [encoding.encode_prompt(s, tokenizer, budget) for s in (a, dataclasses.replace(a, video=b.video))]
+    texts = ["<think>the square is red</think><answer>B</answer><|im_end|>",
+             "<think>it moves left</think><answer>C</answer><|im_end|>"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+
+    def roll(encoded):
+        p = len(encoded)
+        return rollout.Rollout(encoding.collate_prompts(encoded, tokenizer), ids.repeat(p, 1), mask.repeat(p, 1),
+                               torch.zeros(2 * p, dtype=torch.bool), texts * p, 2)
+    ref = reference.make_reference(models.load_model(sensitive_model_dir, "sdpa"))
+    both, has_span = reference.answer_logprob(ref, roll(prompts), tokenizer)
+    assert has_span.all()
+    for i, enc in enumerate(prompts):
+        alone, _ = reference.answer_logprob(ref, roll([enc]), tokenizer)
+        torch.testing.assert_close(both[2 * i:2 * i + 2], alone, rtol=1e-4, atol=1e-5)
+    assert (both[:2] - both[2:]).abs().min() > 1e-3

@@ -88,28 +88,49 @@ def test_grpo_step(family_warm_dir, seed_bench_root, tmp_path):
     assert cfg["beta"] == 0.04 and cfg["ema_decay"] == 1.0
 
 
-def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root, tmp_path):
+# Seed 2 gives both steps a reward spread (seed 0's first step has none, so its policy and
+# reference would not move), and decay 0.5 moves the reference by half the policy's step: the
+# checkpoint resumed from holds a reference that differs from the start.
+RESUME_FLAGS = ("--algo", "care", "--max-steps", "2", "--save-every", "1", "--log-completions", "--seed", "2",
+                "--ema-decay", "0.5")
+
+
+@pytest.fixture(scope="module")
+def resume_run(warm_model_dir, seed_bench_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume-run")
+    run(warm_model_dir, seed_bench_root, out, *RESUME_FLAGS)
+    return str(out)
+
+
+def test_resume_continues_the_same_run(resume_run, warm_model_dir, seed_bench_root, tmp_path):
     """Crash after step 2 was logged but before its checkpoint, in the middle of writing a log
     line; resume from step 1's checkpoint: step 2 runs again, matches the uninterrupted run, and
-    is logged once."""
+    is logged once. The reference restored with it has moved from the start (so a resume that
+    reset it would show), and scores step 2's answers as the uninterrupted run's did."""
+    care_run = resume_run
+    start = models.load_model(warm_model_dir).state_dict()
+    moved = read_state(os.path.join(care_run, "checkpoint-000001"), "reference")
+    assert max((moved[k] - start[k]).abs().max().item() for k in moved) > 1e-4
     shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "checkpoint-000001")
     for name in ("log.jsonl", "completions.jsonl"):
         shutil.copy(os.path.join(care_run, name), tmp_path / name)
     with open(tmp_path / "log.jsonl", "a") as f:  # and the kill cut the next line short
         f.write('{"step": 3, "loss": 0.')
-    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
-        "--resume", "auto", "--log-completions")
+    run(warm_model_dir, seed_bench_root, tmp_path, *RESUME_FLAGS, "--resume", "auto")
     resumed, full = read_log(tmp_path), read_log(care_run)
     assert [r["step"] for r in resumed] == [1, 2]
     assert resumed[1]["loss"] != 0.0 or resumed[1]["adv_std"] > 0  # a step that did something
-    for key in ("loss", "reward", "reward_bonus", "grad_norm", "completion_len"):
+    for key in ("loss", "reward", "reward_bonus", "grad_norm", "completion_len", "lr"):   # lr: the schedule's place
         assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
     a, b = ([json.loads(line) for line in open(os.path.join(d, "completions.jsonl"))] for d in (care_run, tmp_path))
     assert len(a) == len(b) == 16  # each step once
-    for x, y in zip(a, b):  # the same sampled texts, scored the same
+    for x, y in zip(a, b):  # the same sampled texts, scored the same, by the same reference
         assert {k: x[k] for k in ("step", "sample_id", "completion", "accuracy", "format")} == \
                {k: y[k] for k in ("step", "sample_id", "completion", "accuracy", "format")}
         assert y["advantage"] == pytest.approx(x["advantage"], rel=1e-5, abs=1e-6)
+        assert (x["ref_conf"] is None) == (y["ref_conf"] is None)
+        assert y["ref_conf"] == pytest.approx(x["ref_conf"], rel=1e-6, abs=1e-7)
+    assert sum(x["ref_conf"] is not None for x in a) >= 4
     a = load_file(os.path.join(care_run, "checkpoint-000002", "policy", "model.safetensors"))
     b = load_file(os.path.join(tmp_path, "checkpoint-000002", "policy", "model.safetensors"))
     for k in a:
@@ -120,15 +141,28 @@ def test_resume_continues_the_same_run(care_run, warm_model_dir, seed_bench_root
         torch.testing.assert_close(ra[k], rb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_bad_video_stops_with_its_name_or_is_skipped(warm_model_dir, seed_bench_root, tmp_path):
+def test_bad_video_stops_with_its_name_or_is_skipped(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """A sample that cannot be read stops the run naming it, or with --skip-bad-samples is
+    skipped and counted; the samples after it keep their own sampling seeds (fixed by their
+    index in the data, not by their position among the samples kept)."""
+    import data
+    import rollout
     root, bad = corrupt_one_video(seed_bench_root, tmp_path)
     steps = str(len(open(f"{root}/annotations/training_6k.jsonl").readlines()) // 2)  # one epoch: each sample once
     with pytest.raises(Exception, match=bad):
         run(warm_model_dir, root, tmp_path / "strict", "--max-steps", steps, "--save-every", "100",
             "--max-completion-length", "4")
+    seen = []
+    real = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: seen.append((a[1]["sample_ids"], a[5])) or real(*a, **k))
     state = run(warm_model_dir, root, tmp_path / "skip", "--max-steps", steps, "--save-every", "100",
                 "--max-completion-length", "4", "--skip-bad-samples")
     assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
+    index = {s.sample_id: i for i, s in enumerate(data.load_samples(f"{root}/annotations/training_6k.jsonl", root)[0])}
+    after_a_skip = [(step, ids, seeds) for step, (ids, seeds) in enumerate(seen) if len(ids) == 1]
+    assert after_a_skip   # the step that lost the bad sample
+    for step, (ids, seeds) in enumerate(seen):
+        assert seeds == [train.rollout_seed(0, step, index[i]) for i in ids]
 
 
 def test_evaluate_checkpoint(family, family_care_run, seed_bench_root, tmp_path, monkeypatch):

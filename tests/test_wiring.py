@@ -166,7 +166,7 @@ def test_the_seed_bench_r1_preset_reaches_every_piece(warm_model_dir, seed_bench
     enc = encoding.encode_prompt(sample, args[1], budget, template)
     grids = [enc[k][0, 1:].tolist() for k in ("image_grid_thw", "video_grid_thw") if k in enc]
     assert grids and all(g == [18, 18] for g in grids)   # 252 / 14 patches a side
-    assert all(a[3] == "seed-bench-r1" for a, _ in scored)
+    assert scored and all((a[3] if len(a) > 3 else k.get("rules", "ours")) == "seed-bench-r1" for a, k in scored)
     assert losses and all(k["kl_clamp"] == 11.0 and k["beta"] == 0.1 for _, k in losses)
     from transformers import get_linear_schedule_with_warmup
     (optimizer, scheduler), = built
@@ -263,8 +263,9 @@ def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video
     assert budget.second_per_grid == 1.0 and budget.frame_rounding == "floor"
     assert (budget.video_min_pixels, budget.video_max_pixels, budget.resize_rule) == (100352, 105369, "qwen-vl-utils")
     assert budgets[0][0][3].name == "official"                     # the prompt layout
-    assert all(args[3] == "official" for args, _ in scored)         # the reward rules
-    assert spans and all(args[4] == "official" for args, _ in spans)   # the answer span
+    arg = lambda args, kwargs, i, name, default: args[i] if len(args) > i else kwargs.get(name, default)
+    assert scored and all(arg(a, k, 3, "rules", "ours") == "official" for a, k in scored)       # the reward rules
+    assert spans and all(arg(a, k, 4, "span", "tags") == "official" for a, k in spans)          # the answer span
     assert [args[2] for args, _ in ema] == [1.0, 1.0]  # called (ema every step) with a frozen decay
     start = models.load_model(warm_model_dir).state_dict()
     ref = read_state(tmp_path / "checkpoint-000002", "reference")
@@ -277,7 +278,7 @@ def test_reproduce_official_freezes_the_reference_and_reaches_sampling_and_video
 # --- a GRPO run with every loss, sampling and optimizer setting away from its default ---------
 
 GRPO_FLAGS = ["--algo", "grpo", "--max-steps", "2", "--num-iterations", "2", "--epsilon", "0.3", "--beta", "0.07",
-              "--temperature", "0.9", "--top-p", "0.8", "--repetition-penalty", "1.1", "--max-grad-norm", "0.5",
+              "--temperature", "0.9", "--top-p", "0.8", "--repetition-penalty", "1.1", "--max-grad-norm", "0.1",
               "--warmup-steps", "1", "--weight-decay", "0.05", "--adam-beta1", "0.8", "--seed", "3"]
 
 
@@ -285,10 +286,17 @@ GRPO_FLAGS = ["--algo", "grpo", "--max-steps", "2", "--num-iterations", "2", "--
 def grpo_run(warm_model_dir, seed_bench_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo-spied")
     mp = pytest.MonkeyPatch()
-    calls = {"loss": [], "generate": [], "clip": [], "ema": [], "optimizer": []}
+    calls = {"loss": [], "generate": [], "clip": [], "ema": [], "optimizer": [], "stepped_norm": []}
     spy(mp, care, "policy_loss", calls["loss"])
     spy(mp, rollout, "generate", calls["generate"])
     spy(mp, torch.nn.utils, "clip_grad_norm_", calls["clip"])
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):  # the gradient norm the update is made from
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        calls["stepped_norm"].append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return real_step(self, *a, **k)
+    mp.setattr(torch.optim.AdamW, "step", step)
     spy(mp, reference, "ema_update", calls["ema"])
     real_build = train.build_optimizer
     mp.setattr(train, "build_optimizer", lambda *a: calls["optimizer"].append(real_build(*a)) or calls["optimizer"][-1])
@@ -309,6 +317,10 @@ def test_grpo_loss_gets_its_settings_the_frozen_reference_and_the_rollout_logpro
         assert kwargs["ref_logp"] is not None and kwargs["old_logp"] is not None
         if k % 2 == 0:  # first iteration: the old log-probs are the current ones
             torch.testing.assert_close(kwargs["old_logp"], args[0].detach(), rtol=1e-5, atol=1e-5)
+        else:  # second: still the rollout's, though the policy may have moved (the ratio is not 1)
+            torch.testing.assert_close(kwargs["old_logp"], loss_calls[k - 1][0][0].detach(), rtol=0, atol=0)
+    moved = [(kw["old_logp"] - args[0].detach()).abs().max().item() for args, kw in loss_calls[1::2]]
+    assert max(moved) > 1e-4   # some second iteration's policy differs from the rollout's
     # Step 1: the reference is the starting policy; step 2: the policy has moved away from it.
     torch.testing.assert_close(loss_calls[0][1]["ref_logp"], loss_calls[0][0][0].detach(), rtol=1e-5, atol=1e-5)
     assert (loss_calls[2][1]["ref_logp"] - loss_calls[2][0][0].detach()).abs().max() > 1e-5
@@ -331,8 +343,14 @@ def test_sampling_gets_its_settings_and_one_seed_per_group(grpo_run, seed_bench_
 def test_the_optimizer_gets_its_settings(grpo_run):
     from transformers import get_cosine_schedule_with_warmup
     cfg, calls, out = grpo_run
-    assert all(kwargs.get("max_norm", args[1] if len(args) > 1 else None) == 0.5 for args, kwargs in calls["clip"])
+    assert all(kwargs.get("max_norm", args[1] if len(args) > 1 else None) == 0.1 for args, kwargs in calls["clip"])
     assert len(calls["clip"]) == 4
+    # Each update is made from the clipped gradient: its norm is at most 0.1, also where it was
+    # larger before clipping (the logged norm, of each step's last update).
+    from conftest import read_log
+    logged = [r["grad_norm"] for r in read_log(out)]
+    assert any(g > 0.1 for g in logged) and len(calls["stepped_norm"]) == 4
+    assert all(n <= 0.1 * (1 + 1e-5) for n in calls["stepped_norm"])
     (optimizer, scheduler), = calls["optimizer"]
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -349,10 +367,16 @@ def test_the_optimizer_gets_its_settings(grpo_run):
     assert [r["lr"] for r in read_log(out)] == pytest.approx(expected)
 
 
-def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_bench_root, tmp_path):
+def test_each_epoch_deals_every_sample_once_in_a_new_order(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
+    """Every sample once per epoch, in a new order, and each time with a new sampling seed: a
+    prompt does not get the same completions again the next epoch."""
+    generated = []
+    spy(monkeypatch, rollout, "generate", generated)
     train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path, "--algo", "grpo",
                                               "--beta", "0", "--epochs", "2", "--max-completion-length", "2",
                                               "--save-every", "100")))
+    seeds = [seed for args, _ in generated for seed in args[5]]
+    assert len(seeds) == 16 and len(set(seeds)) == 16   # 8 samples x 2 epochs, no seed twice
     from conftest import read_log
     log = read_log(tmp_path)
     samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
