@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import encoding
 import metrics
 import rewards
+import rollout
 
 
 def setting(default, help):
@@ -128,6 +129,9 @@ class Config:
     top_p: float = setting(0.95, "nucleus sampling of the rollouts")
     top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
     repetition_penalty: float = setting(1.0, "1.0 = off")
+    decode: str = setting("eager", "how rollouts decode: eager (generate over a growing KV cache) or compiled (a "
+                                   "static KV cache, the language model's decode step through torch.compile; the "
+                                   "same tokens; compiles once per prompt-length bucket)")
     prompt_template: str = setting("ours", encoding.TEMPLATE_HELP)
     # reward and CARE
     reward_rules: str = setting("ours", "how accuracy and format are scored: ours, official (the public GRPO-CARE "
@@ -231,6 +235,7 @@ def check_settings(cfg):
         (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
         (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
         (cfg.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {cfg.repetition_penalty}"),
+        (cfg.decode in rollout.DECODES, f"--decode must be one of {', '.join(rollout.DECODES)}, got {cfg.decode!r}"),
         (cfg.fps > 0, f"--fps must be > 0, got {cfg.fps}"),
         (1 <= cfg.min_frames <= cfg.max_frames, f"need 1 <= --min-frames <= --max-frames, got "
                                                 f"{cfg.min_frames} and {cfg.max_frames}"),

@@ -460,9 +460,11 @@ def model_inputs(prompts):
 def select_prompt(prompts, i):
     """Prompt i of a collated batch as a batch of its own: left padding removed, and its own
     image and video patches (the visual tensors are concatenated over the prompts that have
-    one, in prompt order)."""
+    one, in prompt order). A batch without mm_token_type_ids is text only."""
     keep = prompts["attention_mask"][i].bool()
-    out = {k: prompts[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out = {k: prompts[k][i:i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in prompts}
+    if "mm_token_type_ids" not in prompts:  # a text-only prompt batch (a judge's)
+        return out
     mm = prompts["mm_token_type_ids"]
     for kind, pix, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
         has = (mm == kind).any(dim=1)  # [P] which prompts carry this kind of visual

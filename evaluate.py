@@ -19,8 +19,9 @@ the option it answered. A judge reply we cannot parse is counted as undecided (a
 consistent), never dropped.
 
 The work list (every file's samples, in order) is cut into batches of --batch-size; batch k
-goes to process k mod W and is generated under a seed fixed by k, so W processes write what
-one writes, and a resumed run what an uninterrupted one writes. Each process appends its rows
+goes to process k mod W, and each sample is sampled from its own random stream, seeded by
+--seed and the sample's key, so W processes write what one writes, any --batch-size what any
+other does, and a resumed run what an uninterrupted one writes. Each process appends its rows
 to predictions.part<rank>.jsonl as it goes; a re-run skips the batches whose rows are all
 written and evaluates a partly written one again, whole (after a change of --data or --limit
 the batches shift, and finished rows are reused as they are). At the end the new rows are
@@ -36,6 +37,7 @@ settings stops and names each change, and --overwrite starts over.
 import argparse
 import json
 import os
+import random
 import sys
 from collections import defaultdict
 
@@ -128,6 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.001, metavar="P",
                    help="nucleus sampling: the probability mass kept")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1.0 = off")
+    p.add_argument("--decode", choices=rollout.DECODES, default="eager",
+                   help="eager, or compiled (a static KV cache, the language model's decode step compiled)")
     p.add_argument("--scoring", choices=rewards.RULES, default="ours",
                    help="the rules that score each answer: ours, official (the public GRPO-CARE evaluation: the "
                         "first <answer>, exact letters, OCR and free-form 0) or seed-bench-r1 (its first-letter "
@@ -149,7 +153,7 @@ def parse_args(argv=None):
                    help="the model's weights and compute: bf16, or no (fp32); auto: bf16 on GPU, no on CPU. "
                         "Recorded resolved, so auto on a CPU and no share their rows")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds each batch's sampling (with the batch's index) and the option order of training files")
+                   help="seeds each sample's sampling (with its key) and the option order of training files")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip and count samples whose row, video or image cannot be read, instead of stopping")
     p.add_argument("--overwrite", action="store_true",
@@ -336,8 +340,8 @@ def main(argv=None):
                 continue
             prompts = {key: (v.to(device) if torch.is_tensor(v) else v)
                        for key, v in encoding.collate_prompts(encoded, tokenizer).items()}
-            torch.manual_seed(args.seed * 1_000_003 + k)  # the batch's own seed, whatever the process
-            texts = rollout.generate(model, prompts, tokenizer, 1, gen_config).texts
+            seeds = [sample_seed(args.seed, item[0]) for item in kept]   # whatever the batch or process
+            texts = rollout.generate(model, prompts, tokenizer, 1, gen_config, seeds, decode=args.decode).texts
             rows = [{"key": key, "sample_id": s.sample_id, "benchmark": bench, "level": s.level,
                      "domain": s.domain, "problem_type": s.problem_type, "solution": s.solution,
                      "completion": text, **score(s, text, args.scoring), "settings": tag}
@@ -358,6 +362,11 @@ def main(argv=None):
         summary = write_summary(args, settings, rows, skipped)
     accelerator.wait_for_everyone()
     return summary
+
+
+def sample_seed(seed, key):
+    """The sampling seed of one sample of the work list, fixed by --seed and its key."""
+    return random.Random(f"{seed}/{key}").getrandbits(63)
 
 
 def one_line(message):

@@ -73,7 +73,8 @@ def judge_text(tokenizer, question, reasoning):
 
 @torch.no_grad()
 def judge_replies(judge, tokenizer, texts, max_new_tokens):
-    """Greedy replies of the judge model to a batch of text prompts."""
+    """Greedy replies of the judge model to a batch of text prompts, through rollout.generate
+    (the decode path of training and evaluation)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The judge's own end of sequence, and every one its checkpoint lists (rollout.stop_ids).
@@ -81,9 +82,8 @@ def judge_replies(judge, tokenizer, texts, max_new_tokens):
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop),
                               pad_token_id=tokenizer.pad_token_id, num_beams=1)
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(judge.device)
-    with rollout.own_generation_config(judge, config), rollout.decode_attention():
-        out = judge.generate(**enc, generation_config=config)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompts = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}   # text only
+    return rollout.generate(judge, prompts, tokenizer, 1, config).texts
 
 
 def judge_rows(judge, tokenizer, samples, rows, max_new_tokens):

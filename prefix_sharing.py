@@ -6,7 +6,8 @@ Computing them once gives every completion token exactly what G separate sequenc
 while the prompt (thousands of video tokens) and the vision tower run once per group instead
 of G times:
 
-- in generation, `prefilled`: the prompt is prefilled once and its KV cache copied G times;
+- in generation, `prefilled`: the prompt is prefilled once and its KV cache copied G times,
+  and the P prompts' caches are merged so that all P x G rows decode together;
 - in scoring (reference and policy, forward and backward), `packed`: the prompt and its G
   completions are packed into one row [prompt | c_1 | ... | c_G] with a mask under which c_i
   sees the prompt and its own earlier tokens only, and the G completions' gradients meet in the
@@ -21,26 +22,43 @@ Reaches into library internals are tagged `internal:` with the reason.
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
 from encoding import VISUAL_KEYS, model_inputs, select_prompt
 
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
-def prefilled(model, prompt, num_generations):
-    """generate() inputs for G samples of one prompt (a batch of one) whose video, image and
-    text (all but the last token) went through the model once: its KV cache, copied G times, is
-    passed as past_key_values, so generate() only runs the last prompt token and the new ones.
-    Without this, generate() expands the prompt to G rows first and prefills it G times."""
-    g = num_generations
-    head = {k: (v[:, :-1] if k in TEXT_KEYS else v) for k, v in model_inputs(prompt).items()}
-    # internal: transformers keeps the last call's 3D-RoPE offset here; it is not this prompt's.
-    model.model.rope_deltas = None
-    cache = model(**head, use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(g)
-    # The prefill left the prompt's 3D-RoPE offset in model.model.rope_deltas (one row, which
-    # generate() broadcasts over the G rows): the new tokens continue the prompt's positions.
-    return {**{k: prompt[k].repeat_interleave(g, dim=0) for k in TEXT_KEYS}, "past_key_values": cache}
+def prefilled(model, prompts, num_generations):
+    """generate() inputs for G samples of each of the P prompts of a collated batch, all P x G
+    rows decoded together. Each prompt's video, image and text (all but its last token) go
+    through the model once, alone, and its KV cache is copied G times; the P caches are
+    left-padded to the batch's width, as the prompts are (the attention mask hides the padding),
+    and each row keeps its own prompt's 3D-RoPE offset. So a prompt's rows see exactly what they
+    would see decoded on their own. Without this, generate() expands every prompt to G rows and
+    prefills each G times."""
+    g, width = num_generations, prompts["input_ids"].shape[1]
+    keys, values, deltas = [], [], []
+    for i in range(prompts["input_ids"].shape[0]):
+        one = select_prompt(prompts, i)
+        head = {k: (v[:, :-1] if k in TEXT_KEYS else v) for k, v in model_inputs(one).items()}
+        # internal: transformers keeps the last call's 3D-RoPE offset here; it is not this prompt's.
+        model.model.rope_deltas = None
+        cache = model(**head, use_cache=True, logits_to_keep=1).past_key_values
+        pad = width - one["input_ids"].shape[1]   # this prompt's left padding in the batch
+        keys.append([F.pad(layer.keys, (0, 0, pad, 0)) for layer in cache.layers])        # [1, kv_heads, width - 1, d]
+        values.append([F.pad(layer.values, (0, 0, pad, 0)) for layer in cache.layers])
+        deltas.append(model.model.rope_deltas)   # [1, 1] (None for a text-only model)
+    merged = DynamicCache()
+    for layer in range(len(keys[0])):  # rows p0 x G, p1 x G, ...: [P*G, kv_heads, width - 1, d]
+        merged.update(torch.cat([k[layer] for k in keys]).repeat_interleave(g, dim=0),
+                      torch.cat([v[layer] for v in values]).repeat_interleave(g, dim=0), layer)
+        for k, v in zip(keys, values):  # free each prompt's own copy as soon as it is merged
+            k[layer] = v[layer] = None
+    if deltas[0] is not None:  # the new tokens continue each row's own prompt positions
+        model.model.rope_deltas = torch.cat(deltas).repeat_interleave(g, dim=0)   # [P*G, 1]
+    return {**{k: prompts[k].repeat_interleave(g, dim=0) for k in TEXT_KEYS if k in prompts}, "past_key_values": merged}
 
 
 def prompt_positions(model, prompts):

@@ -11,16 +11,21 @@ Explained in docs/algorithm.md#2-sampling-a-group and #7-the-policy-loss.
 Reaches into library internals are tagged `internal:` with the reason.
 """
 
-from contextlib import contextmanager
+import copy
+import math
+import random
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StaticCache
+from transformers.generation import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                     TopPLogitsWarper)
 
 import prefix_sharing
-from encoding import model_inputs, select_prompt
 
 
 @dataclass
@@ -96,51 +101,134 @@ def completion_mask_from_ids(completion_ids, eos_ids):
     return mask, ~has_eos
 
 
+def row_seeds(seeds, num_generations):
+    """The sampling seed of each of the P x G rows: row j of the prompt whose seed is s gets one
+    fixed by (s, j) alone, so it does not depend on the other rows, prompts or processes."""
+    return [random.Random(f"{s}/{j}").getrandbits(63) for s in seeds for j in range(num_generations)]
+
+
+class SeededSampling(LogitsProcessor):
+    """Samples each row's next token from its own random stream: the scores the other logits
+    processors left (repetition penalty, suppressed tokens) go through temperature, top-k and
+    top-p (transformers' own warpers, in generate()'s order), and token i is drawn with
+    probability p_i by inverse CDF from one uniform per row and step, drawn up front from a CPU
+    generator seeded by the row's seed (the same draws on any device). Returns scores that are 0
+    at the drawn token and -inf elsewhere, so generate()'s greedy step picks it."""
+
+    def __init__(self, gen_config, seeds, prompt_width, device):
+        self.warpers = ([TemperatureLogitsWarper(gen_config.temperature)] if gen_config.temperature != 1.0 else []) + \
+                       ([TopKLogitsWarper(gen_config.top_k)] if gen_config.top_k else []) + \
+                       ([TopPLogitsWarper(gen_config.top_p)] if gen_config.top_p < 1.0 else [])
+        n = max(1, gen_config.max_new_tokens)
+        self.uniform = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                                    for s in seeds]).to(device)          # [rows, max_new_tokens]
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores):
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)                 # [rows, V]
+        u = self.uniform[:, input_ids.shape[1] - self.prompt_width, None] * cdf[:, -1:]   # [rows, 1]
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)    # p_token > 0
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
+def greedy_copy(gen_config):
+    """gen_config with sampling off: SeededSampling does it, as the last logits processor."""
+    config = copy.deepcopy(gen_config)
+    config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# --decode compiled: a static KV cache and the language model's decode step through torch.compile
+
+DECODES = ("eager", "compiled")
+BUCKET = 256   # the static cache's length is rounded up to this: nearby prompt lengths share a graph
+
+
+def cache_length(prompt_tokens, max_new_tokens, bucket=BUCKET):
+    """Positions the static cache holds: prompt + new tokens, rounded up to a multiple of bucket."""
+    return -(-(prompt_tokens + max_new_tokens) // bucket) * bucket
+
+
+def static_cache(model, inputs, max_new_tokens):
+    """generate() inputs with their filled DynamicCache (prefix_sharing.prefilled) copied into a
+    StaticCache: one preallocated [rows, kv_heads, length, head_dim] buffer per layer, written in
+    place, so that every decode step has the same shapes."""
+    width = inputs["input_ids"].shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=cache_length(width, max_new_tokens))
+    for i, layer in enumerate(inputs["past_key_values"].layers):
+        cache.update(layer.keys, layer.values, i)
+    return {**inputs, "past_key_values": cache}
+
+
+_COMPILED = weakref.WeakKeyDictionary()   # language model -> its compiled forward, made once
+
+
+@contextmanager
+def compiled_language_model(model):
+    """Run the language model's forward through torch.compile inside the block (CUDA graphs on a
+    GPU). Only it: the vision tower never runs in a decode step, and the 3D-RoPE bookkeeping
+    (rope_deltas, which differ from one prompt batch to the next) and the sampling stay eager
+    around it, so a compiled graph never holds one batch's positions."""
+    lm = model.model.language_model
+    if lm not in _COMPILED:
+        mode = "reduce-overhead" if next(lm.parameters()).is_cuda else "default"
+        _COMPILED[lm] = torch.compile(lm.forward, mode=mode, dynamic=False)
+    # internal: an instance attribute shadows the class's forward for the block; del restores it.
+    lm.forward = _COMPILED[lm]
+    try:
+        yield
+    finally:
+        del lm.forward
+
+
 @torch.no_grad()
-def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, group_inputs=None):
-    """Sample num_generations completions for each prompt of the collated batch.
+def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, batch_inputs=None,
+             decode="eager"):
+    """Sample num_generations completions for each prompt of the collated batch, all P x G rows
+    in one decode.
 
-    seeds=None: one generate call for the whole batch (evaluation). With one seed per prompt
-    (training), each prompt's group is sampled on its own right after torch.manual_seed(seed):
-    the completions a prompt gets then depend on (run seed, step, prompt) only, not on which
-    rank it landed on or which prompts share its batch, so a 2-process run samples exactly what
-    a 1-process run with the same global batch samples, and a resumed run what the
-    uninterrupted run would have.
+    With gen_config.do_sample, row j of prompt i draws its tokens from its own random stream,
+    seeded by (seeds[i], j) (row_seeds, SeededSampling): a prompt's completions depend on its
+    seed only, not on which prompts share its batch or process, nor on a resume. Training passes
+    one seed per prompt fixed by (run seed, step, prompt); seeds=None draws them from torch's
+    global generator. Without sampling (greedy) the seeds play no part.
 
-    group_inputs(model, prompt, G) gives generate()'s inputs for one group: by default
-    prefix_sharing.prefilled (the prompt prefilled once, its KV cache copied G times);
-    bench/baselines.repeated_prompt repeats the prompt G times instead."""
-    group_inputs = group_inputs or prefix_sharing.prefilled
+    batch_inputs(model, prompts, G) gives generate()'s inputs for the P x G rows: by default
+    prefix_sharing.prefilled (each prompt prefilled once, its KV cache copied G times);
+    bench/baselines.repeated_inputs repeats each prompt G times instead. decode "compiled"
+    decodes over a static cache with the language model compiled (compiled_language_model); the
+    same sampling, the same tokens up to the last bits of the logits."""
+    batch_inputs = batch_inputs or prefix_sharing.prefilled
     was_training = model.training
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
-    g = num_generations
-    rows = []
-
-    def sample(**inputs):
+    p, g = prompts["input_ids"].shape[0], num_generations
+    width = prompts["input_ids"].shape[1]
+    call, processors = gen_config, []
+    if gen_config.do_sample:
+        seeds = torch.randint(2 ** 62, (p,)).tolist() if seeds is None else list(seeds)
+        call = greedy_copy(gen_config)
+        processors = [SeededSampling(gen_config, row_seeds(seeds, g), width, prompts["input_ids"].device)]
+    inputs = batch_inputs(model, prompts, g)
+    compiled = nullcontext()
+    if decode == "compiled":
+        inputs, compiled = static_cache(model, inputs, gen_config.max_new_tokens), compiled_language_model(model)
+        call = copy.deepcopy(call)
+        call.disable_compile = True   # generate() would compile the whole model; ours is the language model
+    with own_generation_config(model, call), decode_attention(), compiled:
         # Each process samples on its own. Under FSDP, call generate() inside fsdp.gathered (as
         # train.py does), where the forwards need no collective. transformers would otherwise
         # see FSDP and keep every process stepping until all are done (an all-reduce per token),
         # which deadlocks when processes make different numbers of calls: --skip-bad-samples
         # can leave them with different numbers of prompts.
-        with decode_attention():
-            return model.generate(**inputs, generation_config=gen_config, synced_gpus=False)
-
-    with own_generation_config(model, gen_config):
-        if seeds is None:
-            gen_config.num_return_sequences = g
-            rows.extend(sample(**model_inputs(prompts))[:, prompts["input_ids"].shape[1]:])
-        for i, seed in enumerate(seeds or []):
-            one = select_prompt(prompts, i)
-            torch.manual_seed(seed)
-            gen_config.num_return_sequences = 1
-            out = sample(**group_inputs(model, one, g))
-            rows.extend(out[:, one["input_ids"].shape[1]:])
+        out = model.generate(**inputs, generation_config=call, logits_processor=LogitsProcessorList(processors),
+                             synced_gpus=False)
     model.train(was_training)
-    pad = gen_config.pad_token_id
-    if max(len(r) for r in rows) == 0:  # max_new_tokens=0: keep shapes valid
-        rows = [r.new_full((1,), pad) for r in rows]
-    # Groups of different prompts can stop at different lengths: pad after the end of turn.
-    completion_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    completion_ids = out[:, width:]                                          # [P*G, T]
+    if completion_ids.shape[1] == 0:  # max_new_tokens=0: keep shapes valid
+        completion_ids = out.new_full((p * g, 1), gen_config.pad_token_id)
     mask, truncated = completion_mask_from_ids(completion_ids, gen_config.eos_token_id)
     texts = [tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True)
              for ids, m in zip(completion_ids, mask)]

@@ -261,7 +261,7 @@ def run(cfg, accelerator, resume):
         # 1. Generate: G completions per prompt, sampled by the policy.
         with guards.oom_hint("rollout", cfg), fsdp.gathered(policy), accelerator.autocast():
             completions = rollout.generate(policy, batch.prompts, tokenizer, cfg.num_generations, gen_config,
-                                           batch.seeds)
+                                           batch.seeds, decode=cfg.decode)
         # 2. Rewards, the CARE bonus (the reference scores each stated answer) and advantages, [P, G].
         with guards.oom_hint("reference scoring", cfg), accelerator.autocast():
             scores = score_rollout(cfg, completions, batch.samples, ref_model, tokenizer)

@@ -2,7 +2,7 @@
 compare prefix sharing (prefix_sharing.py) with: every prompt, its video included, repeated G
 times, in generation and in scoring.
 
-    rollout.generate(model, prompts, tokenizer, g, gen_config, seeds, group_inputs=repeated_prompt)
+    rollout.generate(model, prompts, tokenizer, g, gen_config, seeds, batch_inputs=repeated_inputs)
     rollout.completion_logprobs(model, rollout, chunk_size, layout=repeated)
 """
 
@@ -34,10 +34,10 @@ def repeat_prompts(prompts, num_generations):
     return out
 
 
-def repeated_prompt(model, prompt, num_generations):
-    """generate() inputs for G samples of one prompt: the prompt repeated G times, so generate()
-    prefills it (and runs its video through the vision tower) G times."""
-    return model_inputs(repeat_prompts(prompt, num_generations))
+def repeated_inputs(model, prompts, num_generations):
+    """generate() inputs for G samples of each prompt: every prompt repeated G times, so
+    generate() prefills it (and runs its video through the vision tower) G times."""
+    return model_inputs(repeat_prompts(prompts, num_generations))
 
 
 def repeated(model, rollout):

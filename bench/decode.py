@@ -1,18 +1,21 @@
-"""Decode speed: HF generate (dynamic KV cache, eager forward) against static_decode (static KV
-cache, torch.compile'd forward), both through rollout.generate with one prefill per group.
+"""Rollout speed: P prompts x G completions decoded one group at a time (P generate calls of G
+rows, the way rollout.generate worked before) against all P x G rows in one decode
+(rollout.generate), and the eager decode against --decode compiled (a static KV cache, the
+language model's decode step through torch.compile). All through rollout.generate, one prefill
+per group, the same seeds: a prompt's completions are the same every way (same_tokens).
 
-    python bench/decode.py                                   # CPU, bench/step.py's model, G=8
-    python bench/decode.py --lengths 32 256 768 --json bench/decode.json
-    python bench/decode.py --device cuda --json bench/decode_gpu.json
+    python bench/decode.py                                  # CPU: P=4, G=8, 32 and 256 tokens
+    python bench/decode.py --paths batched compiled --prompts 1 4 --lengths 256 --device cuda
 
-The model and prompt are bench/step.py's (its scaled-down Qwen2.5-VL with 7B's visual-token
-counts: a 1,665-token prompt of 16 frames and an image), G completions forced to exactly each
-length (min_new_tokens), sampled at the training settings. For each length the two paths
-alternate call by call, so a slow spell of the machine falls on both. The static path's first
-call at a length includes torch.compile: its seconds minus the median of the later calls is
-reported as compile_seconds and left out of tokens/s. tokens/s = G x length / median seconds
-of a whole rollout.generate call (prefill included, the same in both). same_tokens: whether both
-paths sampled identical tokens from the same seed in every timed call. Writes --json.
+The model and prompts are bench/step.py's (its scaled-down Qwen2.5-VL with 7B's visual-token
+counts: 16 frames and an image a prompt), completions forced to exactly each length
+(min_new_tokens), sampled at the training settings. For each setting the paths alternate call
+by call, so a slow spell of the machine falls on all of them. The compiled path's first call
+compiles: its seconds minus the median of the later calls are compile_seconds, left out of
+tokens/s = P x G x length / the median seconds of a whole rollout (prefill included, the same in
+every path). With --weights-gb and --bandwidth-gbs (bench/cuda_check.sh sets them for the 7B
+model on an H100/H200) each decode rate is also set against the bound of reading the weights
+once per decode step: rows / (weights / bandwidth). Writes --json.
 """
 
 import argparse
@@ -33,46 +36,72 @@ import data  # noqa: E402
 import encoding  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
-import static_decode  # noqa: E402
 import step  # noqa: E402
 import tiny  # noqa: E402
 
+PATHS = ("per-group", "batched", "compiled")
 
-def measure(model, prompts, tokenizer, g, length, repeats, device):
-    """Seconds of each call, per path, alternating; and whether their tokens agreed."""
+
+def run_path(path, model, prompts, tokenizer, g, gen, seeds):
+    """One rollout of the P prompts by `path`: [P*G, T] completion ids."""
+    if path == "per-group":
+        ids = [rollout.generate(model, encoding.select_prompt(prompts, i), tokenizer, g, gen, [seed]).completion_ids
+               for i, seed in enumerate(seeds)]
+        return torch.nn.utils.rnn.pad_sequence([r for x in ids for r in x], batch_first=True,
+                                               padding_value=gen.pad_token_id)
+    decode = "compiled" if path == "compiled" else "eager"
+    return rollout.generate(model, prompts, tokenizer, g, gen, seeds, decode=decode).completion_ids
+
+
+def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, weights_gb=None, bandwidth_gbs=None):
+    """Seconds of each call per path, alternating, and whether every path sampled the same."""
+    p = prompts["input_ids"].shape[0]
     gen = rollout.sampling_config(tokenizer, length)
     gen.min_new_tokens = length
     cuda = device.type == "cuda"
-    seconds = {"hf": [], "static": []}
+    seconds = {path: [] for path in paths}
     same = True
-    for i in range(repeats + 1):  # call 0: the static path compiles
+    for i in range(repeats + 1):  # call 0: the compiled path compiles
         ids = {}
-        for path in ("hf", "static"):
+        for path in paths:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                run = rollout.generate if path == "hf" else static_decode.generate
-                out = run(model, prompts, tokenizer, g, gen, seeds=[i])
+                ids[path] = run_path(path, model, prompts, tokenizer, g, gen, [1000 * i + k for k in range(p)])
             if cuda:
                 torch.cuda.synchronize()
             seconds[path].append(time.perf_counter() - t0)
-            ids[path] = out.completion_ids
-        same &= torch.equal(ids["hf"], ids["static"])
-    median = {p: statistics.median(s[1:]) for p, s in seconds.items()}
-    return {"length": length, "seconds": seconds, "median_seconds": median,
-            "tokens_per_second": {p: g * length / median[p] for p in median},
-            "static_speedup": median["hf"] / median["static"],
-            "compile_seconds": seconds["static"][0] - median["static"],
-            "same_tokens": bool(same)}
+        same &= all(torch.equal(ids[paths[0]], ids[q]) for q in paths[1:])
+    median = {q: statistics.median(s[1:]) for q, s in seconds.items()}
+    rate = {q: p * g * length / median[q] for q in median}
+    out = {"prompts": p, "num_generations": g, "rows": p * g, "length": length, "seconds": seconds,
+           "median_seconds": median, "tokens_per_second": rate, "same_tokens": bool(same)}
+    if "per-group" in paths and "batched" in paths:
+        out["batched_speedup"] = median["per-group"] / median["batched"]
+    if "compiled" in paths:
+        out["compile_seconds"] = seconds["compiled"][0] - median["compiled"]
+        if "batched" in paths:
+            out["compiled_speedup"] = median["batched"] / median["compiled"]
+    if weights_gb and bandwidth_gbs:  # the decode rate if each step only read the weights once
+        bound = p * g * bandwidth_gbs / weights_gb
+        out["weight_bandwidth_bound_tokens_per_second"] = bound
+        out["fraction_of_bound"] = {q: r / bound for q, r in rate.items()}
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 256, 768])
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path and length, after the first")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model and prompt (the test)")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[4], help="P: prompts decoded together")
+    parser.add_argument("--num-generations", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 256], help="completion tokens")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["per-group", "batched"],
+                        help="per-group (one generate per prompt), batched (one for all), compiled (batched, "
+                             "--decode compiled)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path and setting, after the first")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and prompts (the test)")
+    parser.add_argument("--weights-gb", type=float, default=None, help="bytes the decode step reads (the weights)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the device's memory bandwidth, GB/s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "decode.json"))
     args = parser.parse_args(argv)
@@ -90,21 +119,23 @@ def main(argv=None):
             budget = encoding.budget_from_checkpoint(model_dir, **step.BUDGET)
         model = models.load_model(model_dir, "sdpa").to(device).eval()
         samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", root)
-        sample = next(s for s in samples if s.video and s.image)
-        prompts = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in encoding.collate_prompts(
-            [encoding.encode_prompt(sample, tokenizer, budget)], tokenizer).items()}
+        # Prompts of different lengths (image-only ones among them where the data has some).
+        encoded = [encoding.encode_prompt(s, tokenizer, budget) for s in samples[:max(args.prompts)]]
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "num_generations": args.num_generations, "prompt_tokens": int(prompts["input_ids"].shape[1]),
-           "results": []}
-    for length in args.lengths:
-        r = measure(model, prompts, tokenizer, args.num_generations, length, args.repeats, device)
-        out["results"].append(r)
-        print(f"{length} tokens: hf {r['tokens_per_second']['hf']:.0f} tok/s, static "
-              f"{r['tokens_per_second']['static']:.0f} tok/s ({r['static_speedup']:.2f}x), compile "
-              f"{r['compile_seconds']:.1f} s, same tokens: {r['same_tokens']}", flush=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "paths": args.paths, "results": []}
+    for p in args.prompts:
+        prompts = {k: (v.to(device) if torch.is_tensor(v) else v)
+                   for k, v in encoding.collate_prompts(encoded[:p], tokenizer).items()}
+        for length in args.lengths:
+            r = measure(model, prompts, tokenizer, args.num_generations, length, args.repeats, device, args.paths,
+                        args.weights_gb, args.bandwidth_gbs)
+            r["prompt_tokens"] = [int(e["input_ids"].shape[0]) for e in encoded[:p]]
+            out["results"].append(r)
+            rates = ", ".join(f"{q} {r['tokens_per_second'][q]:,.0f} tok/s" for q in args.paths)
+            print(f"P={p} G={args.num_generations} {length} tokens: {rates}; same tokens: {r['same_tokens']}",
+                  flush=True)
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
     return out
 
 

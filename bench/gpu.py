@@ -3,7 +3,9 @@
     python bench/gpu.py                          # 7B shapes, 4 and 8 decoder layers (2 and 4 under 100 GiB)
     python bench/gpu.py --layers 4 --json out.json
     python bench/gpu.py --tiny                   # a tiny model on CPU: the test keeps this file working
-    python bench/gpu.py --layers 4 --decode      # and HF generate against static_decode, same model
+    python bench/gpu.py --layers 28 --lora-rank 64   # all 28 layers: LoRA fits on one GPU
+    python bench/gpu.py --layers 4 --decode --decode-prompts 1 4   # and the eager decode against
+                                                                   # --decode compiled, at 8 and 32 rows
 
 The model is a randomly initialised Qwen2_5_VLForConditionalGeneration with Qwen2.5-VL-7B-Instruct's
 shapes (bench/memory.py's QWEN25_VL_7B: hidden 3584, 28 heads, 4 KV heads, MLP 18944, vocab 152064,
@@ -31,10 +33,13 @@ up per shape shows there), the last is the one reported. Each phase: seconds (to
 (torch.cuda.max_memory_allocated, the peak reset before the phase), and for the rollout the
 decode rate, from a second generate of one token (prefill only) subtracted from the full one.
 Each phase's peak is set against bench/memory.py's estimate for the same shapes on one GPU
-(no CUDA context: max_memory_allocated does not see it). With --decode, the same policy then
-generates --completion tokens both ways, HF generate and static_decode (static KV cache,
-compiled step), alternating (bench/decode.measure; the static path's first call, which
-compiles, kept apart as compile_seconds). Writes --json.
+(no CUDA context: max_memory_allocated does not see it). --lora-rank R trains rank-R adapters
+on the frozen fp32 base as train.py --lora-rank does (lora.py: CARE's reference an fp32 EMA of
+the adapters over the same base, no second copy), which lets all 28 layers fit on one GPU.
+With --decode, the same policy then decodes --completion tokens for each --decode-prompts P
+(P x G rows) both ways, eager and --decode compiled, alternating (bench/decode.measure; the
+compiled path's first call, which compiles, kept apart as compile_seconds), each rate set
+against reading the bf16 language-model weights once per step at --bandwidth-gbs. Writes --json.
 """
 
 import argparse
@@ -129,16 +134,24 @@ class Meter:
         return out
 
 
-def prompt_batch(tokenizer, workdir, device):
-    root = tiny.build_seed_bench(os.path.join(workdir, "data"), n_train=4, n_val=1, n_frames=16)
+def prompt_batch(tokenizer, workdir, device, n=1):
+    """n synthetic SEED-Bench-R1 prompts with a video and an image at the official budget."""
+    root = tiny.build_seed_bench(os.path.join(workdir, "data"), n_train=4 * n, n_val=1, n_frames=16)
     samples, _ = data.load_samples(f"{root}/annotations/training_6k.jsonl", root)
-    sample = next(s for s in samples if s.video and s.image)
+    chosen = [s for s in samples if s.video and s.image][:n]
     budget = encoding.VisualBudget(**OFFICIAL_BUDGET)
-    batch = encoding.collate_prompts([encoding.encode_prompt(sample, tokenizer, budget)], tokenizer)
+    batch = encoding.collate_prompts([encoding.encode_prompt(s, tokenizer, budget) for s in chosen], tokenizer)
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def one_config(args, tokenizer, prompts, layers, attn, device):
+def lora_settings(rank):
+    """train.py's LoRA settings at their defaults, with rank: what lora.add_adapters reads."""
+    import config
+    cfg = config.parse_config(["--lora-rank", str(rank), "--algo", "care"])
+    return cfg
+
+
+def one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts=None):
     """Build the policy and reference, run a warm-up step, then the measured step."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     cuda = device.type == "cuda"
@@ -146,7 +159,13 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
     config = model_config(tokenizer, layers, args.tiny, attn)
     with torch.device(device):
         policy = Qwen2_5_VLForConditionalGeneration(config)  # fp32 master weights
-    ref = reference.make_reference(copy.deepcopy(policy))
+    if args.lora_rank:  # adapters on the frozen base; the reference their EMA over the same base
+        import lora
+        cfg = lora_settings(args.lora_rank)
+        policy = lora.add_adapters(policy, cfg)
+        ref = lora.make_reference(cfg, policy)
+    else:
+        ref = reference.make_reference(copy.deepcopy(policy))
     # train.load_policy: checkpointed layers, no cache in training forwards, train mode.
     policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
@@ -221,7 +240,7 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
               "phases": meter.rows, "warmup_seconds": {k: v["seconds"] for k, v in warm.rows.items()},
               "first_step_seconds": {k: v["seconds"] for k, v in first.rows.items()},
               "step_seconds": sum(v["seconds"] for v in meter.rows.values())}
-    settings = memory.Settings(gpus=1, num_generations=g, frames=OFFICIAL_BUDGET["max_frames"],
+    settings = memory.Settings(gpus=1, num_generations=g, frames=OFFICIAL_BUDGET["max_frames"], lora_rank=args.lora_rank,
                                video_max_pixels=OFFICIAL_BUDGET["video_max_pixels"],
                                image_max_pixels=OFFICIAL_BUDGET["image_max_pixels"], completion=t,
                                chunk=args.chunk, compute_bytes=2 if cuda else 4, flash_attention=True,
@@ -232,7 +251,10 @@ def one_config(args, tokenizer, prompts, layers, attn, device):
                           "static_gib": est["static_gib"]}
     if args.decode:
         import decode  # bench/decode.py
-        result["decode"] = decode.measure(policy, prompts, tokenizer, g, args.completion, args.decode_repeats, device)
+        lm = sum(p.numel() for p in policy.model.language_model.parameters()) + policy.lm_head.weight.numel()
+        result["decode"] = [decode.measure(policy, decode_prompts[n], tokenizer, g, args.completion, args.decode_repeats,
+                                           device, ("batched", "compiled"), 2 * lm / 1e9, args.bandwidth_gbs)
+                            for n in args.decode_prompts]
     if cuda:
         result["measured_over_predicted"] = {p: meter.rows[p]["peak_gib"] / est["phases_gib"][p]
                                              for p in ("rollout", "reference", "policy", "optimizer")}
@@ -309,9 +331,14 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=2,
                         help="measured steps per configuration; the last is reported, the first's seconds kept")
     parser.add_argument("--no-cudnn-sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on the frozen base (0: "
+                                                                  "full fine-tuning)")
     parser.add_argument("--decode", action="store_true",
-                        help="also time HF generate against static_decode on the same policy (bench/decode.py)")
+                        help="also time the eager decode against --decode compiled on the same policy (bench/decode.py)")
+    parser.add_argument("--decode-prompts", type=int, nargs="+", default=[1], help="P for --decode: P x G rows")
     parser.add_argument("--decode-repeats", type=int, default=2, help="timed calls per decode path, after the first")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the GPU's memory bandwidth, for --decode's "
+                                                                          "bound (H200 4800, H100 SXM 3350)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "gpu.json"))
@@ -332,27 +359,31 @@ def main(argv=None):
     tokenizer = tiny.build_tokenizer()
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__, "tiny": args.tiny,
-           "num_generations": args.num_generations, "flash_attn_installed": flash,
+           "num_generations": args.num_generations, "lora_rank": args.lora_rank, "flash_attn_installed": flash,
            "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(), "repeat": args.repeat, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = prompt_batch(tokenizer, tmp, device)
+        decode_prompts = {n: prompt_batch(tokenizer, os.path.join(tmp, f"p{n}"), device, n)
+                          for n in (args.decode_prompts if args.decode else [])}
     runs = [(layers, attns[0]) for layers in args.layers] + [(args.layers[0], a) for a in attns[1:]]
     for layers, attn in runs:
         gc.collect()  # the previous configuration's models (or what an out-of-memory error left)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            out["results"].append(one_config(args, tokenizer, prompts, layers, attn, device))
+            out["results"].append(one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts))
         except torch.OutOfMemoryError as e:
             out.setdefault("errors", []).append({"layers": layers, "attn": attn, "error": f"out of memory: {e}"})
             print(f"{layers} layers, {attn}: out of memory", flush=True)
             continue
         r = out["results"][-1]
-        if "decode" in r:
-            d = r["decode"]
-            print(f"{layers} layers, {attn}: decode {d['length']} tokens: hf {d['tokens_per_second']['hf']:,.0f} "
-                  f"tok/s, static {d['tokens_per_second']['static']:,.0f} tok/s ({d['static_speedup']:.2f}x), "
-                  f"compile {d['compile_seconds']:.1f} s, same tokens: {d['same_tokens']}", flush=True)
+        for d in r.get("decode", []):
+            bound = d.get("fraction_of_bound")
+            print(f"{layers} layers, {attn}: decode {d['rows']} rows x {d['length']} tokens: eager "
+                  f"{d['tokens_per_second']['batched']:,.0f} tok/s, compiled {d['tokens_per_second']['compiled']:,.0f} "
+                  f"tok/s ({d['compiled_speedup']:.2f}x), compile {d['compile_seconds']:.1f} s, same tokens: "
+                  f"{d['same_tokens']}" + (f"; of the weight-bandwidth bound: eager {bound['batched']:.0%}, compiled "
+                                           f"{bound['compiled']:.0%}" if bound else ""), flush=True)
         print(f"{layers} layers, {attn}: first step's rollout {r['first_step_seconds']['rollout']:.2f} s; "
               f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")

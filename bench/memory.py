@@ -200,6 +200,8 @@ def estimate(shapes, s, prompt_tokens=None, patches=None, completion=None):
         gathered = (shapes.params - shapes.embed_params) * c
     else:
         gathered = 0
+    # All P x G rows decode together (rollout.generate), so the cache holds every row's prompt
+    # and completion at once.
     kv_cache = 2 * shapes.layers * b * seq * shapes.kv_dim * c
     # One prompt at a time, prefilled once and its cache copied for the G samples (the public
     # code prefills the G copies together).
@@ -295,18 +297,31 @@ def plan(shapes_for, base=None):
                         row["change"] = {"flags": " ".join(k[0] for k in knobs), "peak_gib": e["peak_gib"],
                                          "headroom": e["headroom"]}
                         break
+            row["largest_p"] = largest_p(shapes_for, settings)
             rows.append(row)
     return rows
 
 
+def largest_p(shapes_for, settings, most=16):
+    """The most prompts per device (P, all P x G rows decoded together) that fit, 0 if none."""
+    fits = 0
+    for p in range(1, most + 1):
+        changed = Settings(**{**asdict(settings), "prompts_per_device": p})
+        if not estimate(shapes_for(not changed.lora_rank), changed)["fits"]:
+            break
+        fits = p
+    return fits
+
+
 def plan_table(rows):
-    lines = ["| cluster | method | fits | peak GiB (phase) | headroom | smallest change that fits |",
-             "| --- | --- | --- | ---: | ---: | --- |"]
+    lines = ["| cluster | method | fits | peak GiB (phase) | headroom | smallest change that fits | largest P that fits |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
     for r in rows:
         change = "-" if r["fits"] else (f"{r['change']['flags']}: {r['change']['peak_gib']:.1f} GiB, "
                                         f"{100 * r['change']['headroom']:.0f}% headroom" if r["change"] else "none found")
         lines.append(f"| {r['cluster']} | {r['method']} | {'yes' if r['fits'] else 'no'} | "
-                     f"{r['peak_gib']:.1f} ({r['peak_phase']}) | {100 * r['headroom']:.0f}% | {change} |")
+                     f"{r['peak_gib']:.1f} ({r['peak_phase']}) | {100 * r['headroom']:.0f}% | {change} | "
+                     f"{r.get('largest_p', '-')} |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def run(ours, args, model_dir, root):
         t0 = time.perf_counter()
         with tracker or torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             completions = rollout.generate(policy, prompts, tokenizer, g, gen, seeds=[step],
-                                    group_inputs=None if ours else baselines.repeated_prompt)
+                                    batch_inputs=None if ours else baselines.repeated_inputs)
             sync()
             t1 = time.perf_counter()
             with torch.no_grad():

@@ -255,7 +255,8 @@ def test_resume_skips_finished_samples_without_duplicates(warm_model_dir, seed_b
     real = rollout.generate
 
     def counting(model, prompts, *args, **kwargs):
-        generated.append(prompts["input_ids"].shape[0])
+        if "sample_ids" in prompts:  # the samples' own generation, not the judge's
+            generated.append(prompts["input_ids"].shape[0])
         return real(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "generate", counting)
@@ -336,9 +337,9 @@ def test_the_summary_counts_only_the_files_asked_for(warm_model_dir, seed_bench_
     L1, L2, _ = seed_files(seed_bench_root)
     argv = ["--model", warm_model_dir, "--data-root", seed_bench_root, "--output-dir", str(tmp_path), *SMALL]
     evaluate.main(argv + ["--data", L1, L2, "--limit", "3"])
-    for data, limit, levels in (([L1], "3", {"L1"}), ([L2], "1", {"L2"}), ([L2, L1], "2", {"L1", "L2"})):
-        summary = evaluate.main(argv + ["--data", *data, "--limit", limit])
-        n = len(data) * int(limit)
+    for files, limit, levels in (([L1], "3", {"L1"}), ([L2], "1", {"L2"}), ([L2, L1], "2", {"L1", "L2"})):
+        summary = evaluate.main(argv + ["--data", *files, "--limit", limit])
+        n = len(files) * int(limit)
         assert summary["all"]["n"] == n and {k for k in summary if k != "all"} == levels
         saved = json.load(open(tmp_path / "summary.json"))
         assert saved["samples"] == n and saved["results"] == json.loads(json.dumps(summary))
@@ -396,7 +397,7 @@ def test_rows_made_under_other_settings_are_never_reused(warm_model_dir, seed_be
     real = rollout.generate
 
     def recording(model, prompts, *args, **kwargs):
-        generated.extend(prompts["sample_ids"])
+        generated.extend(prompts.get("sample_ids", []))   # the samples' own generation, not the judge's
         return real(model, prompts, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "generate", recording)
@@ -613,3 +614,19 @@ def test_seed_bench_r1_scoring_refuses_other_problem_types(warm_model_dir, tmp_p
     with pytest.raises(data.DataError, match="--scoring seed-bench-r1: the seed-bench-r1 rules score multiple choice"):
         evaluate.main(["--model", warm_model_dir, "--data", f"{root}/eval_tiny.json", "--data-root", root,
                        "--output-dir", str(tmp_path / "out"), "--scoring", "seed-bench-r1", "--judge", "none"])
+
+
+def test_a_batch_is_scored_sample_by_sample(sensitive_model_dir, seed_bench_root, tmp_path):
+    """Under the prompt-sensitive model, sampling at temperature 1, every sample gets its own
+    completion; evaluated in batches of 3 or one by one, each row is the same (each sample is
+    sampled from its own seeded stream), so a batch whose prompts, videos, rows or seeds were
+    mixed up would show."""
+    rows = {}
+    for size in (3, 1):
+        out = tmp_path / f"batch{size}"
+        evaluate.main(["--model", sensitive_model_dir, "--data", seed_files(seed_bench_root)[0], "--data-root",
+                       seed_bench_root, "--output-dir", str(out), "--judge", "none", "--batch-size", str(size),
+                       "--mixed-precision", "no", *SMALL, "--temperature", "1", "--top-p", "1"])
+        rows[size] = {r["key"]: r["completion"] for r in map(json.loads, open(out / "predictions.jsonl"))}
+    assert rows[3] == rows[1] and len(rows[1]) == 4
+    assert len(set(rows[1].values())) == 4

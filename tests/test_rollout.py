@@ -248,7 +248,7 @@ def test_one_prefill_per_group_samples_what_g_prefills_sample(family_tiny_dir, t
         calls = encoder_calls(model)
         prefills.clear()
         completions = rollout.generate(model, batch, tokenizer, 4, config, seeds=[9],
-                                group_inputs=None if share else baselines.repeated_prompt)
+                                batch_inputs=None if share else baselines.repeated_inputs)
         model.model.visual._forward_hooks.clear()
         runs[share] = (completions, sum(len(c) for c in calls), sum(prefills))
     (shared, vision_s, prefill_s), (repeated, vision_r, prefill_r) = runs[True], runs[False]
@@ -312,3 +312,143 @@ def test_generation_never_uses_cudnn_attention(model, tokenizer, prompts):
     decode = seen[1:]  # the first forward is the shared prefill
     assert decode and all(not cudnn and flash for cudnn, flash in decode)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+# --- a model that sees its prompt: a mix-up of prompts, videos or groups changes the values ---
+
+@pytest.fixture(scope="module")
+def sensitive(sensitive_model_dir):
+    return models.load_model(sensitive_model_dir, "sdpa").eval()
+
+
+def one_part_changed(tokenizer, seed_bench_root, model_dir):
+    """Prompts of one token length that differ in one part each: a sample with a video and an
+    image, then the same with another clip's video, with another's image, with its options
+    reversed."""
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    a, b = [s for s in samples if s.video][:2]
+    variants = [a, dataclasses.replace(a, video=b.video), dataclasses.replace(a, image=b.image),
+                dataclasses.replace(a, options=a.options[::-1])]
+    budget = encoding.budget_from_checkpoint(model_dir, **SMALL)
+    encoded = [encoding.encode_prompt(s, tokenizer, budget) for s in variants]
+    assert len({len(e["input_ids"]) for e in encoded}) == 1   # a mix-up cannot show as a shape error
+    return encoded
+
+
+def scored_under_each(model, tokenizer, prompts, text="<think>the square is red</think><answer>B</answer><|im_end|>"):
+    """[P, T] log-probs of one completion under each prompt, P groups of one in one forward."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    p = len(prompts)
+    roll = rollout.Rollout(encoding.collate_prompts(prompts, tokenizer), ids.repeat(p, 1), torch.ones(p, len(ids)),
+                           torch.zeros(p, dtype=torch.bool), [text] * p, 1)
+    with torch.no_grad():
+        return rollout.completion_logprobs(model, roll)
+
+
+def test_the_sensitive_model_sees_every_part_of_its_prompt(sensitive, model, tokenizer, seed_bench_root,
+                                                           sensitive_model_dir, tiny_model_dir):
+    """A completion's log-probs move with the video, the image and the options under the
+    prompt-sensitive fixture (by a mean of ~0.4, 0.03 and 0.5 nats a token), and barely under the
+    plain tiny model, which is why the mix-up tests below use it."""
+    moved = {}
+    for name, net, model_dir in (("sensitive", sensitive, sensitive_model_dir), ("plain", model, tiny_model_dir)):
+        logp = scored_under_each(net, tokenizer, one_part_changed(tokenizer, seed_bench_root, model_dir))
+        moved[name] = [(logp[k] - logp[0]).abs().mean().item() for k in (1, 2, 3)]   # video, image, options
+    video, image, options = moved["sensitive"]
+    assert video > 0.1 and image > 0.01 and options > 0.1
+    assert max(moved["plain"]) < 0.02
+
+
+def test_each_group_is_sampled_from_its_own_prompt(sensitive, tokenizer, seed_bench_root, sensitive_model_dir):
+    """Four groups under one seed, their prompts differing in one part each: every group gets
+    its own prompt's completions (what it gets alone), and they differ from one another, so a
+    group sampled from another group's prompt, video or cache would show."""
+    prompts = one_part_changed(tokenizer, seed_bench_root, sensitive_model_dir)
+    config = rollout.sampling_config(tokenizer, max_new_tokens=8)
+    together = rollout.generate(sensitive, encoding.collate_prompts(prompts, tokenizer), tokenizer, 2, config,
+                                seeds=[5] * 4)
+    groups = [tuple(together.texts[2 * i:2 * i + 2]) for i in range(4)]
+    for enc, group in zip(prompts, groups):
+        alone = rollout.generate(sensitive, encoding.collate_prompts([enc], tokenizer), tokenizer, 2, config, seeds=[5])
+        assert tuple(alone.texts) == group
+    assert len(set(groups)) == 4
+
+
+def test_each_group_is_scored_under_its_own_prompt(sensitive, tokenizer, seed_bench_root, sensitive_model_dir):
+    """One completion scored under four prompts in one packed forward: each row equals that
+    prompt scored alone, and the rows differ (by > 0.01 nats a token), so scoring a group under
+    another prompt would show."""
+    prompts = one_part_changed(tokenizer, seed_bench_root, sensitive_model_dir)
+    together = scored_under_each(sensitive, tokenizer, prompts)
+    for k, enc in enumerate(prompts):
+        torch.testing.assert_close(together[k:k + 1], scored_under_each(sensitive, tokenizer, [enc]), rtol=1e-4, atol=1e-5)
+        if k:
+            assert (together[k] - together[0]).abs().mean() > 0.01
+
+
+# --- one decode for the whole batch, each row on its own random stream -------------------------
+
+def test_each_row_samples_the_processed_distribution():
+    """SeededSampling draws token i with the probability temperature, top-k and top-p leave it
+    (transformers' warpers): 20,000 rows of one set of logits, each on its own seed, against
+    those probabilities by a chi-square test (the statistic below 30 for 6 free classes is a
+    p-value above 0.001; a sampler that ignored top-p, or drew from the raw logits, would be far
+    off), and tokens top-p removed are never drawn."""
+    from transformers.generation import TopPLogitsWarper
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, -4.0, -5.0]])
+    gen = rollout.GenerationConfig(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=1)
+    rows = 20_000
+    sampler = rollout.SeededSampling(gen, list(range(rows)), prompt_width=0, device="cpu")
+    out = sampler(torch.zeros(rows, 0, dtype=torch.long), logits.repeat(rows, 1))
+    drawn = out.argmax(dim=1)
+    assert torch.all(out.max(dim=1).values == 0) and torch.all(torch.isinf(out).sum(1) == logits.shape[1] - 1)
+    kept = TopPLogitsWarper(0.95)(None, logits / 0.7)
+    p = torch.softmax(kept, dim=-1)[0].double()
+    counts = torch.bincount(drawn, minlength=logits.shape[1]).double()
+    assert counts[p == 0].sum() == 0 and (p > 0).sum() == 5   # top-p keeps 5 of the 10
+    expected = rows * p[p > 0]
+    chi2 = ((counts[p > 0] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.5, (counts.tolist(), expected.tolist())
+    raw = torch.softmax(logits, dim=-1)[0].double() * rows   # the unprocessed distribution does not fit
+    assert (((counts - raw) ** 2) / raw).sum().item() > 300
+
+
+def test_a_rows_draws_are_its_own(tokenizer):
+    """Row j of a prompt with seed s draws from a stream fixed by (s, j): the same in any batch,
+    different from the other rows and seeds."""
+    seeds = rollout.row_seeds([7, 8], 3)
+    assert seeds[:3] == rollout.row_seeds([7], 3) and seeds[3:] == rollout.row_seeds([8], 3)
+    assert len(set(seeds)) == 6
+    gen = rollout.GenerationConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5)
+    both = rollout.SeededSampling(gen, seeds, 0, "cpu").uniform
+    alone = rollout.SeededSampling(gen, seeds[3:], 0, "cpu").uniform
+    assert torch.equal(both[3:], alone) and not torch.equal(both[0], both[1])
+
+
+def test_four_prompts_of_different_lengths_decode_together_as_alone(model, tokenizer, seed_bench_root,
+                                                                     tiny_model_dir):
+    """Prompts with a video, with an image only, with both (different widths, 3D-RoPE offsets and
+    left padding in the merged cache) decoded as one batch of 4 x 3 rows: each group is what it
+    is alone, sampled and greedy; greedy also what transformers' own generate gives the prompt
+    alone."""
+    kinds = encode_three_kinds(tiny_model_dir, tokenizer, seed_bench_root)
+    prompts = [kinds[0], kinds[1], kinds[2], kinds[1]]
+    assert len({len(e["input_ids"]) for e in prompts}) == 3
+    batch = encoding.collate_prompts(prompts, tokenizer)
+    sampled = rollout.sampling_config(tokenizer, max_new_tokens=10)
+    greedy = rollout.sampling_config(tokenizer, max_new_tokens=10, do_sample=False, temperature=None, top_p=None,
+                                     top_k=None)
+    for config in (sampled, greedy):
+        together = rollout.generate(model, batch, tokenizer, 3, config, seeds=[1, 2, 3, 4])
+        for i, enc in enumerate(prompts):
+            alone = rollout.generate(model, encoding.collate_prompts([enc], tokenizer), tokenizer, 3, config,
+                                     seeds=[i + 1])
+            assert together.texts[3 * i:3 * i + 3] == alone.texts
+            if config is greedy:
+                one = encoding.collate_prompts([enc], tokenizer)
+                with rollout.own_generation_config(model, config):
+                    hf = model.generate(**encoding.model_inputs(one), generation_config=config)
+                ids = alone.completion_ids[0]
+                n = int(alone.completion_mask[0].sum())
+                assert hf[0, one["input_ids"].shape[1]:].tolist()[:n] == ids[:n].tolist()
+    assert together.texts[3:6] == together.texts[9:12]   # one prompt twice, greedy: the same
