@@ -129,9 +129,9 @@ class Config:
     top_p: float = setting(0.95, "nucleus sampling of the rollouts")
     top_k: int = setting(0, "top-k sampling of the rollouts, 0 = off (the public code inherits 50)")
     repetition_penalty: float = setting(1.0, "1.0 = off")
-    decode: str = setting("eager", "how rollouts decode: eager (generate over a growing KV cache) or compiled (a "
-                                   "static KV cache, the language model's decode step through torch.compile; the "
-                                   "same tokens; compiles once per prompt-length bucket)")
+    decode: str = setting("static", "how rollouts decode: static (a preallocated KV cache), dynamic (transformers' "
+                                    "growing cache) or compiled (the static cache, the language model's decode step "
+                                    "through torch.compile; compiles once per prompt-length bucket); the same tokens")
     prompt_template: str = setting("ours", encoding.TEMPLATE_HELP)
     # reward and CARE
     reward_rules: str = setting("ours", "how accuracy and format are scored: ours, official (the public GRPO-CARE "

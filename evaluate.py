@@ -130,8 +130,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.001, metavar="P",
                    help="nucleus sampling: the probability mass kept")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1.0 = off")
-    p.add_argument("--decode", choices=rollout.DECODES, default="eager",
-                   help="eager, or compiled (a static KV cache, the language model's decode step compiled)")
+    p.add_argument("--decode", choices=rollout.DECODES, default="static",
+                   help="static (a preallocated KV cache), dynamic (transformers' growing one) or compiled (the static "
+                        "cache, the language model's decode step compiled)")
     p.add_argument("--scoring", choices=rewards.RULES, default="ours",
                    help="the rules that score each answer: ours, official (the public GRPO-CARE evaluation: the "
                         "first <answer>, exact letters, OCR and free-form 0) or seed-bench-r1 (its first-letter "

@@ -141,9 +141,10 @@ def greedy_copy(gen_config):
 
 
 # ---------------------------------------------------------------------------------------------
-# --decode compiled: a static KV cache and the language model's decode step through torch.compile
+# How the rows decode (--decode): over a static KV cache (the default), transformers' growing
+# DynamicCache, or the static cache with the language model's decode step through torch.compile
 
-DECODES = ("eager", "compiled")
+DECODES = ("static", "dynamic", "compiled")
 BUCKET = 256   # the static cache's length is rounded up to this: nearby prompt lengths share a graph
 
 
@@ -186,7 +187,7 @@ def compiled_language_model(model):
 
 @torch.no_grad()
 def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None, batch_inputs=None,
-             decode="eager"):
+             decode="static"):
     """Sample num_generations completions for each prompt of the collated batch, all P x G rows
     in one decode.
 
@@ -198,9 +199,11 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
 
     batch_inputs(model, prompts, G) gives generate()'s inputs for the P x G rows: by default
     prefix_sharing.prefilled (each prompt prefilled once, its KV cache copied G times);
-    bench/baselines.repeated_inputs repeats each prompt G times instead. decode "compiled"
-    decodes over a static cache with the language model compiled (compiled_language_model); the
-    same sampling, the same tokens up to the last bits of the logits."""
+    bench/baselines.repeated_inputs repeats each prompt G times instead. decode: "static" writes
+    each new token's keys and values into a preallocated cache (static_cache); "dynamic" is
+    transformers' DynamicCache, which concatenates every layer's whole cache at every step;
+    "compiled" is the static cache with the language model compiled (compiled_language_model).
+    The same sampling every way, the same tokens up to the last bits of the logits."""
     batch_inputs = batch_inputs or prefix_sharing.prefilled
     was_training = model.training
     model.eval()  # use the KV cache (gradient checkpointing turns it off in train mode)
@@ -213,10 +216,12 @@ def generate(model, prompts, tokenizer, num_generations, gen_config, seeds=None,
         processors = [SeededSampling(gen_config, row_seeds(seeds, g), width, prompts["input_ids"].device)]
     inputs = batch_inputs(model, prompts, g)
     compiled = nullcontext()
-    if decode == "compiled":
-        inputs, compiled = static_cache(model, inputs, gen_config.max_new_tokens), compiled_language_model(model)
+    if decode in ("static", "compiled") and "past_key_values" in inputs:
+        inputs = static_cache(model, inputs, gen_config.max_new_tokens)
         call = copy.deepcopy(call)
-        call.disable_compile = True   # generate() would compile the whole model; ours is the language model
+        call.disable_compile = True   # generate() would compile the whole model over a static cache
+    if decode == "compiled":
+        compiled = compiled_language_model(model)
     with own_generation_config(model, call), decode_attention(), compiled:
         # Each process samples on its own. Under FSDP, call generate() inside fsdp.gathered (as
         # train.py does), where the forwards need no collective. transformers would otherwise

@@ -4,8 +4,8 @@
     python bench/gpu.py --layers 4 --json out.json
     python bench/gpu.py --tiny                   # a tiny model on CPU: the test keeps this file working
     python bench/gpu.py --layers 28 --lora-rank 64   # all 28 layers: LoRA fits on one GPU
-    python bench/gpu.py --layers 4 --decode --decode-prompts 1 4   # and the eager decode against
-                                                                   # --decode compiled, at 8 and 32 rows
+    python bench/gpu.py --layers 4 --decode --decode-prompts 1 4   # and --decode static against
+                                                                   # compiled, at 8 and 32 rows
 
 The model is a randomly initialised Qwen2_5_VLForConditionalGeneration with Qwen2.5-VL-7B-Instruct's
 shapes (bench/memory.py's QWEN25_VL_7B: hidden 3584, 28 heads, 4 KV heads, MLP 18944, vocab 152064,
@@ -37,7 +37,7 @@ Each phase's peak is set against bench/memory.py's estimate for the same shapes 
 on the frozen fp32 base as train.py --lora-rank does (lora.py: CARE's reference an fp32 EMA of
 the adapters over the same base, no second copy), which lets all 28 layers fit on one GPU.
 With --decode, the same policy then decodes --completion tokens for each --decode-prompts P
-(P x G rows) both ways, eager and --decode compiled, alternating (bench/decode.measure; the
+(P x G rows) both ways, --decode static and compiled, alternating (bench/decode.measure; the
 compiled path's first call, which compiles, kept apart as compile_seconds), each rate set
 against reading the bf16 language-model weights once per step at --bandwidth-gbs. Writes --json.
 """
@@ -253,7 +253,7 @@ def one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts=No
         import decode  # bench/decode.py
         lm = sum(p.numel() for p in policy.model.language_model.parameters()) + policy.lm_head.weight.numel()
         result["decode"] = [decode.measure(policy, decode_prompts[n], tokenizer, g, args.completion, args.decode_repeats,
-                                           device, ("batched", "compiled"), 2 * lm / 1e9, args.bandwidth_gbs)
+                                           device, ("static", "compiled"), 2 * lm / 1e9, args.bandwidth_gbs)
                             for n in args.decode_prompts]
     if cuda:
         result["measured_over_predicted"] = {p: meter.rows[p]["peak_gib"] / est["phases_gib"][p]
@@ -334,7 +334,7 @@ def main(argv=None):
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on the frozen base (0: "
                                                                   "full fine-tuning)")
     parser.add_argument("--decode", action="store_true",
-                        help="also time the eager decode against --decode compiled on the same policy (bench/decode.py)")
+                        help="also time --decode static against compiled on the same policy (bench/decode.py)")
     parser.add_argument("--decode-prompts", type=int, nargs="+", default=[1], help="P for --decode: P x G rows")
     parser.add_argument("--decode-repeats", type=int, default=2, help="timed calls per decode path, after the first")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the GPU's memory bandwidth, for --decode's "
@@ -379,11 +379,12 @@ def main(argv=None):
         r = out["results"][-1]
         for d in r.get("decode", []):
             bound = d.get("fraction_of_bound")
-            print(f"{layers} layers, {attn}: decode {d['rows']} rows x {d['length']} tokens: eager "
-                  f"{d['tokens_per_second']['batched']:,.0f} tok/s, compiled {d['tokens_per_second']['compiled']:,.0f} "
-                  f"tok/s ({d['compiled_speedup']:.2f}x), compile {d['compile_seconds']:.1f} s, same tokens: "
-                  f"{d['same_tokens']}" + (f"; of the weight-bandwidth bound: eager {bound['batched']:.0%}, compiled "
-                                           f"{bound['compiled']:.0%}" if bound else ""), flush=True)
+            rate = d["tokens_per_second"]
+            print(f"{layers} layers, {attn}: decode {d['rows']} rows x {d['length']} tokens: static "
+                  f"{rate['static']:,.0f} tok/s, compiled {rate['compiled']:,.0f} tok/s "
+                  f"({rate['compiled'] / rate['static']:.2f}x), compile {d['compile_seconds']:.1f} s, rows identical: "
+                  f"{d['rows_identical']:.0%}" + (f"; of the weight-bandwidth bound: static {bound['static']:.0%}, "
+                                                  f"compiled {bound['compiled']:.0%}" if bound else ""), flush=True)
         print(f"{layers} layers, {attn}: first step's rollout {r['first_step_seconds']['rollout']:.2f} s; "
               f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")

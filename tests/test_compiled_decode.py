@@ -1,7 +1,8 @@
-"""--decode compiled (rollout.generate's static KV cache with the language model's decode step
-through torch.compile) against the eager decode: the same tokens, greedy and sampled, in both
-families, including rows that stop early; the 3D-RoPE offsets of one prompt batch never leak
-into the next; and the benches that time the decoders run."""
+"""rollout.generate's decodes, --decode static (the default: a preallocated KV cache), dynamic
+(transformers' growing cache) and compiled (the static cache, the language model's decode step
+through torch.compile): the same tokens, greedy and sampled, in both families, including rows
+that stop early; the 3D-RoPE offsets of one prompt batch never leak into the next; and the
+benches that time the decoders run."""
 
 import os
 import sys
@@ -40,15 +41,17 @@ def an_early_stop(ids, eos):
 
 
 def both_decodes(model, prompts, tokenizer, g, gen, seeds):
-    return (rollout.generate(model, prompts, tokenizer, g, gen, seeds),
-            rollout.generate(model, prompts, tokenizer, g, gen, seeds, decode="compiled"))
+    """The default static decode and the compiled one; the dynamic cache's tokens too, checked equal."""
+    static = rollout.generate(model, prompts, tokenizer, g, gen, seeds)
+    assert_same(static, rollout.generate(model, prompts, tokenizer, g, gen, seeds, decode="dynamic"))
+    return static, rollout.generate(model, prompts, tokenizer, g, gen, seeds, decode="compiled")
 
 
-def assert_same(eager, compiled):
-    assert torch.equal(eager.completion_ids, compiled.completion_ids)
-    assert torch.equal(eager.completion_mask, compiled.completion_mask)
-    assert torch.equal(eager.truncated, compiled.truncated)
-    assert eager.texts == compiled.texts
+def assert_same(static, compiled):
+    assert torch.equal(static.completion_ids, compiled.completion_ids)
+    assert torch.equal(static.completion_mask, compiled.completion_mask)
+    assert torch.equal(static.truncated, compiled.truncated)
+    assert static.texts == compiled.texts
 
 
 def test_cache_length_rounds_up_to_a_bucket():
@@ -64,12 +67,12 @@ def test_greedy_groups_give_the_same_tokens(family_tiny_dir, tokenizer, seed_ben
     model = models.load_model(family_tiny_dir, "sdpa").eval()
     batch = encoding.collate_prompts(encoded_prompts(family_tiny_dir, tokenizer, seed_bench_root), tokenizer)
     gen = rollout.sampling_config(tokenizer, 32, do_sample=False, temperature=None, top_p=None, top_k=None)
-    eager, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[0, 1])
-    assert_same(eager, compiled)
-    gen.eos_token_id = an_early_stop(eager.completion_ids, gen.eos_token_id)
-    eager, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[0, 1])
-    assert eager.truncated.any() and not eager.truncated.all()  # premise: some rows stop early
-    assert_same(eager, compiled)
+    static, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[0, 1])
+    assert_same(static, compiled)
+    gen.eos_token_id = an_early_stop(static.completion_ids, gen.eos_token_id)
+    static, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[0, 1])
+    assert static.truncated.any() and not static.truncated.all()  # premise: some rows stop early
+    assert_same(static, compiled)
 
 
 def test_sampled_groups_give_the_same_tokens(tiny_model_dir, tokenizer, seed_bench_root):
@@ -79,18 +82,18 @@ def test_sampled_groups_give_the_same_tokens(tiny_model_dir, tokenizer, seed_ben
     model = models.load_model(tiny_model_dir, "sdpa").eval()
     batch = encoding.collate_prompts(encoded_prompts(tiny_model_dir, tokenizer, seed_bench_root), tokenizer)
     gen = rollout.sampling_config(tokenizer, 32)
-    eager, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[5, 6])
-    assert_same(eager, compiled)
-    assert len({tuple(r.tolist()) for r in eager.completion_ids}) == 8  # premise: really sampled
-    gen.eos_token_id = an_early_stop(eager.completion_ids, gen.eos_token_id)
-    eager, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[5, 6])
-    assert eager.truncated.any() and not eager.truncated.all()
-    assert_same(eager, compiled)
+    static, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[5, 6])
+    assert_same(static, compiled)
+    assert len({tuple(r.tolist()) for r in static.completion_ids}) == 8  # premise: really sampled
+    gen.eos_token_id = an_early_stop(static.completion_ids, gen.eos_token_id)
+    static, compiled = both_decodes(model, batch, tokenizer, 4, gen, seeds=[5, 6])
+    assert static.truncated.any() and not static.truncated.all()
+    assert_same(static, compiled)
 
 
 def test_one_prompt_batch_leaves_nothing_for_the_next(family_tiny_dir, tokenizer, seed_bench_root):
     """Two rollouts in a row, of prompts of different lengths and 3D-RoPE offsets, give the
-    second the tokens a freshly loaded model gives it, eager and compiled (transformers keeps
+    second the tokens a freshly loaded model gives it, every decode (transformers keeps
     the last batch's rope_deltas on the model; a compiled graph could keep shapes)."""
     prompts = encoded_prompts(family_tiny_dir, tokenizer, seed_bench_root, n=3)
     first, second = (encoding.collate_prompts(p, tokenizer) for p in (prompts[:1], prompts[1:]))
@@ -107,7 +110,7 @@ def test_one_prompt_batch_leaves_nothing_for_the_next(family_tiny_dir, tokenizer
 
 def test_only_the_language_model_is_compiled(tiny_model_dir, tokenizer, seed_bench_root, monkeypatch):
     """--decode compiled compiles the language model's forward (once per model), not the whole
-    model through generate(); the eager decode compiles nothing."""
+    model through generate(); the static and dynamic decodes compile nothing."""
     model = models.load_model(tiny_model_dir, "sdpa").eval()
     batch = encoding.collate_prompts(encoded_prompts(tiny_model_dir, tokenizer, seed_bench_root)[:1], tokenizer)
     compiled, whole = [], []
@@ -116,6 +119,7 @@ def test_only_the_language_model_is_compiled(tiny_model_dir, tokenizer, seed_ben
     monkeypatch.setattr(model, "get_compiled_call", lambda config: whole.append(config))
     gen = rollout.sampling_config(tokenizer, 4)
     rollout.generate(model, batch, tokenizer, 2, gen, seeds=[0])
+    rollout.generate(model, batch, tokenizer, 2, gen, seeds=[0], decode="dynamic")
     assert compiled == [] and whole == []
     for _ in range(2):
         rollout.generate(model, batch, tokenizer, 2, gen, seeds=[0], decode="compiled")
@@ -128,11 +132,12 @@ def test_decode_bench_runs_on_cpu(tmp_path):
     the compiled one timed, compile time kept apart, the same completions every way."""
     import decode
     out = decode.main(["--tiny", "--prompts", "2", "--lengths", "6", "--num-generations", "2", "--repeats", "1",
-                       "--paths", "per-group", "batched", "compiled", "--device", "cpu",
+                       "--paths", "per-group", "static", "dynamic", "compiled", "--device", "cpu",
                        "--json", str(tmp_path / "decode.json")])
     r = out["results"][0]
-    assert r["rows"] == 4 and all(r["tokens_per_second"][p] > 0 for p in ("per-group", "batched", "compiled"))
-    assert r["same_tokens"] and r["batched_speedup"] > 0 and "compile_seconds" in r
+    assert r["rows"] == 4 and all(r["tokens_per_second"][p] > 0 for p in ("per-group", "static", "dynamic", "compiled"))
+    assert r["same_tokens"] and r["rows_identical"] == 1.0 and r["speedup_over_per_group"]["static"] > 0
+    assert "compile_seconds" in r
     assert (tmp_path / "decode.json").exists()
 
 
@@ -148,4 +153,4 @@ def test_gpu_bench_runs_lora_and_compares_the_decoders(tmp_path):
     assert out["lora_rank"] == 4 and r["params"] > 0
     assert [d["rows"] for d in r["decode"]] == [2, 4]
     for d in r["decode"]:
-        assert d["same_tokens"] and d["tokens_per_second"]["compiled"] > 0 and 0 < d["fraction_of_bound"]["batched"]
+        assert d["same_tokens"] and d["tokens_per_second"]["compiled"] > 0 and 0 < d["fraction_of_bound"]["static"]
