@@ -15,8 +15,10 @@ A new run refuses a directory that already holds one (unless --overwrite); a res
 refuses a checkpoint made with other run-defining settings (unless --allow-config-change).
 Everything is written to <dir>.tmp and renamed, so a crash never leaves a half checkpoint.
 
-The sharded state (torch.distributed.checkpoint) keeps its metadata in a pickle, by torch's
-design: resume only from checkpoints you made yourself.
+Loading runs no code from any checkpoint file: trainer_state.pt is read with weights_only=True,
+and the sharded state's pickled parts (its .metadata, its non-tensor values) are read by
+fsdp.read_metadata and fsdp.load_sharded, which build plain data and torch's metadata classes
+alone. Anything else is refused in one line, so a checkpoint from elsewhere is safe to resume.
 """
 
 import dataclasses
@@ -293,14 +295,40 @@ def out_of_space(error):
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
 
 
-def load(path, model, ref_model, optimizer, scheduler):
-    """Restore the shards and the trainer state. trainer_state.pt is read with weights_only=True:
-    a file that holds anything but plain data (code, in a pickle) is refused, never run."""
+def read_trainer_state(path):
+    """path/trainer_state.pt, read with weights_only=True: a file that holds anything but plain
+    data (code, in a pickle) is refused in one line, never run."""
+    file = os.path.join(path, "trainer_state.pt")
     try:
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RunError(f"{path}/trainer_state.pt holds more than plain data and was not loaded "
-                       f"({str(e).splitlines()[0]})") from None
-    fsdp.load_sharded(path, model, optimizer, ref_model)
+        raise RunError(f"{file} holds more than plain data and was not loaded (it {fsdp.plain_data_refusal(e)})") \
+            from None
+
+
+def sharded_metadata(path):
+    """path/state/.metadata as fsdp.read_metadata builds it (torch's metadata classes alone), or
+    None where it cannot be read (cut short, not a pickle). One that holds anything else, as a
+    crafted file would, is refused in one line, never run."""
+    file = os.path.join(path, "state", ".metadata")
+    try:
+        return fsdp.read_metadata(os.path.dirname(file))
+    except fsdp.NotPlainData as e:
+        raise RunError(f"{file} {e}: refused, nothing in it was run") from None
+    except Exception:  # a broken pickle fails in many ways; none of them runs code
+        return None
+
+
+def load(path, model, ref_model, optimizer, scheduler):
+    """Restore the shards and the trainer state, running no code from any file: trainer_state.pt
+    and the shards' non-tensor values are read as plain data, .metadata by sharded_metadata."""
+    state = read_trainer_state(path)
+    metadata = sharded_metadata(path)
+    if metadata is None:
+        raise RunError(f"{path}/state/.metadata cannot be read (cut short, or not a checkpoint's)")
+    try:
+        fsdp.load_sharded(path, model, optimizer, ref_model, metadata)
+    except fsdp.NotPlainData as e:
+        raise RunError(f"{path}/state: {e}: refused, nothing in it was run") from None
     scheduler.load_state_dict(state.pop("scheduler"))
     return state

@@ -181,6 +181,64 @@ def test_a_checkpoint_cannot_run_code(care_run, warm_model_dir, seed_bench_root,
     assert not os.path.exists(marker)
 
 
+def test_the_trainer_state_refusal_is_one_clean_line(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    ckpt = copy_checkpoint(care_run, tmp_path)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    torch.save({**state, "payload": RunsCode(str(tmp_path / "ran.txt"))}, os.path.join(ckpt, "trainer_state.pt"))
+    with pytest.raises(checkpoint.RunError) as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert str(err.value) == (f"{ckpt}/trainer_state.pt holds more than plain data and was not loaded "
+                              f"(it holds exec)")
+
+
+def plant_in_metadata(ckpt, edit):
+    """Rewrite ckpt's state/.metadata after edit(metadata) (read here with plain pickle: the
+    file is ours)."""
+    import pickle
+    path = os.path.join(ckpt, "state", ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)
+    edit(metadata)
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def test_the_sharded_metadata_cannot_run_code(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    """torch.distributed.checkpoint unpickles .metadata with pickle: a payload planted in it is
+    refused in one line naming the file, and never runs."""
+    ckpt = copy_checkpoint(care_run, tmp_path)
+    marker = str(tmp_path / "ran.txt")
+    plant_in_metadata(ckpt, lambda metadata: setattr(metadata, "planner_data", RunsCode(marker)))
+    with pytest.raises(checkpoint.RunError) as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert str(err.value) == (f"{ckpt}/state/.metadata holds builtins.exec, which torch's checkpoint metadata "
+                              f"never does: refused, nothing in it was run")
+    assert not os.path.exists(marker)
+
+
+def test_a_sharded_value_cannot_run_code(care_run, warm_model_dir, seed_bench_root, tmp_path):
+    """The state's non-tensor values (AdamW's hyperparameters) are pickles that torch loads with
+    weights_only=False: one pointed at a payload (in metadata that is itself clean) is refused."""
+    import io
+    ckpt = copy_checkpoint(care_run, tmp_path)
+    marker = str(tmp_path / "ran.txt")
+    payload = io.BytesIO()
+    torch.save(RunsCode(marker), payload)
+    with open(os.path.join(ckpt, "state", "payload.distcp"), "wb") as f:
+        f.write(payload.getvalue())
+
+    def point_lr_at_payload(metadata):
+        index = next(i for i in metadata.storage_data if i.fqn == "optimizer.param_groups.0.lr")
+        metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], relative_path="payload.distcp",
+                                                           offset=0, length=len(payload.getvalue()))
+    plant_in_metadata(ckpt, point_lr_at_payload)
+    with pytest.raises(checkpoint.RunError) as err:
+        run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "2", "--resume", "auto")
+    assert str(err.value) == (f"{ckpt}/state: the value of optimizer.param_groups.0.lr holds exec: "
+                              f"refused, nothing in it was run")
+    assert not os.path.exists(marker)
+
+
 def test_keep_last_keeps_the_newest_checkpoints(warm_model_dir, seed_bench_root, tmp_path):
     run(warm_model_dir, seed_bench_root, tmp_path, "--max-steps", "3", "--save-every", "1", "--keep-last", "2",
         "--max-completion-length", "4", "--prompts-per-device", "1")
