@@ -172,31 +172,65 @@ def trim_jsonl(path, step):
 # Checkpoints
 
 
-def is_complete(path):
-    return os.path.isfile(os.path.join(path, "trainer_state.pt")) and os.path.isdir(os.path.join(path, "state"))
+# What a resume reads (fsdp.load_sharded also reads every shard file .metadata names; policy/
+# and adapter/ are exports, not read back).
+NEEDED = ("config.json", "trainer_state.pt", "state/.metadata")
+
+
+def missing(path):
+    """What a resume from the checkpoint at path needs and it lacks ([]: complete): the NEEDED
+    files, and every shard file its metadata names, at full length."""
+    lacks = [name for name in NEEDED if not os.path.isfile(os.path.join(path, name))]
+    if "config.json" not in lacks:
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                json.load(f)
+        except ValueError:
+            lacks.append("config.json (not JSON)")
+    if "state/.metadata" in lacks:
+        return lacks
+    metadata = sharded_metadata(path)
+    if metadata is None:
+        return lacks + ["state/.metadata (unreadable)"]
+    for name, size in sorted(fsdp.shard_sizes(metadata).items()):
+        file = os.path.join(path, "state", name)
+        if not os.path.isfile(file):
+            lacks.append(f"state/{name}")
+        elif os.path.getsize(file) < size:
+            lacks.append(f"state/{name} (cut short: {os.path.getsize(file)} of {size} bytes)")
+    return lacks
+
+
+def checkpoints(output_dir):
+    """The checkpoint-NNNNNN directories in output_dir, oldest first, complete or not. Anything
+    else (a .tmp left by a crash, a checkpoint-best copied in by hand) is not a candidate."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir)) if CHECKPOINT_RE.fullmatch(n)]
 
 
 def complete_checkpoints(output_dir):
-    """checkpoint-NNNNNN directories that were fully written, oldest first. Anything else in the
-    directory (a .tmp left by a crash, a checkpoint-best copied in by hand) is not a candidate."""
-    if not os.path.isdir(output_dir):
-        return []
-    return [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir))
-            if CHECKPOINT_RE.fullmatch(n) and is_complete(os.path.join(output_dir, n))]
+    """checkpoints() that hold everything a resume reads (missing), oldest first."""
+    return [path for path in checkpoints(output_dir) if not missing(path)]
 
 
-def resolve_resume(resume, output_dir):
+def resolve_resume(resume, output_dir, say=print):
     """The checkpoint to resume from: --resume auto picks the newest complete one in output_dir
-    (none: a fresh start); a named directory must be a complete checkpoint."""
+    (none: a fresh start) and says which newer ones it passed over and what they lack; a named
+    directory must be a complete checkpoint."""
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(checkpoints(output_dir)):
+            lacks = missing(path)
+            if not lacks:
+                return path
+            say(f"--resume auto: passed over {path}, which lacks {', '.join(lacks)}")
+        return None
     if not resume:
         return None
     if not os.path.isdir(resume):
         raise RunError(f"--resume {resume}: no such checkpoint directory")
-    if not is_complete(resume):
-        raise RunError(f"--resume {resume}: not a complete checkpoint (needs trainer_state.pt and state/)")
+    if lacks := missing(resume):
+        raise RunError(f"--resume {resume}: not a complete checkpoint (it lacks {', '.join(lacks)})")
     return resume
 
 
@@ -240,9 +274,9 @@ def opened_run(cfg, batch_fields=("prompts_per_device",)):
     one process), refuse a resume with other run-defining settings, then hold the run directory
     (lock, claim) for the block. Yields (resolved cfg, accelerator, checkpoint to resume or None)."""
     check_inputs(cfg)
-    resume = resolve_resume(cfg.resume, cfg.output_dir)
     cfg = resolved(cfg)
     accelerator = fsdp.make_accelerator(cfg.mixed_precision)
+    resume = resolve_resume(cfg.resume, cfg.output_dir, accelerator.print)
     if resume:
         for change in check_resume_config(resume, cfg, accelerator.num_processes, cfg.allow_config_change,
                                           batch_fields):

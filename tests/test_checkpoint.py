@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -163,6 +164,52 @@ def test_resume_auto_takes_only_complete_checkpoints(care_run, tmp_path):
     assert checkpoint.resolve_resume("auto", str(tmp_path / "empty")) is None
 
 
+def cut_in_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage, lacks", [
+    (lambda c: os.remove(c / "config.json"), "config.json"),
+    (lambda c: (c / "config.json").write_text('{"lr": 0.'), "config.json (not JSON)"),
+    (lambda c: os.remove(c / "trainer_state.pt"), "trainer_state.pt"),
+    (lambda c: os.remove(c / "state" / ".metadata"), "state/.metadata"),
+    (lambda c: cut_in_half(c / "state" / ".metadata"), "state/.metadata (unreadable)"),
+    (lambda c: os.remove(c / "state" / "__0_0.distcp"), "state/__0_0.distcp"),
+    (lambda c: cut_in_half(c / "state" / "__0_0.distcp"), "state/__0_0.distcp (cut short: "),
+])
+def test_resume_auto_passes_over_a_checkpoint_that_lacks_a_file_a_load_reads(care_run, tmp_path, damage, lacks):
+    for step in (1, 2):
+        copy_checkpoint(care_run, tmp_path, step)
+    newest = tmp_path / "checkpoint-000002"
+    damage(newest)
+    said = []
+    assert checkpoint.resolve_resume("auto", str(tmp_path), said.append) == str(tmp_path / "checkpoint-000001")
+    assert len(said) == 1 and said[0].startswith(f"--resume auto: passed over {newest}, which lacks {lacks}"), said
+    with pytest.raises(checkpoint.RunError, match=f"--resume {newest}: not a complete checkpoint \\(it lacks "
+                                                  f"{re.escape(lacks)}"):
+        checkpoint.resolve_resume(str(newest), str(tmp_path))
+
+
+def test_a_deleted_shard_of_the_newest_checkpoint_resumes_exactly_from_the_one_before(
+        care_run, warm_model_dir, seed_bench_root, tmp_path, capsys):
+    for step in (1, 2):
+        copy_checkpoint(care_run, tmp_path, step)
+    shutil.copy(os.path.join(care_run, "log.jsonl"), tmp_path / "log.jsonl")
+    os.remove(tmp_path / "checkpoint-000002" / "state" / "__0_0.distcp")
+    state = run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
+                "--resume", "auto")
+    out = capsys.readouterr().out
+    assert f"passed over {tmp_path}/checkpoint-000002, which lacks state/__0_0.distcp" in out
+    assert f"resumed from {tmp_path}/checkpoint-000001 at step 1" in out
+    assert state["step"] == 2
+    resumed, full = read_log(tmp_path), read_log(care_run)
+    assert [r["step"] for r in resumed] == [1, 2]
+    for key in ("loss", "reward", "grad_norm", "completion_len"):
+        assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
+    assert not checkpoint.missing(str(tmp_path / "checkpoint-000002"))  # written again, whole
+
+
 class RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -203,7 +250,7 @@ def plant_in_metadata(ckpt, edit):
         pickle.dump(metadata, f)
 
 
-def test_the_sharded_metadata_cannot_run_code(care_run, warm_model_dir, seed_bench_root, tmp_path):
+def test_the_sharded_metadata_cannot_run_code(care_run, warm_model_dir, seed_bench_root, tmp_path, no_model):
     """torch.distributed.checkpoint unpickles .metadata with pickle: a payload planted in it is
     refused in one line naming the file, and never runs."""
     ckpt = copy_checkpoint(care_run, tmp_path)
