@@ -8,11 +8,13 @@
                              under LoRA the adapters, their AdamW state and their EMA alone
         policy/              a Hugging Face export of the policy, for evaluate.py (LoRA: merged)
         adapter/             LoRA only: the adapters in peft's format (PeftModel.from_pretrained)
-        trainer_state.pt     step, skip counts, scheduler: plain data, loaded with weights_only=True
+        trainer_state.pt     step, skip counts, scheduler, the data's record (file digest, sample
+                             ids in order): plain data, loaded with weights_only=True
         config.json          the settings really used (defaults resolved, process count)
 
 A new run refuses a directory that already holds one (unless --overwrite); a resumed run
-refuses a checkpoint made with other run-defining settings (unless --allow-config-change).
+refuses a checkpoint made with other run-defining settings or other data (unless
+--allow-config-change).
 Everything is written to <dir>.tmp and renamed, so a crash never leaves a half checkpoint.
 
 Loading runs no code from any checkpoint file: trainer_state.pt is read with weights_only=True,
@@ -24,6 +26,7 @@ alone. Anything else is refused in one line, so a checkpoint from elsewhere is s
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -267,6 +270,61 @@ def check_resume_config(path, cfg, num_processes, allow_change, batch_fields=("p
     return changes
 
 
+def data_record(data_file, samples):
+    """What fixes a run's data: the annotation file's content (sha256) and the sample ids in the
+    order loaded, after --check-data (every step's samples are picked by position in it)."""
+    digest = hashlib.sha256()
+    with open(data_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": data_file, "sha256": digest.hexdigest(), "sample_ids": [s.sample_id for s in samples]}
+
+
+def listed(ids, most=5):
+    return ", ".join(ids[:most]) + (", ..." if len(ids) > most else "")
+
+
+def data_changes(saved, record, checked_out=()):
+    """['what: old -> new', ...] between a checkpoint's data record and this run's; checked_out:
+    the ids --check-data left out in this run."""
+    changes = []
+    if saved["sha256"] != record["sha256"]:
+        changes.append(f"{record['file']}: its content changed (sha256 {saved['sha256'][:12]} -> "
+                       f"{record['sha256'][:12]})")
+    old, new = saved["sample_ids"], record["sample_ids"]
+    if old != new:
+        old_ids, new_ids, checked_out = set(old), set(new), set(checked_out)
+        gone = [i for i in old if i not in new_ids]
+        by_check = [i for i in gone if i in checked_out]
+        other = [i for i in gone if i not in checked_out]
+        came = [i for i in new if i not in old_ids]
+        parts = [f"samples: {len(old)} -> {len(new)}"]
+        parts += [f"{len(by_check)} left out by --check-data ({listed(by_check)})"] if by_check else []
+        parts += [f"{len(other)} gone ({listed(other)})"] if other else []
+        parts += [f"{len(came)} new ({listed(came)})"] if came else []
+        parts += [] if gone or came else ["the same ones in another order"]
+        changes.append(", ".join(parts))
+    return changes
+
+
+def check_resume_data(path, record, checked_out, allow_change, say=print):
+    """Refuse to continue a checkpoint on other data than its own, naming what differs: every
+    later step would train on other samples (some twice, some never). With allow_change, say
+    what changed and go on."""
+    saved = read_trainer_state(path).get("data")
+    if saved is None:
+        say(f"{path} keeps no record of its data (made before records were kept): the data is not checked")
+        return
+    changes = data_changes(saved, record, checked_out)
+    if changes and not allow_change:
+        hint = ("resume without --check-data, and with --skip-bad-samples the run skips those samples at their "
+                "steps, as it would have; or " if set(checked_out) & set(saved["sample_ids"]) else "")
+        raise RunError(f"resuming {path} on other data than it was made with: {'; '.join(changes)} (every later "
+                       f"step would get other samples; {hint}pass --allow-config-change to resume anyway)")
+    for change in changes:
+        say(f"changed on resume (--allow-config-change): {change}")
+
+
 @contextmanager
 def opened_run(cfg, batch_fields=("prompts_per_device",)):
     """What train.py and sft.py do before they load anything: name a missing input, find the
@@ -353,9 +411,11 @@ def sharded_metadata(path):
         return None
 
 
-def load(path, model, ref_model, optimizer, scheduler):
+def load(path, model, ref_model, optimizer, scheduler, start):
     """Restore the shards and the trainer state, running no code from any file: trainer_state.pt
-    and the shards' non-tensor values are read as plain data, .metadata by sharded_metadata."""
+    and the shards' non-tensor values are read as plain data, .metadata by sharded_metadata.
+    start: the state a fresh run would begin with; its skips before step 1 (at load, by
+    --check-data) that the checkpoint does not count yet are added, and its data record kept."""
     state = read_trainer_state(path)
     metadata = sharded_metadata(path)
     if metadata is None:
@@ -365,4 +425,7 @@ def load(path, model, ref_model, optimizer, scheduler):
     except fsdp.NotPlainData as e:
         raise RunError(f"{path}/state: {e}: refused, nothing in it was run") from None
     scheduler.load_state_dict(state.pop("scheduler"))
+    new = [m for m in start["skipped_messages"] if m not in state["skipped_messages"]]
+    state.update(skipped=state["skipped"] + len(new), skipped_messages=state["skipped_messages"] + new,
+                 data=start["data"])
     return state

@@ -294,14 +294,7 @@ def run(cfg, accelerator, resume):
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name) for f in
                                                            dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
     template = encoding.prompt_template(cfg.prompt_template)
-    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
-                                            allow_outside_root=cfg.allow_outside_data_root,
-                                            reasoning_field=cfg.reasoning_field)
-    if cfg.check_data:
-        samples, check_skips = train.check_all_media(cfg, accelerator, samples, budget)
-        load_skips += check_skips
-    for message in load_skips:
-        accelerator.print(f"skipped: {message}")
+    samples, load_skips, data_record = train.load_data(cfg, accelerator, budget, resume, cfg.reasoning_field)
     answer_only = sum(s.reasoning is None for s in samples)
     accelerator.print(f"{answer_only} of {len(samples)} samples have no reasoning in '{cfg.reasoning_field}': "
                       f"they train on the answer alone")
@@ -318,9 +311,9 @@ def run(cfg, accelerator, resume):
     model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, total_steps, math.ceil(cfg.warmup_ratio * total_steps))
     model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)  # the scheduler stays ours, as in train.py
-    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
+    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips), "data": data_record}
     if resume:
-        state = checkpoint.load(resume, model, None, optimizer, scheduler)
+        state = checkpoint.load(resume, model, None, optimizer, scheduler, state)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
     elif cfg.resume == "auto":
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")

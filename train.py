@@ -102,6 +102,28 @@ def check_all_media(cfg, accelerator, samples, budget):
     return [s for i, s in enumerate(samples) if i not in dropped], [msg for _, msg in bad]
 
 
+def load_data(cfg, accelerator, budget, resume, reasoning_field=None):
+    """The training samples in the order that fixes every step's data (shard_order deals them
+    out by position): every row checked (data.load_samples), with --check-data every video and
+    image decoded, each skip printed. On resume, data other than the checkpoint's (another
+    file content, or samples left out or in) is refused (checkpoint.check_resume_data).
+    Returns (samples, skip messages, the data record a checkpoint keeps)."""
+    samples, skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+                                       allow_outside_root=cfg.allow_outside_data_root, reasoning_field=reasoning_field)
+    checked_out = []
+    if cfg.check_data:
+        kept, check_skips = check_all_media(cfg, accelerator, samples, budget)
+        kept_ids = {s.sample_id for s in kept}
+        checked_out = [s.sample_id for s in samples if s.sample_id not in kept_ids]
+        samples, skips = kept, skips + check_skips
+    for message in skips:
+        accelerator.print(f"skipped: {message}")
+    record = checkpoint.data_record(cfg.data, samples)
+    if resume:
+        checkpoint.check_resume_data(resume, record, checked_out, cfg.allow_config_change, accelerator.print)
+    return samples, skips, record
+
+
 # ---------------------------------------------------------------------------------------------
 # One step
 
@@ -214,15 +236,9 @@ def run(cfg, accelerator, resume):
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name)
                                                            for f in dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
     template = encoding.prompt_template(cfg.prompt_template)
-    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
-                                            allow_outside_root=cfg.allow_outside_data_root)
+    samples, load_skips, data_record = load_data(cfg, accelerator, budget, resume)
     if problem := rewards.check_rules_cover(cfg.reward_rules, {s.problem_type for s in samples}):
         raise data.DataError(f"{cfg.data}: --reward-rules {cfg.reward_rules}: {problem}")
-    if cfg.check_data:
-        samples, check_skips = check_all_media(cfg, accelerator, samples, budget)
-        load_skips += check_skips
-    for message in load_skips:
-        accelerator.print(f"skipped: {message}")
     steps_per_epoch = len(samples) // (accelerator.num_processes * cfg.prompts_per_device)
     if steps_per_epoch == 0:
         raise data.DataError(f"{cfg.data}: {len(samples)} samples cannot fill one step of "
@@ -247,9 +263,9 @@ def run(cfg, accelerator, resume):
             models.load_model(cfg.model, cfg.attn_implementation)))
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,
                                          cfg.top_k, cfg.repetition_penalty, stop=rollout.stop_ids(tokenizer, policy))
-    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
+    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips), "data": data_record}
     if resume:
-        state = checkpoint.load(resume, model, ref_model, optimizer, scheduler)
+        state = checkpoint.load(resume, model, ref_model, optimizer, scheduler, state)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
     elif cfg.resume == "auto":
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")

@@ -3,6 +3,7 @@ output directory, resume only into the same run, checkpoints that cannot run cod
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -326,6 +327,75 @@ def test_check_data_with_skipping_counts_the_skip(warm_model_dir, seed_bench_roo
                 "--max-completion-length", "4")
     assert state["skipped"] == 1 and bad in state["skipped_messages"][0]
     assert read_log(tmp_path / "out")[0]["skipped"] == 1
+
+
+def first_video(root):
+    """The path of the video corrupt_one_video corrupts (the first training row's), and its id."""
+    rows = [json.loads(line) for line in open(os.path.join(root, "annotations", "training_6k.jsonl"))]
+    row = next(r for r in rows if r["task_progress_metadata"])
+    return os.path.join(root, "videos", row["video_source"], row["video_basename"]), row["sample_id"]
+
+
+def test_check_data_added_on_resume_is_refused_naming_what_it_leaves_out(warm_model_dir, seed_bench_root, tmp_path,
+                                                                         capsys):
+    """A video goes bad after step 1's checkpoint. --check-data on resume would leave its sample
+    out, so every later step would get other samples: refused, naming it and the exact way on;
+    with --allow-config-change it goes on, and the skip count covers the sample left out."""
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    out = tmp_path / "out"
+    resume = [warm_model_dir, str(root), out, "--max-steps", "2", "--max-completion-length", "4", "--resume", "auto",
+              "--skip-bad-samples"]
+    run(warm_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--max-completion-length", "4")
+    shutil.rmtree(out / "checkpoint-000002")
+    video, bad = first_video(root)
+    with open(video, "wb") as f:
+        f.write(b"not a video")
+    with pytest.raises(checkpoint.RunError) as err:
+        run(*resume, "--check-data")
+    assert str(err.value).startswith(
+        f"resuming {out}/checkpoint-000001 on other data than it was made with: samples: 8 -> 7, 1 left out by "
+        f"--check-data ({bad}) (every later step would get other samples; resume without --check-data, and with "
+        f"--skip-bad-samples the run skips those samples at their steps")
+    assert len(read_log(out)) == 2  # nothing was touched
+    capsys.readouterr()
+    state = run(*resume, "--check-data", "--allow-config-change")
+    assert f"changed on resume (--allow-config-change): samples: 8 -> 7, 1 left out by --check-data ({bad})" in \
+        capsys.readouterr().out
+    log = read_log(out)
+    assert state["skipped"] == 1 and log[1]["skipped"] == 1 and bad in state["skipped_messages"][0]
+    assert all(bad not in ids for ids in log[1]["samples"])
+
+
+@pytest.mark.parametrize("rewrite, changes", [
+    (lambda rows: rows[::-1], "samples: 8 -> 8, the same ones in another order"),
+    (lambda rows: rows[:-1], "samples: 8 -> 7, 1 gone (train_00007)"),
+    (lambda rows: [{**rows[0], "question": rows[0]["question"] + " Really?"}] + rows[1:], None),
+])
+def test_a_data_file_rewritten_in_place_is_refused_on_resume(care_run, warm_model_dir, seed_bench_root, tmp_path,
+                                                             no_model, rewrite, changes):
+    """Same path, other content: the order (every step's samples) or the samples themselves may
+    differ, and the path alone does not say so."""
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    out = tmp_path / "out"
+    ann = root / "annotations" / "training_6k.jsonl"
+    shutil.copytree(os.path.join(care_run, "checkpoint-000001"), out / "checkpoint-000001")
+    saved = json.load(open(out / "checkpoint-000001" / "config.json"))
+    saved.update(data=str(ann), data_root=str(root))  # as if care_run had trained on this copy
+    json.dump(saved, open(out / "checkpoint-000001" / "config.json", "w"))
+    state = torch.load(out / "checkpoint-000001" / "trainer_state.pt", weights_only=True)
+    state["data"]["file"] = str(ann)
+    torch.save(state, out / "checkpoint-000001" / "trainer_state.pt")
+    before = hashlib.sha256(ann.read_bytes()).hexdigest()[:12]
+    ann.write_text("".join(json.dumps(r) + "\n" for r in rewrite([json.loads(line) for line in open(ann)])))
+    after = hashlib.sha256(ann.read_bytes()).hexdigest()[:12]
+    with pytest.raises(checkpoint.RunError) as err:
+        run(warm_model_dir, str(root), out, "--max-steps", "2", "--resume", "auto")
+    expected = f"{ann}: its content changed (sha256 {before} -> {after})" + (f"; {changes}" if changes else "")
+    assert str(err.value) == (f"resuming {out}/checkpoint-000001 on other data than it was made with: {expected} "
+                              f"(every later step would get other samples; pass --allow-config-change to resume "
+                              f"anyway)")
 
 
 def test_media_outside_the_data_root_are_refused_unless_allowed(warm_model_dir, seed_bench_root, tmp_path):

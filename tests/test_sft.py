@@ -17,6 +17,7 @@ from conftest import ROOT, SMALL_BUDGET, multiprocess_env, read_log, train_argv
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import checkpoint
 import config
 import data
 import encoding
@@ -337,3 +338,22 @@ def test_the_prompt_template_reaches_the_sft_prompts(tiny_model_dir, seed_bench_
     cfg, tokenizer, budget, samples = setup(tiny_model_dir, seed_bench_root)
     [example], _ = sft.encode_examples(cfg, samples[:1], tokenizer, budget, seen[0])
     assert "zebra" in tokenizer.decode(example.prompt["input_ids"])
+
+
+def test_resume_refuses_a_data_file_rewritten_in_place(tiny_model_dir, seed_bench_root, tmp_path):
+    """sft.py resumes through train.load_data and checkpoint.py as train.py does: the same rows
+    in another order at the same path would give every later step other samples."""
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    out = tmp_path / "out"
+    run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1")
+    shutil.rmtree(out / "checkpoint-000002")
+    path = cot_file(str(root))
+    lines = open(path).readlines()
+    open(path, "w").writelines(lines[::-1])
+    with pytest.raises(checkpoint.RunError, match=f"resuming {out}/checkpoint-000001 on other data than it was made "
+                                                  f"with: {path}: its content changed .*; samples: 8 -> 8, the same "
+                                                  f"ones in another order"):
+        run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")
+    open(path, "w").writelines(lines)  # put back as it was: the run goes on
+    assert run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")["step"] == 2
