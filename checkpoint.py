@@ -257,12 +257,23 @@ def config_changes(saved, cfg, num_processes, batch_fields=("prompts_per_device"
     return changes
 
 
+def program_of(settings):
+    """Which program a run's settings (or a checkpoint's config.json) are for: only train.py's
+    have an algorithm."""
+    return "train.py" if "algo" in settings else "sft.py"
+
+
 def check_resume_config(path, cfg, num_processes, allow_change, batch_fields=("prompts_per_device",)):
     """Refuse to continue a checkpoint with other run-defining settings, naming each change;
     with allow_change, say what changed and go on (the data position follows the step count,
-    so a changed global batch repeats or skips samples)."""
+    so a changed global batch repeats or skips samples). A checkpoint of the other program
+    (sft.py's for train.py, or the reverse) is refused whatever allow_change says."""
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
+    ours, theirs = program_of(dataclasses.asdict(cfg)), program_of(saved)
+    if ours != theirs:
+        raise RunError(f"--resume {path}: a checkpoint of {theirs}, which {ours} cannot continue (to start a "
+                       f"{ours} run from its weights, pass --model {os.path.join(path, 'policy')} instead)")
     changes = config_changes(saved, cfg, num_processes, batch_fields)
     if changes and not allow_change:
         raise RunError(f"resuming {path} with other settings than it was made with: {'; '.join(changes)} "

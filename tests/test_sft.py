@@ -357,3 +357,22 @@ def test_resume_refuses_a_data_file_rewritten_in_place(tiny_model_dir, seed_benc
         run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")
     open(path, "w").writelines(lines)  # put back as it was: the run goes on
     assert run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")["step"] == 2
+
+
+def test_a_checkpoint_of_the_other_program_is_refused_before_anything_loads(care_run, tiny_model_dir,
+                                                                            seed_bench_root, tmp_path, monkeypatch):
+    """train.py's checkpoints hold a reference and rollout settings, sft.py's neither: each
+    program resumes only its own, and says how to start from the other's weights."""
+    run(tiny_model_dir, seed_bench_root, tmp_path / "sft", "--max-steps", "1")
+    shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "rl" / "checkpoint-000001")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the refusal"))
+    ckpt = tmp_path / "sft" / "checkpoint-000001"
+    with pytest.raises(checkpoint.RunError) as err:
+        train.train(config.parse_config(train_argv(tiny_model_dir, seed_bench_root, tmp_path / "sft", "--resume",
+                                                   "auto", "--max-steps", "1")))
+    assert str(err.value) == (f"--resume {ckpt}: a checkpoint of sft.py, which train.py cannot continue (to start a "
+                              f"train.py run from its weights, pass --model {ckpt}/policy instead)")
+    ckpt = tmp_path / "rl" / "checkpoint-000001"
+    with pytest.raises(checkpoint.RunError, match=f"--resume {ckpt}: a checkpoint of train.py, which sft.py cannot "
+                                                  f"continue"):
+        run(tiny_model_dir, seed_bench_root, tmp_path / "rl", "--resume", "auto", "--max-steps", "1")
