@@ -63,12 +63,15 @@ FREE_ON_RESUME = {"output_dir", "resume", "overwrite", "allow_config_change", "s
 
 def check_inputs(cfg):
     """Name a missing --model, --data or --data-root before anything is loaded. A --model that
-    looks like a hub id (org/name, no such local directory) is left to from_pretrained."""
+    looks like a hub id (org/name, no such local directory) must be in the local cache, and a
+    model directory must be one (models.model_problem)."""
     first = cfg.model.split("/")[0]
     local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1 \
         or os.path.isdir(first)
     if local and not os.path.isdir(cfg.model):
         raise RunError(f"--model {cfg.model}: no such directory")
+    if problem := models.model_problem(cfg.model):
+        raise RunError(f"--model {cfg.model}: {problem}")
     if not os.path.isfile(cfg.data):
         raise RunError(f"--data {cfg.data}: no such file")
     if not os.path.isdir(cfg.data_root):

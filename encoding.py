@@ -85,29 +85,15 @@ class VisualBudget:
             raise ValueError(f"resize_to must be 0 (off) or positive, got {self.resize_to}")
 
 
-def checkpoint_file(model_dir, name):
-    """The path of file name of a checkpoint, a directory or a hub id in the local cache (as
-    --model takes it), or None where it has none. Nothing is downloaded."""
-    if os.path.isdir(model_dir):
-        path = os.path.join(model_dir, name)
-        return path if os.path.isfile(path) else None
-    from huggingface_hub import try_to_load_from_cache
-    try:
-        path = try_to_load_from_cache(model_dir, name)
-    except ValueError:  # not a hub id either
-        return None
-    return path if isinstance(path, str) else None
-
-
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
     """Patch geometry and normalisation come from the checkpoint (they are baked into its vision
     tower), and so does temporal_seconds (its family, from config.json); pixel and frame budgets
     stay ours (the training defaults), whatever min/max_pixels the checkpoint lists."""
     kw = {}
-    if path := checkpoint_file(model_dir, "config.json"):
+    if path := models.checkpoint_file(model_dir, "config.json"):
         with open(path) as f:
             kw["temporal_seconds"] = models.family(json.load(f).get("model_type")).temporal_seconds
-    if path := checkpoint_file(model_dir, "preprocessor_config.json"):
+    if path := models.checkpoint_file(model_dir, "preprocessor_config.json"):
         with open(path) as f:
             cfg = json.load(f)
         kw.update({k: int(cfg[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if k in cfg})

@@ -100,6 +100,38 @@ def test_missing_inputs_are_named_before_anything_loads(warm_model_dir, seed_ben
         train.train(config.parse_config(argv))
 
 
+def test_a_model_that_is_not_one_or_not_cached_is_named_in_one_line(warm_model_dir, seed_bench_root, tmp_path,
+                                                                    no_model, monkeypatch):
+    """A directory without config.json, or naming another family, and a hub id that is not in
+    the local cache (at once: nothing is downloaded, so no minute of retries); a cached one passes."""
+    import time
+
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    not_a_model = tmp_path / "videos"
+    not_a_model.mkdir()
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    cases = [(str(not_a_model), "no config.json, not a model directory"),
+             (str(llama), "model_type 'llama' is not a supported family (qwen2_5_vl, qwen2_vl)"),
+             ("nobody/no-such-model", "no such directory, and not in the local Hugging Face cache (nothing is "
+                                      "downloaded: download it first")]
+    for model, problem in cases:
+        argv = train_argv(warm_model_dir, seed_bench_root, tmp_path / "out")
+        argv[argv.index("--model") + 1] = model
+        start = time.time()
+        with pytest.raises(checkpoint.RunError) as err:
+            train.train(config.parse_config(argv))
+        assert str(err.value).startswith(f"--model {model}: {problem}") and time.time() - start < 10
+    snapshot = tmp_path / "hub" / "models--somebody--cached-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.copy(os.path.join(warm_model_dir, "config.json"), snapshot)
+    (tmp_path / "hub" / "models--somebody--cached-model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--somebody--cached-model" / "refs" / "main").write_text("abc123")
+    assert models.model_problem("somebody/cached-model") is None
+
+
 # --- one run per directory ---------------------------------------------------------------------
 
 def test_a_new_run_refuses_a_directory_that_holds_one(care_run, warm_model_dir, seed_bench_root, tmp_path, no_model):

@@ -552,6 +552,17 @@ def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_
     assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_a_model_directory_that_is_not_a_model_is_named_in_one_line(seed_bench_root, tmp_path, capsys):
+    """A directory without config.json (here the data root) stops before anything loads, not
+    with tokenizer errors blaming sentencepiece."""
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--model", seed_bench_root, "--data", seed_files(seed_bench_root)[0], "--data-root",
+                       seed_bench_root, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"error: --model {seed_bench_root}: no config.json, not a model directory" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_the_public_video_switches_reach_the_prompts(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):
     """--second-per-grid and --frame-rounding evaluate a model the way it was trained (e.g. with
     train.py --reproduce-official); both reach the visual budget and are recorded settings."""
