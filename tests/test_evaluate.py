@@ -145,6 +145,10 @@ def test_compare_prints_deltas(tmp_path):
     ('{"model": "grpo"}', 'no "model" or no "results" table'),
     ('{"results": {"all": {"n": 1}}}', 'no "model" or no "results" table'),
     ('[1, 2]', 'no "model" or no "results" table'),
+    ('{"model": "m", "results": {"all": {"n": 8, "accuracy": "50.0"}}}', "results['all']['accuracy'] is '50.0', "
+                                                                        "not a number"),
+    ('{"model": "m", "results": {"L1": {"n": 4, "accuracy": 1.0, "consistency": [2]}}}',
+     "results['L1']['consistency'] is [2], not a number"),
 ])
 def test_compare_names_a_bad_summary_in_one_line(content, problem, tmp_path):
     good = tmp_path / "good.json"
