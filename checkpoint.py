@@ -145,15 +145,21 @@ def claim(output_dir, resume, overwrite, is_main):
 # Logs
 
 
+def jsonl_line(row):
+    """One log line: NaN (e.g. no answer span in the batch) -> null."""
+    return json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n"
+
+
 def append_jsonl(path, rows):
-    with open(path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
-        for row in rows:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+    with open(path, "a") as f:
+        f.writelines(jsonl_line(row) for row in rows)
 
 
-def trim_jsonl(path, step):
+def trim_jsonl(path, step, rows_of_step=None):
     """Drop the rows of steps after `step` (a resumed run logs them again), and a last line cut
-    short by a kill. A bad line anywhere else is an error: the log is not ours to guess at."""
+    short by a kill. A bad line anywhere else is an error: the log is not ours to guess at.
+    rows_of_step: the rows of `step` as its checkpoint keeps them, written in place of the
+    file's, so a cut row of a step that has a checkpoint is written again, whole."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -164,11 +170,13 @@ def trim_jsonl(path, step):
             row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
-                print(f"{path}:{i + 1}: dropped a last line cut short (the run was killed while writing it)")
+                print(f"{path}:{i + 1}: dropped a last line cut short (the run was killed while writing it)"
+                      + (f"; step {step}'s rows are written again from its checkpoint" if rows_of_step else ""))
                 continue
             raise RunError(f"{path}:{i + 1}: not a JSON row; move the file away to resume") from None
-        if row["step"] <= step:
+        if row["step"] < step or (row["step"] == step and rows_of_step is None):
             kept.append(line + "\n")
+    kept += [jsonl_line(row) for row in rows_of_step or []]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)

@@ -319,7 +319,8 @@ def run(cfg, accelerator, resume):
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     if accelerator.is_main_process:
-        checkpoint.trim_jsonl(log_path, state["step"])  # a resumed run logs the later steps again
+        # A resumed run logs the later steps again; the checkpoint's step has its row from the checkpoint.
+        checkpoint.trim_jsonl(log_path, state["step"], state.get("log_rows", {}).get("log.jsonl"))
     bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="sft")
     reporters = metrics.Reporters(cfg, accelerator.is_main_process, state["step"])  # --report-to
 
@@ -343,6 +344,7 @@ def run(cfg, accelerator, resume):
         row = {"step": step.step, "loss": nll.item() / step.tokens, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": step.tokens, "skipped": state["skipped"],
                "step_time": time.time() - t0, "samples": step.ids_per_process}
+        state["log_rows"] = {"log.jsonl": [row]}  # kept by the step's checkpoint
         if accelerator.is_main_process:
             checkpoint.append_jsonl(log_path, [row])
             reporters.log(row)

@@ -269,7 +269,7 @@ def run(cfg, accelerator, resume):
         accelerator.print(f"resumed from {resume} at step {state['step']}")
     elif cfg.resume == "auto":
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")
-    log = metrics.RunLog(cfg, accelerator, state["step"], total_steps)
+    log = metrics.RunLog(cfg, accelerator, state["step"], total_steps, state.get("log_rows"))
 
     while state["step"] < total_steps:
         t0 = time.time()
@@ -292,7 +292,8 @@ def run(cfg, accelerator, resume):
         # 5. Log and save.
         state.update(step=batch.step, skipped=state["skipped"] + len(batch.skipped),
                      skipped_messages=state["skipped_messages"] + batch.skipped)
-        log.write(batch.step, batch, completions, scores, update, state["skipped"], time.time() - t0)
+        state["log_rows"] = log.write(batch.step, batch, completions, scores, update, state["skipped"],
+                                      time.time() - t0)  # kept by the step's checkpoint
         if batch.step % cfg.save_every == 0 or batch.step == total_steps:
             path = checkpoint.save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state)
             accelerator.print(f"saved {path}")

@@ -345,6 +345,22 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
         checkpoint.trim_jsonl(str(path), 2)
 
 
+def test_a_cut_log_line_of_a_step_with_a_checkpoint_is_written_again(care_run, warm_model_dir, seed_bench_root,
+                                                                     tmp_path, capsys):
+    """The last rows of both logs cut short, for step 2, whose checkpoint exists: resuming there
+    writes them again, whole, from the checkpoint (before, they were dropped for good)."""
+    copy_checkpoint(care_run, tmp_path, step=2)
+    for name in ("log.jsonl", "completions.jsonl"):
+        text = open(os.path.join(care_run, name)).read()
+        (tmp_path / name).write_text(text[:-len(text.splitlines()[-1]) // 2 - 1])  # half the last line
+    run(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care", "--max-steps", "2", "--save-every", "1",
+        "--resume", "auto", "--log-completions")
+    assert "dropped a last line cut short (the run was killed while writing it); step 2's rows are written " \
+           "again from its checkpoint" in capsys.readouterr().out
+    for name in ("log.jsonl", "completions.jsonl"):
+        assert (tmp_path / name).read_text() == open(os.path.join(care_run, name)).read(), name
+
+
 # --- data checked up front -------------------------------------------------------------------
 
 def test_check_data_finds_a_corrupt_video_before_step_1(warm_model_dir, seed_bench_root, tmp_path, no_model):

@@ -376,3 +376,11 @@ def test_a_checkpoint_of_the_other_program_is_refused_before_anything_loads(care
     with pytest.raises(checkpoint.RunError, match=f"--resume {ckpt}: a checkpoint of train.py, which sft.py cannot "
                                                   f"continue"):
         run(tiny_model_dir, seed_bench_root, tmp_path / "rl", "--resume", "auto", "--max-steps", "1")
+
+
+def test_a_cut_log_line_of_a_step_with_a_checkpoint_is_written_again(tiny_model_dir, seed_bench_root, tmp_path):
+    run(tiny_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
+    whole = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text(whole[:len(whole) // 2])
+    run(tiny_model_dir, seed_bench_root, tmp_path, "--max-steps", "1", "--resume", "auto")
+    assert (tmp_path / "log.jsonl").read_text() == whole
