@@ -268,13 +268,21 @@ def read_image(path, sample_id="?"):
 
 
 def check_media(sample, budget):
-    """Decode the sample's video (the frames `budget` samples) and image now, raising the
-    DataError that encode_prompt would raise later: an up-front pass over a data set finds its
-    broken files before a run starts, not hours into it. Returns None."""
-    if sample.video:
-        read_video(sample.video, budget, sample.sample_id)
-    if sample.image:
-        read_image(sample.image, sample.sample_id)
+    """Decode the sample's video (the frames `budget` samples) and image now, and fit their sizes
+    to the budget, raising the DataError that encode_prompt would raise later: an up-front pass
+    over a data set finds its broken files (and absurd aspect ratios) before a run starts, not
+    hours into it. Returns None."""
+    try:
+        if sample.video:
+            frames, _ = read_video(sample.video, budget, sample.sample_id)
+            resized_size(*frames.shape[1:3], budget.video_min_pixels, budget.video_max_pixels, budget)
+        if sample.image:
+            image = read_image(sample.image, sample.sample_id)
+            resized_size(*image.shape[:2], budget.image_min_pixels, budget.image_max_pixels, budget)
+    except DataError:
+        raise
+    except ValueError as e:   # smart_resize on absurd aspect ratios, as in encode_prompt
+        raise DataError(f"sample {sample.sample_id}: {e}") from e
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels, rule="hf"):
