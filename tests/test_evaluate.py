@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, multiprocess_env
@@ -74,6 +75,22 @@ def test_reasoning_is_read_without_the_answer():
     assert judge.reasoning_of("The square is green, so <answer>B</answer> it is.") == "The square is green, so  it is."
     assert judge.reasoning_of("<answer>B</answer>") == ""
     assert judge.option_letters(MC) == ["A", "B", "C", "D"]
+
+
+def test_the_judge_reads_every_option_letter_the_data_admits(tmp_path):
+    """A Video-R1 row with twelve options, A to L (data.py admits A to Z): the judge sees all of
+    them and names K or l as an option, not as undecided."""
+    tiny.write_image(str(tmp_path / "x.png"), np.zeros((56, 56, 3), dtype=np.uint8))
+    options = [f"{chr(65 + i)}. item {i}" for i in range(12)]
+    (tmp_path / "mc.json").write_text(json.dumps([{"problem_id": 1, "problem": "Which?", "data_type": "image",
+                                                   "problem_type": "multiple choice", "options": options,
+                                                   "solution": "<answer>K</answer>", "path": "x.png"}]))
+    [sample], _ = data.load_samples(str(tmp_path / "mc.json"), str(tmp_path))
+    letters = judge.option_letters(sample)
+    assert letters == list("ABCDEFGHIJKL") and sample.solution == "K"
+    assert judge.parse_verdict("<answer>K</answer>", letters) == "K"
+    assert judge.parse_verdict("<answer>l</answer>", letters) == "L"
+    assert judge.parse_verdict("<answer>M</answer>", letters) is None
 
 
 @pytest.mark.parametrize("reply, verdict", [
