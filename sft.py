@@ -328,6 +328,7 @@ def run(cfg, accelerator, resume):
         t0 = time.time()
         step = next_step(cfg, accelerator, samples, tokenizer, budget, state["step"], steps_per_epoch, template)
         # 1. Forward and backward, micro-batch by micro-batch; gradients add up in .grad.
+        torch.manual_seed(train.update_seed(cfg.seed, step.step, accelerator.process_index))  # exact on resume
         with guards.oom_hint("forward and backward", cfg, OOM_ADVICE):
             nll = accumulate(cfg, accelerator, model, tokenizer, step.micro_batches, step.tokens, step.step)
         # 2. One optimizer step.

@@ -84,6 +84,12 @@ def rollout_seed(seed, step, sample_index):
     return random.Random(f"{seed}/{step}/{sample_index}").getrandbits(63)
 
 
+def update_seed(seed, step, rank):
+    """The seed of torch's RNG for one process's update at step (adapter dropout draws from it):
+    fixed by (run seed, step, process), so a resumed run draws what the uninterrupted one drew."""
+    return random.Random(f"{seed}/{step}/update/{rank}").getrandbits(63)
+
+
 def check_all_media(cfg, accelerator, samples, budget):
     """--check-data: decode every video and image now, each process a share, so that a corrupt
     file deep in the epoch does not stop the run hours in. Returns (samples kept, skip messages)."""
@@ -283,6 +289,7 @@ def run(cfg, accelerator, resume):
             scores = score_rollout(cfg, completions, batch.samples, ref_model, tokenizer)
         guards.stop_if_not_finite(accelerator, "reward", scores["reward"], batch.step, batch.sample_ids)
         # 3. Update the policy on its own samples.
+        torch.manual_seed(update_seed(cfg.seed, batch.step, accelerator.process_index))
         with guards.oom_hint("policy forward and backward", cfg):
             update = policy_update(cfg, accelerator, model, optimizer, scheduler, ref_model, completions,
                                    scores["advantages"], batch)
