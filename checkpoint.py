@@ -201,6 +201,8 @@ def missing(path):
                 json.load(f)
         except ValueError:
             lacks.append("config.json (not JSON)")
+    if "trainer_state.pt" not in lacks and read_trainer_state(path) is None:
+        lacks.append("trainer_state.pt (unreadable)")
     if "state/.metadata" in lacks:
         return lacks
     metadata = sharded_metadata(path)
@@ -333,7 +335,7 @@ def check_resume_data(path, record, checked_out, allow_change, say=print):
     """Refuse to continue a checkpoint on other data than its own, naming what differs: every
     later step would train on other samples (some twice, some never). With allow_change, say
     what changed and go on."""
-    saved = read_trainer_state(path).get("data")
+    saved = (read_trainer_state(path) or {}).get("data")
     if saved is None:
         say(f"{path} keeps no record of its data (made before records were kept): the data is not checked")
         return
@@ -410,14 +412,19 @@ def out_of_space(error):
 
 
 def read_trainer_state(path):
-    """path/trainer_state.pt, read with weights_only=True: a file that holds anything but plain
-    data (code, in a pickle) is refused in one line, never run."""
+    """path/trainer_state.pt, read with weights_only=True, or None where it cannot be read (cut
+    short, not torch's format). A file that holds anything but plain data (code, in a pickle)
+    is refused in one line, never run."""
     file = os.path.join(path, "trainer_state.pt")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # a broken pickle, not a refused one
+            return None
         raise RunError(f"{file} holds more than plain data and was not loaded (it {fsdp.plain_data_refusal(e)})") \
             from None
+    except Exception:  # a broken file fails in many ways (a cut zip: RuntimeError); none runs code
+        return None
 
 
 def sharded_metadata(path):
@@ -438,10 +445,9 @@ def load(path, model, ref_model, optimizer, scheduler, start):
     and the shards' non-tensor values are read as plain data, .metadata by sharded_metadata.
     start: the state a fresh run would begin with; its skips before step 1 (at load, by
     --check-data) that the checkpoint does not count yet are added, and its data record kept."""
-    state = read_trainer_state(path)
-    metadata = sharded_metadata(path)
-    if metadata is None:
-        raise RunError(f"{path}/state/.metadata cannot be read (cut short, or not a checkpoint's)")
+    state, metadata = read_trainer_state(path), sharded_metadata(path)
+    if state is None or metadata is None:  # missing() said otherwise a moment ago
+        raise RunError(f"{path}: {'trainer_state.pt' if state is None else 'state/.metadata'} cannot be read")
     try:
         fsdp.load_sharded(path, model, optimizer, ref_model, metadata)
     except fsdp.NotPlainData as e:

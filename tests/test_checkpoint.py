@@ -206,6 +206,7 @@ def cut_in_half(path):
     (lambda c: os.remove(c / "config.json"), "config.json"),
     (lambda c: (c / "config.json").write_text('{"lr": 0.'), "config.json (not JSON)"),
     (lambda c: os.remove(c / "trainer_state.pt"), "trainer_state.pt"),
+    (lambda c: cut_in_half(c / "trainer_state.pt"), "trainer_state.pt (unreadable)"),
     (lambda c: os.remove(c / "state" / ".metadata"), "state/.metadata"),
     (lambda c: cut_in_half(c / "state" / ".metadata"), "state/.metadata (unreadable)"),
     (lambda c: os.remove(c / "state" / "__0_0.distcp"), "state/__0_0.distcp"),
