@@ -8,20 +8,25 @@
                              under LoRA the adapters, their AdamW state and their EMA alone
         policy/              a Hugging Face export of the policy, for evaluate.py (LoRA: merged)
         adapter/             LoRA only: the adapters in peft's format (PeftModel.from_pretrained)
-        trainer_state.pt     step, skip counts, scheduler: plain data, loaded with weights_only=True
+        trainer_state.pt     step, skip counts, scheduler, the data's record (file digest, sample
+                             ids in order): plain data, loaded with weights_only=True
         config.json          the settings really used (defaults resolved, process count)
 
 A new run refuses a directory that already holds one (unless --overwrite); a resumed run
-refuses a checkpoint made with other run-defining settings (unless --allow-config-change).
+refuses a checkpoint made with other run-defining settings or other data (unless
+--allow-config-change).
 Everything is written to <dir>.tmp and renamed, so a crash never leaves a half checkpoint.
 
-The sharded state (torch.distributed.checkpoint) keeps its metadata in a pickle, by torch's
-design: resume only from checkpoints you made yourself.
+Loading runs no code from any checkpoint file: trainer_state.pt is read with weights_only=True,
+and the sharded state's pickled parts (its .metadata, its non-tensor values) are read by
+fsdp.read_metadata and fsdp.load_sharded, which build plain data and torch's metadata classes
+alone. Anything else is refused in one line, so a checkpoint from elsewhere is safe to resume.
 """
 
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -58,12 +63,15 @@ FREE_ON_RESUME = {"output_dir", "resume", "overwrite", "allow_config_change", "s
 
 def check_inputs(cfg):
     """Name a missing --model, --data or --data-root before anything is loaded. A --model that
-    looks like a hub id (org/name, no such local directory) is left to from_pretrained."""
+    looks like a hub id (org/name, no such local directory) must be in the local cache, and a
+    model directory must be one (models.model_problem)."""
     first = cfg.model.split("/")[0]
     local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or cfg.model.count("/") != 1 \
         or os.path.isdir(first)
     if local and not os.path.isdir(cfg.model):
         raise RunError(f"--model {cfg.model}: no such directory")
+    if problem := models.model_problem(cfg.model):
+        raise RunError(f"--model {cfg.model}: {problem}")
     if not os.path.isfile(cfg.data):
         raise RunError(f"--data {cfg.data}: no such file")
     if not os.path.isdir(cfg.data_root):
@@ -137,15 +145,21 @@ def claim(output_dir, resume, overwrite, is_main):
 # Logs
 
 
+def jsonl_line(row):
+    """One log line: NaN (e.g. no answer span in the batch) -> null."""
+    return json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n"
+
+
 def append_jsonl(path, rows):
-    with open(path, "a") as f:  # NaN (e.g. no answer span in the batch) -> null
-        for row in rows:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+    with open(path, "a") as f:
+        f.writelines(jsonl_line(row) for row in rows)
 
 
-def trim_jsonl(path, step):
+def trim_jsonl(path, step, rows_of_step=None):
     """Drop the rows of steps after `step` (a resumed run logs them again), and a last line cut
-    short by a kill. A bad line anywhere else is an error: the log is not ours to guess at."""
+    short by a kill. A bad line anywhere else is an error: the log is not ours to guess at.
+    rows_of_step: the rows of `step` as its checkpoint keeps them, written in place of the
+    file's, so a cut row of a step that has a checkpoint is written again, whole."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -156,11 +170,13 @@ def trim_jsonl(path, step):
             row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
-                print(f"{path}:{i + 1}: dropped a last line cut short (the run was killed while writing it)")
+                print(f"{path}:{i + 1}: dropped a last line cut short (the run was killed while writing it)"
+                      + (f"; step {step}'s rows are written again from its checkpoint" if rows_of_step else ""))
                 continue
             raise RunError(f"{path}:{i + 1}: not a JSON row; move the file away to resume") from None
-        if row["step"] <= step:
+        if row["step"] < step or (row["step"] == step and rows_of_step is None):
             kept.append(line + "\n")
+    kept += [jsonl_line(row) for row in rows_of_step or []]
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -170,31 +186,67 @@ def trim_jsonl(path, step):
 # Checkpoints
 
 
-def is_complete(path):
-    return os.path.isfile(os.path.join(path, "trainer_state.pt")) and os.path.isdir(os.path.join(path, "state"))
+# What a resume reads (fsdp.load_sharded also reads every shard file .metadata names; policy/
+# and adapter/ are exports, not read back).
+NEEDED = ("config.json", "trainer_state.pt", "state/.metadata")
+
+
+def missing(path):
+    """What a resume from the checkpoint at path needs and it lacks ([]: complete): the NEEDED
+    files, and every shard file its metadata names, at full length."""
+    lacks = [name for name in NEEDED if not os.path.isfile(os.path.join(path, name))]
+    if "config.json" not in lacks:
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                json.load(f)
+        except ValueError:
+            lacks.append("config.json (not JSON)")
+    if "trainer_state.pt" not in lacks and read_trainer_state(path) is None:
+        lacks.append("trainer_state.pt (unreadable)")
+    if "state/.metadata" in lacks:
+        return lacks
+    metadata = sharded_metadata(path)
+    if metadata is None:
+        return lacks + ["state/.metadata (unreadable)"]
+    for name, size in sorted(fsdp.shard_sizes(metadata).items()):
+        file = os.path.join(path, "state", name)
+        if not os.path.isfile(file):
+            lacks.append(f"state/{name}")
+        elif os.path.getsize(file) < size:
+            lacks.append(f"state/{name} (cut short: {os.path.getsize(file)} of {size} bytes)")
+    return lacks
+
+
+def checkpoints(output_dir):
+    """The checkpoint-NNNNNN directories in output_dir, oldest first, complete or not. Anything
+    else (a .tmp left by a crash, a checkpoint-best copied in by hand) is not a candidate."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir)) if CHECKPOINT_RE.fullmatch(n)]
 
 
 def complete_checkpoints(output_dir):
-    """checkpoint-NNNNNN directories that were fully written, oldest first. Anything else in the
-    directory (a .tmp left by a crash, a checkpoint-best copied in by hand) is not a candidate."""
-    if not os.path.isdir(output_dir):
-        return []
-    return [os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir))
-            if CHECKPOINT_RE.fullmatch(n) and is_complete(os.path.join(output_dir, n))]
+    """checkpoints() that hold everything a resume reads (missing), oldest first."""
+    return [path for path in checkpoints(output_dir) if not missing(path)]
 
 
-def resolve_resume(resume, output_dir):
+def resolve_resume(resume, output_dir, say=print):
     """The checkpoint to resume from: --resume auto picks the newest complete one in output_dir
-    (none: a fresh start); a named directory must be a complete checkpoint."""
+    (none: a fresh start) and says which newer ones it passed over and what they lack; a named
+    directory must be a complete checkpoint."""
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(checkpoints(output_dir)):
+            lacks = missing(path)
+            if not lacks:
+                return path
+            say(f"--resume auto: passed over {path}, which lacks {', '.join(lacks)}")
+        return None
     if not resume:
         return None
     if not os.path.isdir(resume):
         raise RunError(f"--resume {resume}: no such checkpoint directory")
-    if not is_complete(resume):
-        raise RunError(f"--resume {resume}: not a complete checkpoint (needs trainer_state.pt and state/)")
+    if lacks := missing(resume):
+        raise RunError(f"--resume {resume}: not a complete checkpoint (it lacks {', '.join(lacks)})")
     return resume
 
 
@@ -218,17 +270,83 @@ def config_changes(saved, cfg, num_processes, batch_fields=("prompts_per_device"
     return changes
 
 
+def program_of(settings):
+    """Which program a run's settings (or a checkpoint's config.json) are for: only train.py's
+    have an algorithm."""
+    return "train.py" if "algo" in settings else "sft.py"
+
+
 def check_resume_config(path, cfg, num_processes, allow_change, batch_fields=("prompts_per_device",)):
     """Refuse to continue a checkpoint with other run-defining settings, naming each change;
     with allow_change, say what changed and go on (the data position follows the step count,
-    so a changed global batch repeats or skips samples)."""
+    so a changed global batch repeats or skips samples). A checkpoint of the other program
+    (sft.py's for train.py, or the reverse) is refused whatever allow_change says."""
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
+    ours, theirs = program_of(dataclasses.asdict(cfg)), program_of(saved)
+    if ours != theirs:
+        raise RunError(f"--resume {path}: a checkpoint of {theirs}, which {ours} cannot continue (to start a "
+                       f"{ours} run from its weights, pass --model {os.path.join(path, 'policy')} instead)")
     changes = config_changes(saved, cfg, num_processes, batch_fields)
     if changes and not allow_change:
         raise RunError(f"resuming {path} with other settings than it was made with: {'; '.join(changes)} "
                        f"(pass --allow-config-change to resume anyway)")
     return changes
+
+
+def data_record(data_file, samples):
+    """What fixes a run's data: the annotation file's content (sha256) and the sample ids in the
+    order loaded, after --check-data (every step's samples are picked by position in it)."""
+    digest = hashlib.sha256()
+    with open(data_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": data_file, "sha256": digest.hexdigest(), "sample_ids": [s.sample_id for s in samples]}
+
+
+def listed(ids, most=5):
+    return ", ".join(ids[:most]) + (", ..." if len(ids) > most else "")
+
+
+def data_changes(saved, record, checked_out=()):
+    """['what: old -> new', ...] between a checkpoint's data record and this run's; checked_out:
+    the ids --check-data left out in this run."""
+    changes = []
+    if saved["sha256"] != record["sha256"]:
+        changes.append(f"{record['file']}: its content changed (sha256 {saved['sha256'][:12]} -> "
+                       f"{record['sha256'][:12]})")
+    old, new = saved["sample_ids"], record["sample_ids"]
+    if old != new:
+        old_ids, new_ids, checked_out = set(old), set(new), set(checked_out)
+        gone = [i for i in old if i not in new_ids]
+        by_check = [i for i in gone if i in checked_out]
+        other = [i for i in gone if i not in checked_out]
+        came = [i for i in new if i not in old_ids]
+        parts = [f"samples: {len(old)} -> {len(new)}"]
+        parts += [f"{len(by_check)} left out by --check-data ({listed(by_check)})"] if by_check else []
+        parts += [f"{len(other)} gone ({listed(other)})"] if other else []
+        parts += [f"{len(came)} new ({listed(came)})"] if came else []
+        parts += [] if gone or came else ["the same ones in another order"]
+        changes.append(", ".join(parts))
+    return changes
+
+
+def check_resume_data(path, record, checked_out, allow_change, say=print):
+    """Refuse to continue a checkpoint on other data than its own, naming what differs: every
+    later step would train on other samples (some twice, some never). With allow_change, say
+    what changed and go on."""
+    saved = (read_trainer_state(path) or {}).get("data")
+    if saved is None:
+        say(f"{path} keeps no record of its data (made before records were kept): the data is not checked")
+        return
+    changes = data_changes(saved, record, checked_out)
+    if changes and not allow_change:
+        hint = ("resume without --check-data, and with --skip-bad-samples the run skips those samples at their "
+                "steps, as it would have; or " if set(checked_out) & set(saved["sample_ids"]) else "")
+        raise RunError(f"resuming {path} on other data than it was made with: {'; '.join(changes)} (every later "
+                       f"step would get other samples; {hint}pass --allow-config-change to resume anyway)")
+    for change in changes:
+        say(f"changed on resume (--allow-config-change): {change}")
 
 
 @contextmanager
@@ -238,9 +356,9 @@ def opened_run(cfg, batch_fields=("prompts_per_device",)):
     one process), refuse a resume with other run-defining settings, then hold the run directory
     (lock, claim) for the block. Yields (resolved cfg, accelerator, checkpoint to resume or None)."""
     check_inputs(cfg)
-    resume = resolve_resume(cfg.resume, cfg.output_dir)
     cfg = resolved(cfg)
     accelerator = fsdp.make_accelerator(cfg.mixed_precision)
+    resume = resolve_resume(cfg.resume, cfg.output_dir, accelerator.print)
     if resume:
         for change in check_resume_config(resume, cfg, accelerator.num_processes, cfg.allow_config_change,
                                           batch_fields):
@@ -293,14 +411,49 @@ def out_of_space(error):
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
 
 
-def load(path, model, ref_model, optimizer, scheduler):
-    """Restore the shards and the trainer state. trainer_state.pt is read with weights_only=True:
-    a file that holds anything but plain data (code, in a pickle) is refused, never run."""
+def read_trainer_state(path):
+    """path/trainer_state.pt, read with weights_only=True, or None where it cannot be read (cut
+    short, not torch's format). A file that holds anything but plain data (code, in a pickle)
+    is refused in one line, never run."""
+    file = os.path.join(path, "trainer_state.pt")
     try:
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise RunError(f"{path}/trainer_state.pt holds more than plain data and was not loaded "
-                       f"({str(e).splitlines()[0]})") from None
-    fsdp.load_sharded(path, model, optimizer, ref_model)
+        if "Weights only load failed" not in str(e):  # a broken pickle, not a refused one
+            return None
+        raise RunError(f"{file} holds more than plain data and was not loaded (it {fsdp.plain_data_refusal(e)})") \
+            from None
+    except Exception:  # a broken file fails in many ways (a cut zip: RuntimeError); none runs code
+        return None
+
+
+def sharded_metadata(path):
+    """path/state/.metadata as fsdp.read_metadata builds it (torch's metadata classes alone), or
+    None where it cannot be read (cut short, not a pickle). One that holds anything else, as a
+    crafted file would, is refused in one line, never run."""
+    file = os.path.join(path, "state", ".metadata")
+    try:
+        return fsdp.read_metadata(os.path.dirname(file))
+    except fsdp.NotPlainData as e:
+        raise RunError(f"{file} {e}: refused, nothing in it was run") from None
+    except Exception:  # a broken pickle fails in many ways; none of them runs code
+        return None
+
+
+def load(path, model, ref_model, optimizer, scheduler, start):
+    """Restore the shards and the trainer state, running no code from any file: trainer_state.pt
+    and the shards' non-tensor values are read as plain data, .metadata by sharded_metadata.
+    start: the state a fresh run would begin with; its skips before step 1 (at load, by
+    --check-data) that the checkpoint does not count yet are added, and its data record kept."""
+    state, metadata = read_trainer_state(path), sharded_metadata(path)
+    if state is None or metadata is None:  # missing() said otherwise a moment ago
+        raise RunError(f"{path}: {'trainer_state.pt' if state is None else 'state/.metadata'} cannot be read")
+    try:
+        fsdp.load_sharded(path, model, optimizer, ref_model, metadata)
+    except fsdp.NotPlainData as e:
+        raise RunError(f"{path}/state: {e}: refused, nothing in it was run") from None
     scheduler.load_state_dict(state.pop("scheduler"))
+    new = [m for m in start["skipped_messages"] if m not in state["skipped_messages"]]
+    state.update(skipped=state["skipped"] + len(new), skipped_messages=state["skipped_messages"] + new,
+                 data=start["data"])
     return state

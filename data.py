@@ -183,21 +183,27 @@ def _seed_bench_sample(where, row, root, seed, level, allow_outside_root):
         solution = str(row["golden_choice_idx"]).strip()
         if solution not in ("A", "B", "C", "D"):
             raise DataError(f"{where} (sample {sid}): golden_choice_idx must be A-D, got {solution!r}")
+        golden = options["ABCD".index(solution)]
+        if answer.strip() != golden.strip():   # which one is right? The row does not say.
+            raise DataError(f"{where} (sample {sid}): the answer {answer!r} is not choice_{solution.lower()} "
+                            f"{golden!r}, which golden_choice_idx {solution} names")
     else:
         raise DataError(f"{where} (sample {sid}): neither negative_answers (train) nor "
                         f"choice_a..d + golden_choice_idx (validation)")
     lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
     # Media live in the layout's videos/ and images/ folders: a video_source like "../x" leaves
     # them, even where it stays under the root.
+    source = _text(where, sid, "video_source", row["video_source"])
     video = None
     if row["task_progress_metadata"]:   # empty metadata: the task has no progress video yet
         _require(where, row, ["video_basename"])
         videos = os.path.join(root, "videos")
-        video = _media(where, sid, "video", os.path.join(videos, row["video_source"], row["video_basename"]),
+        video = _media(where, sid, "video",
+                       os.path.join(videos, source, _text(where, sid, "video_basename", row["video_basename"])),
                        videos, allow_outside_root)
     images = os.path.join(root, "images")
-    image = _media(where, sid, "image", os.path.join(images, row["video_source"], row["current_observation_basename"]),
-                   images, allow_outside_root)
+    observation = _text(where, sid, "current_observation_basename", row["current_observation_basename"])
+    image = _media(where, sid, "image", os.path.join(images, source, observation), images, allow_outside_root)
     return Sample(sample_id=sid, problem_type="multiple choice", question=question, options=lettered,
                   solution=solution, video=video, image=image, level=level, domain=row.get("domain"),
                   source=row["video_source"])
@@ -260,7 +266,8 @@ def _video_r1_sample(where, row, root, allow_outside_root):
     question = _text(where, sid, "problem (the question)", row["problem"])
     solution = _video_r1_solution(where, sid, row)
     options = list(row["options"]) if ptype == "multiple choice" else []   # already "A. ..."
-    path = _media(where, sid, dtype, os.path.join(root, row["path"]), root, allow_outside_root)
+    path = _media(where, sid, dtype, os.path.join(root, _text(where, sid, "path", row["path"])), root,
+                  allow_outside_root)
     return Sample(sample_id=sid, problem_type=ptype, question=question, solution=solution, options=options,
                   video=path if dtype == "video" else None, image=path if dtype == "image" else None,
                   source=row.get("data_source"))

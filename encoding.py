@@ -85,29 +85,15 @@ class VisualBudget:
             raise ValueError(f"resize_to must be 0 (off) or positive, got {self.resize_to}")
 
 
-def checkpoint_file(model_dir, name):
-    """The path of file name of a checkpoint, a directory or a hub id in the local cache (as
-    --model takes it), or None where it has none. Nothing is downloaded."""
-    if os.path.isdir(model_dir):
-        path = os.path.join(model_dir, name)
-        return path if os.path.isfile(path) else None
-    from huggingface_hub import try_to_load_from_cache
-    try:
-        path = try_to_load_from_cache(model_dir, name)
-    except ValueError:  # not a hub id either
-        return None
-    return path if isinstance(path, str) else None
-
-
 def budget_from_checkpoint(model_dir, **overrides) -> VisualBudget:
     """Patch geometry and normalisation come from the checkpoint (they are baked into its vision
     tower), and so does temporal_seconds (its family, from config.json); pixel and frame budgets
     stay ours (the training defaults), whatever min/max_pixels the checkpoint lists."""
     kw = {}
-    if path := checkpoint_file(model_dir, "config.json"):
+    if path := models.checkpoint_file(model_dir, "config.json"):
         with open(path) as f:
             kw["temporal_seconds"] = models.family(json.load(f).get("model_type")).temporal_seconds
-    if path := checkpoint_file(model_dir, "preprocessor_config.json"):
+    if path := models.checkpoint_file(model_dir, "preprocessor_config.json"):
         with open(path) as f:
             cfg = json.load(f)
         kw.update({k: int(cfg[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if k in cfg})
@@ -282,13 +268,21 @@ def read_image(path, sample_id="?"):
 
 
 def check_media(sample, budget):
-    """Decode the sample's video (the frames `budget` samples) and image now, raising the
-    DataError that encode_prompt would raise later: an up-front pass over a data set finds its
-    broken files before a run starts, not hours into it. Returns None."""
-    if sample.video:
-        read_video(sample.video, budget, sample.sample_id)
-    if sample.image:
-        read_image(sample.image, sample.sample_id)
+    """Decode the sample's video (the frames `budget` samples) and image now, and fit their sizes
+    to the budget, raising the DataError that encode_prompt would raise later: an up-front pass
+    over a data set finds its broken files (and absurd aspect ratios) before a run starts, not
+    hours into it. Returns None."""
+    try:
+        if sample.video:
+            frames, _ = read_video(sample.video, budget, sample.sample_id)
+            resized_size(*frames.shape[1:3], budget.video_min_pixels, budget.video_max_pixels, budget)
+        if sample.image:
+            image = read_image(sample.image, sample.sample_id)
+            resized_size(*image.shape[:2], budget.image_min_pixels, budget.image_max_pixels, budget)
+    except DataError:
+        raise
+    except ValueError as e:   # smart_resize on absurd aspect ratios, as in encode_prompt
+        raise DataError(f"sample {sample.sample_id}: {e}") from e
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels, rule="hf"):

@@ -200,6 +200,8 @@ def check_args(parser, args):
         parser.error(f"--judge {args.judge}: no such file")
     if args.judge not in ("self", "none") and not judge.is_rule(args.judge) and not os.path.isdir(args.judge):
         parser.error(f"--judge {args.judge}: no such directory (a judge model is a local checkpoint)")
+    if problem := models.model_problem(args.model):
+        parser.error(f"--model {args.model}: {problem}")
 
 
 def flag(name):

@@ -14,6 +14,7 @@ With one process nothing is sharded; every function here then works on the plain
 """
 
 import os
+import pickle
 import shutil
 from contextlib import contextmanager
 
@@ -22,6 +23,8 @@ import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -193,9 +196,94 @@ def save_sharded(path, model, optimizer, ref_model):
     dcp.save(_state(model, optimizer, ref_model), checkpoint_id=os.path.join(path, "state"))
 
 
-def load_sharded(path, model, optimizer, ref_model):
+# Reading state/ runs no code from it. torch.distributed.checkpoint pickles two things: the
+# metadata file (.metadata: which tensor slice lies where) and the state's non-tensor values
+# (AdamW's hyperparameters), and unpickles both with pickle's full power, so a crafted file
+# could run anything. Here .metadata goes through an unpickler that builds only the classes
+# torch's metadata is made of, and each non-tensor value is read as plain data
+# (torch.load(weights_only=True)) before torch reads it.
+METADATA = "torch.distributed.checkpoint.metadata"
+METADATA_CLASSES = {
+    *((METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                    "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                    "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which file, offset and length
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),    # a tensor's shape and layout
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),         # the checkpoint id it was saved as
+}
+
+
+class NotPlainData(pickle.UnpicklingError):
+    """A checkpoint file that holds more than the data it should: refused, never run."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in METADATA_CLASSES or dtype:
+            return super().find_class(module, name)
+        raise NotPlainData(f"holds {module}.{name}, which torch's checkpoint metadata never does")
+
+
+def read_metadata(state_dir):
+    """state_dir/.metadata, built from METADATA_CLASSES alone (NotPlainData for anything else)."""
+    with open(os.path.join(state_dir, ".metadata"), "rb") as f:
+        return MetadataUnpickler(f).load()
+
+
+def shard_sizes(metadata):
+    """{shard file: the bytes its items need} of a checkpoint's metadata."""
+    sizes = {}
+    for info in metadata.storage_data.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    return sizes
+
+
+class _Reader(dcp.FileSystemReader):
+    """torch's reader, with the metadata read_metadata already read."""
+
+    def __init__(self, path, metadata):
+        super().__init__(path)
+        self.metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        self.metadata.storage_meta = self.metadata.storage_meta or StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class _PlainDataPlanner(dcp.DefaultLoadPlanner):
+    """torch's planner, which unpickles each non-tensor value with weights_only=False: the same
+    bytes are read with weights_only=True first, so they hold plain data only."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise NotPlainData(f"the value of {read_item.dest_index.fqn} {plain_data_refusal(e)}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def plain_data_refusal(error):
+    """torch.load(weights_only=True)'s refusal as a few words: "holds builtins.exec"."""
+    text = str(error)
+    if "GLOBAL " in text:
+        return "holds " + text.split("GLOBAL ", 1)[1].split()[0]
+    return "holds more than plain data"
+
+
+def load_sharded(path, model, optimizer, ref_model, metadata):
+    """Load path/state (its metadata: read_metadata's) into the model, optimizer and reference.
+    A value that is not plain data raises NotPlainData, on every process."""
     state = _state(model, optimizer, ref_model)  # shapes, dtypes and placements to load into
-    dcp.load(state, checkpoint_id=os.path.join(path, "state"))  # lora.Reference's EMA: in place
+    try:  # lora.Reference's EMA: in place
+        dcp.load(state, storage_reader=_Reader(os.path.join(path, "state"), metadata), planner=_PlainDataPlanner())
+    except CheckpointException as e:  # torch gathers the processes' exceptions into one
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, NotPlainData)]
+        if refused:
+            raise NotPlainData(str(refused[0])) from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"],
                    options=_options(model))
     if ref_model is not None and not hasattr(ref_model, "checkpoint_state"):

@@ -27,9 +27,10 @@ Reasoning:
 Which option does this reasoning lead to? Reply with the option letter only, as <answer>X</answer>, \
 or <answer>none</answer> if it does not settle on one option."""
 
-OPTION_RE = re.compile(r"^\s*([A-J])[.)]\s", re.MULTILINE)
+# Option letters run A to Z, as data.py admits them (Video-R1 rows may have more than ten options).
+OPTION_RE = re.compile(r"^\s*([A-Z])[.)]\s", re.MULTILINE)
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-LETTER_RE = re.compile(r"\(?([A-Ja-j])\)?\.?")
+LETTER_RE = re.compile(r"\(?([A-Za-z])\)?\.?")
 ANSWER_BLOCK_RE = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 
 

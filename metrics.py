@@ -147,22 +147,24 @@ class Reporters:
 
 class RunLog:
     """log.jsonl, completions.jsonl and the progress bar of one run (written by the main process).
-    On resume, the rows after the checkpoint's step are dropped: those steps run again."""
+    On resume, the rows after the checkpoint's step are dropped: those steps run again; the
+    checkpoint's step gets its rows from the checkpoint (rows: write's, as it kept them)."""
 
-    def __init__(self, cfg, accelerator, start_step, total_steps):
+    def __init__(self, cfg, accelerator, start_step, total_steps, rows=None):
         self.cfg, self.accelerator = cfg, accelerator
         self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
         self.completions_path = os.path.join(cfg.output_dir, "completions.jsonl")
         if accelerator.is_main_process:
             for path in (self.log_path, self.completions_path):
-                checkpoint.trim_jsonl(path, start_step)
+                checkpoint.trim_jsonl(path, start_step, (rows or {}).get(os.path.basename(path)))
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process,
                         desc=cfg.algo)
         self.reporters = Reporters(cfg, accelerator.is_main_process, start_step)
 
     def write(self, step, batch, completions, scores, update, skipped_total, seconds):
         """Average this step's metrics over the processes, append the log row (and the
-        completions), move the bar, and print the samples skipped at this step."""
+        completions), move the bar, and print the samples skipped at this step. Returns the
+        rows written, by file name (None for a file not written), for the step's checkpoint."""
         accelerator = self.accelerator
         metrics = step_metrics(scores, completions, update)
         keys = sorted(metrics)
@@ -170,6 +172,7 @@ class RunLog:
         values = accelerator.reduce(values, reduction="mean")  # the whole global batch
         row = {"step": step, **dict(zip(keys, values.tolist())), "skipped": skipped_total,
                "step_time": seconds, "samples": batch.ids_per_process}
+        rows = None
         if self.cfg.log_completions:
             rows = completion_rows(step, batch.samples, completions, scores)
             rows = gather_object(rows) if accelerator.num_processes > 1 else rows
@@ -182,7 +185,7 @@ class RunLog:
             self.bar.update(1)
         for message in batch.skipped:
             accelerator.print(f"skipped: {message}")
-        return row
+        return {"log.jsonl": [row], "completions.jsonl": rows}
 
     def close(self):
         self.bar.close()

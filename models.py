@@ -32,6 +32,8 @@ bf16 is the compute dtype, applied by FSDP's mixed-precision policy (or accelera
 with one process); AdamW and the EMA need the fp32 master weights.
 """
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,39 @@ def family(model_type):
         raise ValueError(f"model_type {model_type!r} is not a supported family; supported: {', '.join(FAMILIES)} "
                          "(models.FAMILIES)")
     return FAMILIES[model_type]
+
+
+def checkpoint_file(model_dir, name):
+    """The path of file name of a checkpoint, a directory or a hub id in the local cache (as
+    --model takes it), or None where it has none. Nothing is downloaded."""
+    if os.path.isdir(model_dir):
+        path = os.path.join(model_dir, name)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        path = try_to_load_from_cache(model_dir, name)
+    except ValueError:  # not a hub id either
+        return None
+    return path if isinstance(path, str) else None
+
+
+def model_problem(path):
+    """Why path cannot be a --model, in a few words, or None: it must be a directory or a hub id
+    in the local Hugging Face cache (nothing is downloaded, so an id that is not there fails
+    now rather than after a minute of retries) with a config.json naming a supported family."""
+    config = checkpoint_file(path, "config.json")
+    if config is None:
+        return ("no config.json, not a model directory" if os.path.isdir(path) else
+                "no such directory, and not in the local Hugging Face cache (nothing is downloaded: "
+                "download it first, e.g. with `hf download`)")
+    try:
+        with open(config) as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError):
+        return f"{config} is not a JSON object"
+    if model_type not in FAMILIES:
+        return f"model_type {model_type!r} is not a supported family ({', '.join(FAMILIES)})"
+    return None
 
 
 def family_of(path):

@@ -175,6 +175,11 @@ def read_summary(path):
     if not (isinstance(summary, dict) and "model" in summary and isinstance(summary.get("results"), dict)
             and all(isinstance(r, dict) for r in summary["results"].values())):
         raise SystemExit(f'{path}: not a summary written by evaluate.py (no "model" or no "results" table)')
+    for name, row in summary["results"].items():
+        for key in ("n", "accuracy", "consistency"):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise SystemExit(f"{path}: results[{name!r}][{key!r}] is {value!r}, not a number")
     return summary
 
 

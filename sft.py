@@ -294,14 +294,7 @@ def run(cfg, accelerator, resume):
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name) for f in
                                                            dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
     template = encoding.prompt_template(cfg.prompt_template)
-    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
-                                            allow_outside_root=cfg.allow_outside_data_root,
-                                            reasoning_field=cfg.reasoning_field)
-    if cfg.check_data:
-        samples, check_skips = train.check_all_media(cfg, accelerator, samples, budget)
-        load_skips += check_skips
-    for message in load_skips:
-        accelerator.print(f"skipped: {message}")
+    samples, load_skips, data_record = train.load_data(cfg, accelerator, budget, resume, cfg.reasoning_field)
     answer_only = sum(s.reasoning is None for s in samples)
     accelerator.print(f"{answer_only} of {len(samples)} samples have no reasoning in '{cfg.reasoning_field}': "
                       f"they train on the answer alone")
@@ -318,15 +311,16 @@ def run(cfg, accelerator, resume):
     model = models.load_policy(cfg)
     optimizer, scheduler = train.build_optimizer(cfg, model, total_steps, math.ceil(cfg.warmup_ratio * total_steps))
     model, optimizer = fsdp.prepare_policy(accelerator, model, optimizer)  # the scheduler stays ours, as in train.py
-    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
+    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips), "data": data_record}
     if resume:
-        state = checkpoint.load(resume, model, None, optimizer, scheduler)
+        state = checkpoint.load(resume, model, None, optimizer, scheduler, state)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
     elif cfg.resume == "auto":
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     if accelerator.is_main_process:
-        checkpoint.trim_jsonl(log_path, state["step"])  # a resumed run logs the later steps again
+        # A resumed run logs the later steps again; the checkpoint's step has its row from the checkpoint.
+        checkpoint.trim_jsonl(log_path, state["step"], state.get("log_rows", {}).get("log.jsonl"))
     bar = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="sft")
     reporters = metrics.Reporters(cfg, accelerator.is_main_process, state["step"])  # --report-to
 
@@ -334,6 +328,7 @@ def run(cfg, accelerator, resume):
         t0 = time.time()
         step = next_step(cfg, accelerator, samples, tokenizer, budget, state["step"], steps_per_epoch, template)
         # 1. Forward and backward, micro-batch by micro-batch; gradients add up in .grad.
+        torch.manual_seed(train.update_seed(cfg.seed, step.step, accelerator.process_index))  # exact on resume
         with guards.oom_hint("forward and backward", cfg, OOM_ADVICE):
             nll = accumulate(cfg, accelerator, model, tokenizer, step.micro_batches, step.tokens, step.step)
         # 2. One optimizer step.
@@ -350,6 +345,7 @@ def run(cfg, accelerator, resume):
         row = {"step": step.step, "loss": nll.item() / step.tokens, "lr": scheduler.get_last_lr()[0],
                "grad_norm": grad_norm, "tokens": step.tokens, "skipped": state["skipped"],
                "step_time": time.time() - t0, "samples": step.ids_per_process}
+        state["log_rows"] = {"log.jsonl": [row]}  # kept by the step's checkpoint
         if accelerator.is_main_process:
             checkpoint.append_jsonl(log_path, [row])
             reporters.log(row)

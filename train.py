@@ -84,6 +84,12 @@ def rollout_seed(seed, step, sample_index):
     return random.Random(f"{seed}/{step}/{sample_index}").getrandbits(63)
 
 
+def update_seed(seed, step, rank):
+    """The seed of torch's RNG for one process's update at step (adapter dropout draws from it):
+    fixed by (run seed, step, process), so a resumed run draws what the uninterrupted one drew."""
+    return random.Random(f"{seed}/{step}/update/{rank}").getrandbits(63)
+
+
 def check_all_media(cfg, accelerator, samples, budget):
     """--check-data: decode every video and image now, each process a share, so that a corrupt
     file deep in the epoch does not stop the run hours in. Returns (samples kept, skip messages)."""
@@ -100,6 +106,28 @@ def check_all_media(cfg, accelerator, samples, budget):
                              f"(--skip-bad-samples skips them); the first: {bad[0][1]}")
     dropped = {i for i, _ in bad}
     return [s for i, s in enumerate(samples) if i not in dropped], [msg for _, msg in bad]
+
+
+def load_data(cfg, accelerator, budget, resume, reasoning_field=None):
+    """The training samples in the order that fixes every step's data (shard_order deals them
+    out by position): every row checked (data.load_samples), with --check-data every video and
+    image decoded, each skip printed. On resume, data other than the checkpoint's (another
+    file content, or samples left out or in) is refused (checkpoint.check_resume_data).
+    Returns (samples, skip messages, the data record a checkpoint keeps)."""
+    samples, skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+                                       allow_outside_root=cfg.allow_outside_data_root, reasoning_field=reasoning_field)
+    checked_out = []
+    if cfg.check_data:
+        kept, check_skips = check_all_media(cfg, accelerator, samples, budget)
+        kept_ids = {s.sample_id for s in kept}
+        checked_out = [s.sample_id for s in samples if s.sample_id not in kept_ids]
+        samples, skips = kept, skips + check_skips
+    for message in skips:
+        accelerator.print(f"skipped: {message}")
+    record = checkpoint.data_record(cfg.data, samples)
+    if resume:
+        checkpoint.check_resume_data(resume, record, checked_out, cfg.allow_config_change, accelerator.print)
+    return samples, skips, record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,15 +242,9 @@ def run(cfg, accelerator, resume):
     budget = encoding.budget_from_checkpoint(cfg.model, **{f.name: getattr(cfg, f.name)
                                                            for f in dataclasses.fields(encoding.VisualBudget) if hasattr(cfg, f.name)})
     template = encoding.prompt_template(cfg.prompt_template)
-    samples, load_skips = data.load_samples(cfg.data, cfg.data_root, seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
-                                            allow_outside_root=cfg.allow_outside_data_root)
+    samples, load_skips, data_record = load_data(cfg, accelerator, budget, resume)
     if problem := rewards.check_rules_cover(cfg.reward_rules, {s.problem_type for s in samples}):
         raise data.DataError(f"{cfg.data}: --reward-rules {cfg.reward_rules}: {problem}")
-    if cfg.check_data:
-        samples, check_skips = check_all_media(cfg, accelerator, samples, budget)
-        load_skips += check_skips
-    for message in load_skips:
-        accelerator.print(f"skipped: {message}")
     steps_per_epoch = len(samples) // (accelerator.num_processes * cfg.prompts_per_device)
     if steps_per_epoch == 0:
         raise data.DataError(f"{cfg.data}: {len(samples)} samples cannot fill one step of "
@@ -247,13 +269,13 @@ def run(cfg, accelerator, resume):
             models.load_model(cfg.model, cfg.attn_implementation)))
     gen_config = rollout.sampling_config(tokenizer, cfg.max_completion_length, cfg.temperature, cfg.top_p,
                                          cfg.top_k, cfg.repetition_penalty, stop=rollout.stop_ids(tokenizer, policy))
-    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips)}
+    state = {"step": 0, "skipped": len(load_skips), "skipped_messages": list(load_skips), "data": data_record}
     if resume:
-        state = checkpoint.load(resume, model, ref_model, optimizer, scheduler)
+        state = checkpoint.load(resume, model, ref_model, optimizer, scheduler, state)
         accelerator.print(f"resumed from {resume} at step {state['step']}")
     elif cfg.resume == "auto":
         accelerator.print(f"no complete checkpoint in {cfg.output_dir}: starting at step 0")
-    log = metrics.RunLog(cfg, accelerator, state["step"], total_steps)
+    log = metrics.RunLog(cfg, accelerator, state["step"], total_steps, state.get("log_rows"))
 
     while state["step"] < total_steps:
         t0 = time.time()
@@ -267,6 +289,7 @@ def run(cfg, accelerator, resume):
             scores = score_rollout(cfg, completions, batch.samples, ref_model, tokenizer)
         guards.stop_if_not_finite(accelerator, "reward", scores["reward"], batch.step, batch.sample_ids)
         # 3. Update the policy on its own samples.
+        torch.manual_seed(update_seed(cfg.seed, batch.step, accelerator.process_index))
         with guards.oom_hint("policy forward and backward", cfg):
             update = policy_update(cfg, accelerator, model, optimizer, scheduler, ref_model, completions,
                                    scores["advantages"], batch)
@@ -276,7 +299,8 @@ def run(cfg, accelerator, resume):
         # 5. Log and save.
         state.update(step=batch.step, skipped=state["skipped"] + len(batch.skipped),
                      skipped_messages=state["skipped_messages"] + batch.skipped)
-        log.write(batch.step, batch, completions, scores, update, state["skipped"], time.time() - t0)
+        state["log_rows"] = log.write(batch.step, batch, completions, scores, update, state["skipped"],
+                                      time.time() - t0)  # kept by the step's checkpoint
         if batch.step % cfg.save_every == 0 or batch.step == total_steps:
             path = checkpoint.save(cfg, accelerator, model, ref_model, optimizer, scheduler, tokenizer, state)
             accelerator.print(f"saved {path}")

@@ -34,6 +34,18 @@ def test_7b_on_4_gpus_fits_with_10_percent_headroom(tmp_path):
         pytest.approx(2 * (est["params"] - 152064 * 3584) / 2**30)
 
 
+def test_defaults_write_nothing_and_the_committed_estimate_is_current(tmp_path, monkeypatch):
+    """Run with its defaults, memory.py prints and writes no file (it used to overwrite the
+    committed bench/memory.json); that file is what the defaults give now, every field."""
+    import json
+    committed = os.path.join(ROOT, "bench", "memory.json")
+    before, written = open(committed).read(), os.stat(committed).st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    est = memory.main([])
+    assert os.stat(committed).st_mtime_ns == written and not os.listdir(tmp_path)
+    assert json.loads(before) == json.loads(json.dumps(est))
+
+
 def test_more_frames_and_longer_completions_cost_memory(tmp_path):
     base = memory.main(["--json", str(tmp_path / "a.json")])["peak_gib"]
     assert memory.main(["--frames", "32", "--json", str(tmp_path / "b.json")])["peak_gib"] > base

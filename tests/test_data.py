@@ -391,6 +391,10 @@ def refused(path, load, sample_id, problem, **kw):
     ("L1", {"question": ""}, "question must be non-empty text"),
     ("L1", {"choice_b": " "}, "choice_b must be non-empty text"),
     ("L1", {"choice_a": "mauve", "choice_c": "mauve "}, "choice_a and choice_c are the same option 'mauve'"),
+    ("L1", {"choice_a": "mauve", "choice_b": "teal", "golden_choice_idx": "B", "answer": "mauve"},
+     "the answer 'mauve' is not choice_b 'teal', which golden_choice_idx B names"),
+    ("L1", {"video_source": 7}, "video_source must be non-empty text, got 7"),
+    ("train", {"current_observation_basename": None}, "current_observation_basename must be non-empty text"),
 ])
 def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
     name = "training_6k.jsonl" if split == "train" else "validation_L1.jsonl"
@@ -413,6 +417,7 @@ def test_bad_seed_bench_rows(tmp_path, seed_bench_root, split, change, problem):
     (1, {"solution": "<answer>one</answer>"}, "numerical solution 'one' is not a number"),
     (4, {"solution": "<answer>far</answer>"}, "regression solution 'far' is not a number"),
     (1, {"problem": ""}, "problem (the question) must be non-empty text"),
+    (1, {"path": ["a.mp4"]}, "path must be non-empty text, got ['a.mp4']"),
 ])
 def test_bad_video_r1_rows(video_r1_root, good, change, problem):
     raw = video_r1_rows()
@@ -482,6 +487,19 @@ def test_check_media(tmp_path):
         with pytest.raises(DataError, match="sample broken-3") as e:
             check_media(Sample("broken-3", "OCR", "Read.", "x", **broken), VisualBudget())
         assert str(corrupt) in str(e.value)
+
+
+def test_check_media_refuses_what_encoding_refuses(tmp_path, tokenizer):
+    """An image whose aspect ratio the resize cannot take (300:1): --check-data names it up
+    front with the DataError encoding would raise at its step."""
+    image = str(tmp_path / "strip.png")
+    tiny.write_image(image, np.zeros((1, 300, 3), dtype=np.uint8))
+    sample = Sample("strip-1", "OCR", "Read.", "x", image=image)
+    with pytest.raises(DataError) as encoding_error:
+        encode_prompt(sample, tokenizer, VisualBudget())
+    with pytest.raises(DataError) as check_error:
+        check_media(sample, VisualBudget())
+    assert str(check_error.value) == str(encoding_error.value) == "sample strip-1: aspect ratio must be below 200, got 1x300"
 
 
 def test_missing_file_at_load(tmp_path, seed_bench_root):

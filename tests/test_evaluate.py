@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, multiprocess_env
@@ -74,6 +75,22 @@ def test_reasoning_is_read_without_the_answer():
     assert judge.reasoning_of("The square is green, so <answer>B</answer> it is.") == "The square is green, so  it is."
     assert judge.reasoning_of("<answer>B</answer>") == ""
     assert judge.option_letters(MC) == ["A", "B", "C", "D"]
+
+
+def test_the_judge_reads_every_option_letter_the_data_admits(tmp_path):
+    """A Video-R1 row with twelve options, A to L (data.py admits A to Z): the judge sees all of
+    them and names K or l as an option, not as undecided."""
+    tiny.write_image(str(tmp_path / "x.png"), np.zeros((56, 56, 3), dtype=np.uint8))
+    options = [f"{chr(65 + i)}. item {i}" for i in range(12)]
+    (tmp_path / "mc.json").write_text(json.dumps([{"problem_id": 1, "problem": "Which?", "data_type": "image",
+                                                   "problem_type": "multiple choice", "options": options,
+                                                   "solution": "<answer>K</answer>", "path": "x.png"}]))
+    [sample], _ = data.load_samples(str(tmp_path / "mc.json"), str(tmp_path))
+    letters = judge.option_letters(sample)
+    assert letters == list("ABCDEFGHIJKL") and sample.solution == "K"
+    assert judge.parse_verdict("<answer>K</answer>", letters) == "K"
+    assert judge.parse_verdict("<answer>l</answer>", letters) == "L"
+    assert judge.parse_verdict("<answer>M</answer>", letters) is None
 
 
 @pytest.mark.parametrize("reply, verdict", [
@@ -145,6 +162,10 @@ def test_compare_prints_deltas(tmp_path):
     ('{"model": "grpo"}', 'no "model" or no "results" table'),
     ('{"results": {"all": {"n": 1}}}', 'no "model" or no "results" table'),
     ('[1, 2]', 'no "model" or no "results" table'),
+    ('{"model": "m", "results": {"all": {"n": 8, "accuracy": "50.0"}}}', "results['all']['accuracy'] is '50.0', "
+                                                                        "not a number"),
+    ('{"model": "m", "results": {"L1": {"n": 4, "accuracy": 1.0, "consistency": [2]}}}',
+     "results['L1']['consistency'] is [2], not a number"),
 ])
 def test_compare_names_a_bad_summary_in_one_line(content, problem, tmp_path):
     good = tmp_path / "good.json"
@@ -551,6 +572,17 @@ def test_bad_settings_stop_before_anything_is_loaded(flags, message, seed_bench_
     err = capsys.readouterr().err
     assert err.startswith("usage: ") and f"error: {message}" in err and "Traceback" not in err
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_model_directory_that_is_not_a_model_is_named_in_one_line(seed_bench_root, tmp_path, capsys):
+    """A directory without config.json (here the data root) stops before anything loads, not
+    with tokenizer errors blaming sentencepiece."""
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--model", seed_bench_root, "--data", seed_files(seed_bench_root)[0], "--data-root",
+                       seed_bench_root, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"error: --model {seed_bench_root}: no config.json, not a model directory" in err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_the_public_video_switches_reach_the_prompts(warm_model_dir, seed_bench_root, tmp_path, monkeypatch):

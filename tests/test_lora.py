@@ -285,3 +285,28 @@ def test_sft_with_lora_trains_the_adapters_and_resumes(warm_model_dir, seed_benc
     resumed = read_state(str(tmp_path / "resumed" / "checkpoint-000002"), "policy")
     for k in policy:
         torch.testing.assert_close(resumed[k], policy[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_runs_with_dropout_resume_exactly(lora_care_run, warm_model_dir, seed_bench_root, tmp_path):
+    """Adapter dropout draws from torch's RNG in every training forward: train.py and sft.py seed
+    it from (seed, step, process) at each step, so a resumed run draws the masks the
+    uninterrupted one drew. The dropout matters: without it the runs differ."""
+    from test_sft import run as run_sft
+    for program, extra in ((run, ("--algo", "care")), (run_sft, ())):
+        flags = (*extra, "--lora-rank", "4", "--lora-dropout", "0.5", "--max-steps", "3", "--save-every", "1")
+        full, resumed = tmp_path / program.__module__ / "full", tmp_path / program.__module__ / "resumed"
+        program(warm_model_dir, seed_bench_root, full, *flags)
+        shutil.copytree(full / "checkpoint-000002", resumed / "checkpoint-000002")
+        shutil.copy(full / "log.jsonl", resumed / "log.jsonl")
+        program(warm_model_dir, seed_bench_root, resumed, *flags, "--resume", "auto")
+        a, b = read_log(full), read_log(resumed)
+        assert [r["step"] for r in b] == [1, 2, 3]
+        for key in ("loss", "grad_norm"):
+            assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-9), (program.__module__, key)
+        x = read_state(str(full / "checkpoint-000003"), "policy")
+        y = read_state(str(resumed / "checkpoint-000003"), "policy")
+        for k in x:
+            torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6)
+    no_dropout = read_log(lora_care_run)  # the same CARE run with --lora-dropout 0
+    assert no_dropout[1]["grad_norm"] != pytest.approx(read_log(tmp_path / "test_lora" / "full")[1]["grad_norm"],
+                                                       rel=1e-3)

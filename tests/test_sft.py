@@ -17,6 +17,7 @@ from conftest import ROOT, SMALL_BUDGET, multiprocess_env, read_log, train_argv
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import checkpoint
 import config
 import data
 import encoding
@@ -342,3 +343,49 @@ def test_the_prompt_template_reaches_the_sft_prompts(tiny_model_dir, seed_bench_
     cfg, tokenizer, budget, samples = setup(tiny_model_dir, seed_bench_root)
     [example], _ = sft.encode_examples(cfg, samples[:1], tokenizer, budget, seen[0])
     assert "zebra" in tokenizer.decode(example.prompt["input_ids"])
+
+
+def test_resume_refuses_a_data_file_rewritten_in_place(tiny_model_dir, seed_bench_root, tmp_path):
+    """sft.py resumes through train.load_data and checkpoint.py as train.py does: the same rows
+    in another order at the same path would give every later step other samples."""
+    root = tmp_path / "data"
+    shutil.copytree(seed_bench_root, root)
+    out = tmp_path / "out"
+    run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1")
+    shutil.rmtree(out / "checkpoint-000002")
+    path = cot_file(str(root))
+    lines = open(path).readlines()
+    open(path, "w").writelines(lines[::-1])
+    with pytest.raises(checkpoint.RunError, match=f"resuming {out}/checkpoint-000001 on other data than it was made "
+                                                  f"with: {path}: its content changed .*; samples: 8 -> 8, the same "
+                                                  f"ones in another order"):
+        run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")
+    open(path, "w").writelines(lines)  # put back as it was: the run goes on
+    assert run(tiny_model_dir, str(root), out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")["step"] == 2
+
+
+def test_a_checkpoint_of_the_other_program_is_refused_before_anything_loads(care_run, tiny_model_dir,
+                                                                            seed_bench_root, tmp_path, monkeypatch):
+    """train.py's checkpoints hold a reference and rollout settings, sft.py's neither: each
+    program resumes only its own, and says how to start from the other's weights."""
+    run(tiny_model_dir, seed_bench_root, tmp_path / "sft", "--max-steps", "1")
+    shutil.copytree(os.path.join(care_run, "checkpoint-000001"), tmp_path / "rl" / "checkpoint-000001")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the refusal"))
+    ckpt = tmp_path / "sft" / "checkpoint-000001"
+    with pytest.raises(checkpoint.RunError) as err:
+        train.train(config.parse_config(train_argv(tiny_model_dir, seed_bench_root, tmp_path / "sft", "--resume",
+                                                   "auto", "--max-steps", "1")))
+    assert str(err.value) == (f"--resume {ckpt}: a checkpoint of sft.py, which train.py cannot continue (to start a "
+                              f"train.py run from its weights, pass --model {ckpt}/policy instead)")
+    ckpt = tmp_path / "rl" / "checkpoint-000001"
+    with pytest.raises(checkpoint.RunError, match=f"--resume {ckpt}: a checkpoint of train.py, which sft.py cannot "
+                                                  f"continue"):
+        run(tiny_model_dir, seed_bench_root, tmp_path / "rl", "--resume", "auto", "--max-steps", "1")
+
+
+def test_a_cut_log_line_of_a_step_with_a_checkpoint_is_written_again(tiny_model_dir, seed_bench_root, tmp_path):
+    run(tiny_model_dir, seed_bench_root, tmp_path, "--max-steps", "1")
+    whole = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text(whole[:len(whole) // 2])
+    run(tiny_model_dir, seed_bench_root, tmp_path, "--max-steps", "1", "--resume", "auto")
+    assert (tmp_path / "log.jsonl").read_text() == whole
