@@ -156,12 +156,31 @@ def cache_length(prompt_tokens, max_new_tokens, bucket=BUCKET):
 def static_cache(model, inputs, max_new_tokens):
     """generate() inputs with their filled DynamicCache (prefix_sharing.prefilled) copied into a
     StaticCache: one preallocated [rows, kv_heads, length, head_dim] buffer per layer, written in
-    place, so that every decode step has the same shapes."""
+    place, so that every decode step has the same shapes.
+
+    Each buffer keeps the dtype of the prefilled keys or values. Under accelerate's mixed
+    precision the model's outputs, its KV cache included, come back in fp32, while a decode step
+    writes its values in bf16: they are written up to the buffer's dtype (exact), as
+    DynamicCache's concatenation promotes them, so every decode gives the same numbers."""
     width = inputs["input_ids"].shape[1]
     cache = StaticCache(config=model.config, max_cache_len=cache_length(width, max_new_tokens))
-    for i, layer in enumerate(inputs["past_key_values"].layers):
-        cache.update(layer.keys, layer.values, i)
+    for filled, layer in zip(inputs["past_key_values"].layers, cache.layers):
+        layer.lazy_initialization(filled.keys, filled.values)
+        # internal: transformers gives both buffers the keys' dtype; the values keep their own.
+        layer.values = torch.zeros_like(layer.values, dtype=filled.values.dtype)
+        torch._dynamo.mark_static_address(layer.values)
+        layer.update = _upcasting(layer)
+        layer.update(filled.keys, filled.values)
     return {**inputs, "past_key_values": cache}
+
+
+def _upcasting(layer):
+    """layer.update, writing keys and values in the dtype of the layer's buffers."""
+    update = layer.update
+
+    def cast_update(keys, values, *args, **kwargs):
+        return update(keys.to(layer.keys.dtype), values.to(layer.values.dtype), *args, **kwargs)
+    return cast_update
 
 
 _COMPILED = weakref.WeakKeyDictionary()   # language model -> its compiled forward, made once

@@ -40,8 +40,8 @@ RULES = {"official": config.parse_config(["--reproduce-official"]).reward_rules,
          "seed-bench-r1": config.parse_config(["--preset", "seed-bench-r1"]).reward_rules, "ours": "ours"}
 
 
-def eval_rules(argv):
-    return evaluate.parse_args(["--model", FIXTURES, "--data", os.path.join(FIXTURES, "eval.json"),
+def eval_rules(model_dir, argv):
+    return evaluate.parse_args(["--model", model_dir, "--data", os.path.join(FIXTURES, "eval.json"),
                                 "--data-root", FIXTURES, "--output-dir", "x", *argv]).scoring
 
 
@@ -81,8 +81,8 @@ EVAL_ROWS = [r for r in load("eval.json") if "type" in r] + load("rules_more.jso
 
 @pytest.mark.parametrize("argv,key", [(["--reproduce-official"], "official"),
                                       (["--preset", "seed-bench-r1"], "sbr1"), ([], "project")])
-def test_evaluation_scoring_matches_the_public_scripts(argv, key):
-    rules = eval_rules(argv)
+def test_evaluation_scoring_matches_the_public_scripts(argv, key, tiny_model_dir):
+    rules = eval_rules(tiny_model_dir, argv)
     rows = [r for r in EVAL_ROWS if r.get(key) is not None]
     assert len(rows) >= 29
     bad = [(r["output"], r["gt"], r["type"], got, r[key]) for r in rows
