@@ -145,6 +145,10 @@ class Config:
     ema_every: int = setting(10, "CARE: steps between reference updates")
     answer_span: str = setting("tags", "CARE: the answer tokens the reference scores: tags (those carrying the text "
                                        "of the last <answer> block) or official (the public code's search)")
+    reference_input: str = setting("full", "CARE: what the reference reads before a completion: full (the prompt with "
+                                           "its video and image, the paper's) or text (the prompt's text alone: "
+                                           "question, options, instruction; the answer's likelihood then rests on "
+                                           "the reasoning, not on what the reference sees)")
     # loss; beta < 0 means "the algorithm's default": 0 for care, 0.04 for grpo
     num_iterations: int = setting(1, "policy updates per rollout (> 1 uses the PPO clipped ratio)")
     epsilon: float = setting(0.2, "PPO clip range (only with --num-iterations > 1)")
@@ -252,6 +256,9 @@ def check_settings(cfg):
         (cfg.reward_rules in rewards.RULES, f"--reward-rules must be one of {', '.join(rewards.RULES)}, "
                                             f"got {cfg.reward_rules!r}"),
         (cfg.answer_span in ("tags", "official"), f"--answer-span must be tags or official, got {cfg.answer_span!r}"),
+        (cfg.reference_input in ("full", "text"), f"--reference-input must be full or text, got {cfg.reference_input!r}"),
+        (cfg.reference_input == "full" or cfg.algo == "care", "--reference-input text is CARE's (--algo care): GRPO's "
+                                                               "reference only gives the KL term"),
         (cfg.kl_clamp >= 0, f"--kl-clamp must be >= 0 (0 = off), got {cfg.kl_clamp}"),
         (cfg.lr_schedule in ("cosine", "linear"), f"--lr-schedule must be cosine or linear, got {cfg.lr_schedule!r}"),
         template_problem(cfg.prompt_template),

@@ -474,6 +474,28 @@ def select_prompt(prompts, i):
     return out
 
 
+VISION_MARKS = ("<|vision_start|>", "<|vision_end|>", VIDEO_PAD, IMAGE_PAD)
+
+
+def without_visuals(prompts, tokenizer):
+    """The collated prompt batch with its videos and images taken out: every visual token
+    (<|vision_start|>, the placeholders, <|vision_end|>) removed from each prompt's ids, the
+    pixels and grids dropped, and the prompts left-padded again. What is left is the chat
+    prompt's text: system message, question, options and instruction. CARE's text-only
+    reference (--reference-input text) scores the answers under it."""
+    marks = torch.tensor([_token_id(tokenizer, t) for t in VISION_MARKS], device=prompts["input_ids"].device)
+    rows = [ids[keep.bool() & ~torch.isin(ids, marks)]
+            for ids, keep in zip(prompts["input_ids"], prompts["attention_mask"])]   # P x [n_i]
+    width = max(len(r) for r in rows)
+    input_ids = prompts["input_ids"].new_full((len(rows), width), tokenizer.pad_token_id)    # [P, width]
+    attention_mask = torch.zeros_like(input_ids)                                             # [P, width]
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = r
+        attention_mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            **{k: v for k, v in prompts.items() if k == "sample_ids"}}
+
+
 # ---------------------------------------------------------------------------------------------
 # The visual budget on an argparse command line (evaluate.py, analyze.py; train.py and sft.py
 # take it from their Config)

@@ -183,7 +183,10 @@ def score_rollout(cfg, completions, samples, ref_model, tokenizer):
     acc, fmt = torch.tensor(acc).view(p, g), torch.tensor(fmt).view(p, g)       # [P, G] each
     weighted_fmt = cfg.format_weight * fmt                                      # [P, G] w x format
     if cfg.algo == "care":  # the reference's confidence in each stated answer, given the reasoning
-        answer_logp, has_span = reference.answer_logprob(ref_model, completions, tokenizer, cfg.logprob_chunk_size,
+        scored = completions    # --reference-input text: the same completions after the prompt's text alone
+        if cfg.reference_input == "text":
+            scored = dataclasses.replace(completions, prompts=encoding.without_visuals(completions.prompts, tokenizer))
+        answer_logp, has_span = reference.answer_logprob(ref_model, scored, tokenizer, cfg.logprob_chunk_size,
                                                          cfg.answer_span)
         fsdp.reshard(ref_model)
         has_span = has_span.cpu().view(p, g)                                     # [P, G]

@@ -117,6 +117,19 @@ def test_two_processes_match_one(family, family_care_run, family_two_process_run
     assert type(models.load_model(two_process_run / ckpt / "policy")) is models.FAMILIES[family].model_class
 
 
+def test_a_text_only_reference_on_two_processes(two_process_run, warm_model_dir, seed_bench_root, tmp_path):
+    """--reference-input text under FSDP2: the sharded reference scores without the vision tower
+    on every process alike. Step 1 samples what the full-input run samples (same seeds, same
+    policy), so its confidences differ only by what the reference read: a little, as the warm
+    model reads its prompt little (1e-4 relative); what is read is checked in test_reference."""
+    torchrun("train.py", *argv_per_process(warm_model_dir, seed_bench_root, tmp_path, "--algo", "care",
+                                           "--max-steps", "2", "--reference-input", "text"))
+    text, full = read_log(tmp_path), read_log(two_process_run)
+    assert [r["step"] for r in text] == [1, 2]
+    assert text[0]["reward_acc"] == full[0]["reward_acc"] and text[0]["completion_len"] == full[0]["completion_len"]
+    assert 0 < text[0]["ref_conf"] < 1 and abs(text[0]["ref_conf"] - full[0]["ref_conf"]) > 1e-6
+
+
 def test_checkpoint_holds_one_shard_per_process(two_process_run):
     state = os.listdir(two_process_run / "checkpoint-000002" / "state")
     assert sorted(n for n in state if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]

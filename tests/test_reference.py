@@ -186,3 +186,113 @@ def test_each_groups_answer_is_scored_under_its_own_prompt(sensitive_model_dir, 
         alone, _ = reference.answer_logprob(ref, roll([enc]), tokenizer)
         torch.testing.assert_close(both[2 * i:2 * i + 2], alone, rtol=1e-4, atol=1e-5)
     assert (both[:2] - both[2:]).abs().min() > 1e-3
+
+
+# --- --reference-input text: the reference reads the prompt's text, not its video or image ---
+
+def two_prompts_one_video_apart(tokenizer, seed_bench_root, model_dir):
+    """(samples, encoded, bare): a sample with a video and an image, and the same with another
+    clip's video and a longer question; and, for each, the same sample with neither (what its
+    text-only prompt must be)."""
+    import dataclasses
+
+    import data
+    import encoding
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    a, b = [s for s in samples if s.video and s.image][:2]
+    pair = [a, dataclasses.replace(a, video=b.video, question=a.question + " Look closely.")]
+    budget = encoding.budget_from_checkpoint(model_dir, max_frames=4, video_max_pixels=56 * 56,
+                                             image_max_pixels=56 * 56, video_min_pixels=784, image_min_pixels=784)
+    encoded = [encoding.encode_prompt(s, tokenizer, budget) for s in pair]
+    bare = [encoding.encode_prompt(dataclasses.replace(s, video=None, image=None), tokenizer, budget) for s in pair]
+    return pair, encoded, bare
+
+
+def test_without_visuals_leaves_the_prompts_text(tokenizer, seed_bench_root, tiny_model_dir):
+    """Each prompt of a left-padded batch (two questions of different lengths) becomes the chat
+    prompt of the same sample with no video and no image, token for token, left-padded again,
+    and no pixels or grids are left."""
+    import encoding
+    _, encoded, bare = two_prompts_one_video_apart(tokenizer, seed_bench_root, tiny_model_dir)
+    assert len(bare[0]["input_ids"]) != len(bare[1]["input_ids"])   # the padding is exercised
+    text = encoding.without_visuals(encoding.collate_prompts(encoded, tokenizer), tokenizer)
+    assert set(text) == {"input_ids", "attention_mask", "sample_ids"}
+    for row, keep, want in zip(text["input_ids"], text["attention_mask"], bare):
+        assert row[keep.bool()].tolist() == want["input_ids"].tolist()
+        assert keep.tolist() == sorted(keep.tolist())   # left padding
+
+
+def completions_after(tokenizer, encoded, texts):
+    import encoding
+    import rollout
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+    p = len(encoded)
+    return rollout.Rollout(encoding.collate_prompts(encoded, tokenizer), ids.repeat(p, 1), mask.repeat(p, 1),
+                           torch.zeros(len(texts) * p, dtype=torch.bool), texts * p, len(texts))
+
+
+def test_the_text_reference_scores_after_the_text_alone(sensitive_model_dir, tokenizer, seed_bench_root):
+    """score_rollout under --reference-input text gives each answer the confidence the reference
+    has after the same sample's prompt without its video and image (encoded so from the start);
+    under full, the confidence after the whole prompt. The sensitive model's confidence moves
+    with the video, so cutting the switch (full scored either way) or scoring the text after
+    the wrong prompt shows."""
+    import config
+    import models
+    import train
+    pair, encoded, bare = two_prompts_one_video_apart(tokenizer, seed_bench_root, sensitive_model_dir)
+    texts = ["<think>the square is red</think><answer>B</answer><|im_end|>",
+             "<think>it moves left</think><answer>C</answer><|im_end|>"]
+    ref = reference.make_reference(models.load_model(sensitive_model_dir, "sdpa"))
+    conf = {}
+    for mode in ("full", "text"):
+        cfg = config.parse_config(["--reference-input", mode, "--num-generations", "2", "--conf-cap", "1.0"])
+        conf[mode] = train.score_rollout(cfg, completions_after(tokenizer, encoded, texts), pair, ref,
+                                         tokenizer)["ref_conf"]                                    # [P, G]
+    for i in range(2):
+        alone_full, _ = reference.answer_logprob(ref, completions_after(tokenizer, encoded[i:i + 1], texts), tokenizer)
+        alone_text, _ = reference.answer_logprob(ref, completions_after(tokenizer, bare[i:i + 1], texts), tokenizer)
+        torch.testing.assert_close(conf["full"][i], alone_full.exp(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(conf["text"][i], alone_text.exp(), rtol=1e-4, atol=1e-6)
+    assert (conf["full"] - conf["text"]).abs().max() > 1e-3
+
+
+def test_text_reference_is_cares_alone():
+    import config
+    with pytest.raises(SystemExit):
+        config.parse_config(["--algo", "grpo", "--reference-input", "text"])
+    with pytest.raises(SystemExit):
+        config.parse_config(["--reference-input", "video"])
+
+
+@pytest.mark.parametrize("kind", ["model", "lora"])
+def test_the_text_reference_on_both_families_and_under_lora(kind, family, family_tiny_dir, tokenizer,
+                                                            seed_bench_root):
+    """The same as above for each model family, with the reference a model (EMA and frozen alike:
+    they differ in their updates, not in how they score) or LoRA's EMA adapters swapped into the
+    policy: the text-only confidence is what the sample without visuals gets."""
+    import config
+    import lora
+    import models
+    import train
+    pair, encoded, bare = two_prompts_one_video_apart(tokenizer, seed_bench_root, family_tiny_dir)
+    texts = ["<think>red</think><answer>B</answer><|im_end|>", "<think>left</think><answer>C</answer><|im_end|>"]
+    flags = ["--reference-input", "text", "--num-generations", "2", "--conf-cap", "1.0"]
+    model = models.load_model(family_tiny_dir, "sdpa")
+    if kind == "lora":
+        cfg = config.parse_config([*flags, "--model", family_tiny_dir, "--lora-rank", "4"])
+        lora.add_adapters(model, cfg)
+        with torch.no_grad():  # adapters that change the scores: the EMA copies them
+            for name, p in lora.adapter_parameters(model).items():
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        ref = lora.make_reference(cfg, model)
+    else:
+        ref = reference.make_reference(model)
+    conf = train.score_rollout(config.parse_config(flags), completions_after(tokenizer, encoded, texts), pair, ref,
+                               tokenizer)["ref_conf"]                                             # [P, G]
+    for i in range(2):
+        alone, _ = reference.answer_logprob(ref, completions_after(tokenizer, bare[i:i + 1], texts), tokenizer)
+        torch.testing.assert_close(conf[i], alone.exp(), rtol=1e-4, atol=1e-6)
