@@ -1,6 +1,7 @@
 """experiments/synthetic/benchmark.py: a seeded, rule-checkable video benchmark in the
 SEED-Bench-R1 layout."""
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -210,22 +211,86 @@ def test_read_eval_counts_right_answers_the_reasoning_does_not_lead_to(tmp_path)
     assert "correct_inconsistent" not in results["L3"] and "correct_inconsistent" not in results["L1/horizontal"]
 
 
+def summary(acc, cons):
+    return {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
+
+
+# Two seeds of every run: (accuracy, consistency) per seed.
+TWO_SEEDS = {"warm": ((25.0, 100.0), (27.0, 100.0)), "ceiling": ((90.0, 100.0), (92.0, 100.0)),
+             "sft": ((60.0, 100.0), (70.0, 100.0)), "grpo": ((40.0, 80.0), (50.0, 60.0)),
+             "grpo_nokl": ((42.0, 70.0), (50.0, 65.0)), "care": ((45.0, 90.0), (55.0, 100.0)),
+             "care_frozen": ((40.0, 85.0), (50.0, 85.0)), "care_text": ((44.0, 95.0), (56.0, 90.0))}
+
+
 def test_results_table_mean_and_spread():
-    summary = lambda acc, cons: {"results": {lv: {"accuracy": acc, "consistency": cons} for lv in ("all",) + run.LEVELS}}
-    evals = {(0, "warm"): summary(25.0, 100.0), (1, "warm"): summary(27.0, 100.0),
-             (0, "ceiling"): summary(90.0, 100.0), (1, "ceiling"): summary(92.0, 100.0),
-             (0, "sft"): summary(60.0, 100.0), (1, "sft"): summary(70.0, 100.0),
-             (0, "grpo"): summary(40.0, 80.0), (1, "grpo"): summary(50.0, 60.0),
-             (0, "care"): summary(45.0, 90.0), (1, "care"): summary(55.0, 100.0),
-             (0, "care_frozen"): summary(40.0, 85.0), (1, "care_frozen"): summary(50.0, 85.0)}
+    evals = {(seed, run_): summary(*TWO_SEEDS[run_][seed]) for run_ in run.RUNS for seed in (0, 1)}
     table = run.results_table(evals, [0, 1])
     assert table["grpo"]["L1"]["accuracy"] == {"mean": 45.0, "std": pytest.approx(50 ** 0.5), "per_seed": [40.0, 50.0]}
     md = run.markdown(table, [0, 1], run.Settings())
-    # per seed: GRPO - warm -20, -40; SFT - GRPO +20, +40; CARE - GRPO +10, +40; frozen - GRPO +5, +25
-    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 95.0 ± 7.1 | 85.0 ± 0.0 | "
-            "-30.0 ± 14.1 | 30.0 ± 14.1 | 25.0 ± 21.2 | 15.0 ± 14.1 |" in md)
+    # consistency per seed: GRPO - warm -20, -40; SFT - GRPO +20, +40; CARE - noKL +20, +35; noKL - GRPO -10, +5;
+    # CARE - GRPO +10, +40; frozen - EMA -5, -15; text - full +5, -10
+    assert ("| L2 | consistency (%) | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 70.0 ± 14.1 | 67.5 ± 3.5 | "
+            "95.0 ± 7.1 | 85.0 ± 0.0 | 92.5 ± 3.5 | -30.0 ± 14.1 | 30.0 ± 14.1 | 27.5 ± 10.6 | -2.5 ± 10.6 | "
+            "25.0 ± 21.2 | -10.0 ± 7.1 | -2.5 ± 10.6 |" in md)
     assert "| visual_attention" not in md  # no run has attention numbers here: no empty rows
     assert "| L1 | accuracy (%) | 26.0 ± 1.4 | 91.0 ± 1.4 | 65.0 ± 7.1 |" in md
+    # every seed's numbers: seed 1 on L3, its runs then its differences (accuracy / consistency)
+    assert ("| 1 | 27.0 / 100.0 | 92.0 / 100.0 | 70.0 / 100.0 | 50.0 / 60.0 | 50.0 / 65.0 | 55.0 / 100.0 | "
+            "50.0 / 85.0 | 56.0 / 90.0 | 23.0 / -40.0 | 20.0 / 40.0 | 5.0 / 35.0 | 0.0 / 5.0 | 5.0 / 40.0 | "
+            "-5.0 / -15.0 | 1.0 / -10.0 |" in md.split("| L3 seed |")[1])
+
+
+def test_bonus_table_averages_each_window_over_seeds():
+    """Per CARE arm and window: counts summed, confidences and bonus rates averaged over the seeds
+    with such answers ('-' where none has any)."""
+    def window(lo, hi, c, i):
+        return {"steps": [lo, hi], **({"consistent": dict(zip(("n", "ref_conf", "bonus_rate"), c))} if c else {}),
+                **({"inconsistent": dict(zip(("n", "ref_conf", "bonus_rate"), i))} if i else {})}
+    bonus = {f"seed{seed}/{arm}": [window(1, 100, (10, 0.8, 0.5), (4, 0.2 + seed / 10, 0.0)),
+                                   window(101, 200, (12, 0.9, 0.6), None)]
+             for seed in (0, 1) for arm in run.CARE_ARMS}
+    md = run.bonus_table(bonus, [0, 1])
+    assert "| GRPO-CARE | 1-100 | 20 | 8 | 0.80 | 0.25 | 0.50 | 0.00 |" in md
+    assert "| CARE, text-only ref. | 101-200 | 24 | - | 0.90 | - | 0.60 | - |" in md
+
+
+def fake_results(path, seeds, s):
+    """A results.json as main writes it, with every seed's evaluations, curves and diagnostics."""
+    evals = {f"seed{seed}/{run_}": summary(*TWO_SEEDS[run_][seed % 2])["results"] for seed in seeds for run_ in run.RUNS}
+    json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "evals": evals,
+               "curves": {f"seed{seed}/{a}": {"step": [1]} for seed in seeds for a in run.ALGOS},
+               "bonus_split": {f"seed{seed}/{a}": [] for seed in seeds for a in run.CARE_ARMS},
+               "warm_models": {f"seed{seed}": [{"warm_up_seed": seed}] for seed in seeds}}, open(path, "w"))
+
+
+def test_seeds_are_added_to_an_existing_results_file(tmp_path):
+    """--seeds 2: seeds 0 and 1 of the results file are kept and read back, seed 2 joins them;
+    a seed run again takes this call's numbers; other settings are refused in one line."""
+    s = run.Settings(out=str(tmp_path))
+    fake_results(tmp_path / "results.json", [0, 1], s)
+    evals, curves, warm, bonus = {(2, "grpo"): "new"}, {}, {}, {}
+    seeds = run.add_earlier_seeds(str(tmp_path / "results.json"), dataclasses.replace(s, seeds="2,1"), [2, 1],
+                                  evals, curves, warm, bonus)
+    assert seeds == [0, 1, 2]
+    assert evals[(0, "care")]["results"]["L1"] == {"accuracy": 45.0, "consistency": 90.0}
+    assert (1, "care") not in evals and evals[(2, "grpo")] == "new"   # seed 1 is this call's
+    assert set(curves) == {(0, a) for a in run.ALGOS} and set(warm) == {"seed0"}
+    assert set(bonus) == {f"seed0/{a}" for a in run.CARE_ARMS}
+    table = run.results_table({**evals, **{(k, r): summary(1.0, 1.0) for k in (1, 2) for r in run.RUNS}}, seeds)
+    assert table["grpo_nokl"]["L1"]["accuracy"]["per_seed"] == [42.0, 1.0, 1.0]
+    with pytest.raises(SystemExit, match="other settings .*lr 0.0003 -> 0.001"):
+        run.add_earlier_seeds(str(tmp_path / "results.json"), dataclasses.replace(s, lr=1e-3), [2], {}, {}, {}, {})
+
+
+def test_run_and_diagnose_do_not_import_each_other():
+    """diagnose.py is a library of run.py's, never the other way round (a cycle made each
+    half-initialised when imported first)."""
+    import ast
+    for name, other in (("diagnose.py", "run"),):
+        tree = ast.parse(open(os.path.join(ROOT, "experiments", "synthetic", name)).read())
+        imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert other not in imported
 
 
 def test_attention_shares_join_the_table(tmp_path):
@@ -263,18 +328,20 @@ def test_the_experiment_runs_end_to_end(tmp_path):
     results = json.load(open(out / "results.json"))
     assert set(results["probe"]["after"]) == {"colour", "shape", "direction"}
     assert [t["warm_up_seed"] for t in results["warm_models"]["seed0"]] == [0]
-    for model in ("warm", "ceiling", "sft", "grpo", "care", "care_frozen"):
+    for model in ("warm", "ceiling", "sft", "grpo", "grpo_nokl", "care", "care_frozen", "care_text"):
         for level in ("L1", "L2", "L3"):
             row = results["results"][model][level]
             assert 0 <= row["accuracy"]["mean"] <= 100 and len(row["accuracy"]["per_seed"]) == 1
     shares = [results["results"][model]["L1"][f"visual_attention_{group}"]["mean"] for model in results["results"]
               for group in ("reasoning", "answer")]
     assert any(x is not None for x in shares) and all(x is None or 0 < x < 100 for x in shares)
-    for algo in ("grpo", "care", "care_frozen"):
+    for algo in run.ALGOS:
         curve = results["curves"][f"seed0/{algo}"]
         assert curve["step"] == [1, 2] and all(0 <= x <= 1 for x in curve["accuracy"] + curve["consistency"] +
                                                 curve["zero_advantage_rate"])
-    assert all(x == 0 for x in results["curves"]["seed0/grpo"]["bonus_rate"])
+    assert all(x == 0 for x in results["curves"]["seed0/grpo"]["bonus_rate"] + results["curves"]["seed0/grpo_nokl"]["bonus_rate"])
+    assert set(results["bonus_split"]) == {f"seed0/{a}" for a in ("care", "care_frozen", "care_text")}
+    assert results["evals"]["seed0/care_text"]["L1"]["accuracy"] == results["results"]["care_text"]["L1"]["accuracy"]["mean"]
     predictions = [json.loads(line) for line in open(out / "seed0" / "care" / "eval" / "predictions.jsonl")]
     assert len(predictions) == 12 and all(p["judge_reply"] is not None for p in predictions if p["stated"] in list("ABCD"))
     assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"

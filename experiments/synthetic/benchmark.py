@@ -52,6 +52,19 @@ QUESTIONS = {"colour": "What colour is the moving shape?",
              "direction": "In which direction does the shape move?"}
 VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS)}
 TRAINED_KINDS = ("colour",)
+SIZE = 56   # frame height and width of the experiment's clips (a multiple of 28)
+
+
+def budget(size=SIZE):
+    """The visual budget the experiment trains, evaluates and diagnoses with: 8 frames (of which
+    the frame rule keeps 4) and images at the benchmark's size, never resized."""
+    return dict(max_frames=8, video_max_pixels=size * size, image_max_pixels=size * size,
+                video_min_pixels=28 * 28, image_min_pixels=28 * 28)
+
+
+def budget_flags(size=SIZE):
+    """budget(size) as the flags of train.py, sft.py, evaluate.py and analyze.py."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in budget(size).items()]
 
 
 def levels(kinds=TRAINED_KINDS):

@@ -354,13 +354,11 @@ def bonus_split(completions, questions, windows):
 
 def budget_of(args):
     """The visual budget of --model under the budget flags (add_budget_flags)."""
-    import run
-    return encoding.budget_from_checkpoint(args.model, **{k: getattr(args, k) for k in run.budget(run.Settings.size)})
+    return encoding.budget_from_checkpoint(args.model, **{k: getattr(args, k) for k in benchmark.budget()})
 
 
 def add_budget_flags(parser):
-    import run  # the experiment's visual budget, as run.py's budget_flags passes it
-    for key, value in run.budget(run.Settings.size).items():
+    for key, value in benchmark.budget().items():   # the experiment's visual budget, as run.py passes it
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=f"visual budget: {key}")
 
 

@@ -1,9 +1,10 @@
 """GRPO versus GRPO-CARE at toy scale, on a CPU: does GRPO gain accuracy, does its reasoning
-drift from its answers, and does the consistency bonus keep them in agreement, as the paper
-reports at 7B? (README.md here has the results and how to read them.)
+drift from its answers, and does the consistency bonus keep them in agreement beyond what
+dropping the KL term does, as the paper's ablation reports at 7B? (README.md here has the
+results and how to read them.)
 
-    python experiments/synthetic/run.py                  # the default run, about 40 min on 2 cores
-    python experiments/synthetic/run.py --seeds 3,4,5    # other seeds
+    python experiments/synthetic/run.py                  # the default run: 3 seeds
+    python experiments/synthetic/run.py --seeds 3,4      # adds seeds 3 and 4 to OUT/results.json
     python experiments/synthetic/run.py --sweep-lrs 1e-4,3e-4,1e-3 --seeds 0   # the lr sweep
     python experiments/synthetic/run.py --smoke          # a handful of steps (the CI test)
 
@@ -23,15 +24,18 @@ held-out linear probe of what its features tell. Then per seed:
   3. sft.py from the warm model on the true chains of thought ("The shape is red." and the
      right letter), as many examples as an RL run's prompts (steps x prompts), at the RL
      learning rate (run "sft": SEED-Bench-R1's SFT baseline at toy scale);
-  4. train.py --algo grpo and --algo care from the warm model: same data, steps, seed, learning
-     rate and sampling seeds; KL and EMA as train.py's defaults (the official recipe);
+  4. train.py from the warm model, one run per arm of ALGOS (GRPO with and without its KL,
+     CARE with an EMA, a frozen and a text-only reference): same data, steps, seed, learning
+     rate and sampling seeds; everything else train.py's defaults (the official recipe);
   5. evaluate.py on L1/L2/L3 for each model, with benchmark.py's rule_verdict as the
      consistency judge (exact, no judge model), and analyze.py attention: the share of the
      generated tokens' attention on the video and image tokens.
-Then OUT/results.json and results.md (mean and spread over seeds) and OUT/curves.png
-(accuracy, rule-checked consistency, bonus rate, reference confidence and zero-advantage groups
-of the training rollouts against step). A step whose output exists is skipped, so an
-interrupted run picks up where it stopped; each command is printed and logged under OUT/.
+Then OUT/results.json and results.md (mean and spread over seeds, every seed's numbers, the
+differences the reading rests on, and the bonus diagnostics of each CARE arm over training) and
+OUT/curves.png (accuracy, rule-checked consistency, bonus rate, reference confidence and
+zero-advantage groups of the training rollouts against step). A step whose output exists is
+skipped, so an interrupted run picks up where it stopped; each command is printed and logged
+under OUT/. Seeds already in OUT/results.json and not run again are kept (add_earlier_seeds).
 """
 
 import argparse
@@ -50,15 +54,28 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import benchmark  # noqa: E402
+import diagnose  # noqa: E402
+from benchmark import budget, budget_flags  # noqa: E402,F401  (the visual budget every command gets)
 
-# The RL runs and their train.py flags. care_frozen is CARE with a frozen reference (--ema-decay
-# 1.0), the public code's effective behaviour: it tells whether the EMA reference's drift
-# towards the policy is what lets the bonus reward answers their reasoning does not lead to.
-ALGOS = {"grpo": ["--algo", "grpo"], "care": ["--algo", "care"],
-         "care_frozen": ["--algo", "care", "--ema-decay", "1.0"]}
+# The RL runs and their train.py flags, the paper's ablation (GRPO-CARE Table 3) and two more:
+#   grpo         GRPO with its KL (beta 0.04) to the frozen warm model;
+#   grpo_nokl    the same with the KL term removed (beta 0): what dropping the KL alone does;
+#   care         GRPO-CARE (EMA reference, no KL): care - grpo_nokl is the bonus's own effect;
+#   care_frozen  CARE with a frozen reference (--ema-decay 1.0, the public code's effective
+#                behaviour): frozen - EMA isolates the reference's drift towards the policy;
+#   care_text    CARE whose EMA reference reads the question, options and reasoning but not the
+#                clip (--reference-input text): it cannot find an answer likely from the clip.
+ALGOS = {"grpo": ["--algo", "grpo"], "grpo_nokl": ["--algo", "grpo", "--beta", "0"], "care": ["--algo", "care"],
+         "care_frozen": ["--algo", "care", "--ema-decay", "1.0"],
+         "care_text": ["--algo", "care", "--reference-input", "text"]}
+CARE_ARMS = tuple(a for a, flags in ALGOS.items() if "care" in flags)
 RUNS = ("warm", "ceiling", "sft") + tuple(ALGOS)   # ceiling: the warm-up's recipe on true answers
-LABELS = {"warm": "warm-up", "ceiling": "SFT ceiling", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE",
-          "care_frozen": "CARE, frozen ref."}
+LABELS = {"warm": "warm-up", "ceiling": "SFT ceiling", "sft": "SFT", "grpo": "GRPO", "grpo_nokl": "GRPO, no KL",
+          "care": "GRPO-CARE", "care_frozen": "CARE, frozen ref.", "care_text": "CARE, text-only ref."}
+# The differences the reading rests on: (run, minus run, label), each taken per seed.
+DIFFS = (("grpo", "warm", "GRPO - warm"), ("sft", "grpo", "SFT - GRPO"), ("care", "grpo_nokl", "CARE - noKL"),
+         ("grpo_nokl", "grpo", "noKL - GRPO"), ("care", "grpo", "CARE - GRPO"), ("care_frozen", "care", "frozen - EMA"),
+         ("care_text", "care", "text - full"))
 LEVELS = ("L1", "L2", "L3")
 ATTRIBUTES = ("colour", "shape", "direction")
 
@@ -72,7 +89,7 @@ class Settings:
     n_train: int = 3000
     n_val: int = 200
     frames: int = 8
-    size: int = 56                # frame height and width
+    size: int = benchmark.SIZE    # frame height and width
     kinds: str = "colour"         # the question kinds trained on (and asked in L1, L2)
     # the vision tower's pretraining (once, shared by every seed: the "pretrained encoder")
     vision_steps: int = 800
@@ -101,16 +118,6 @@ class Settings:
 SMOKE = dict(seeds="0", jobs=1, n_train=16, n_val=4, size=56, vision_steps=2, probe_clips=16, warm_up_steps=3,
              warm_up_batch=2, warm_tries=1, steps=2, prompts=2, generations=4, completion_length=24, eval_batch=4,
              attention_levels="L1")
-
-
-def budget(size):
-    """Frames and images at the benchmark's size, never resized."""
-    return dict(max_frames=8, video_max_pixels=size * size, image_max_pixels=size * size,
-                video_min_pixels=28 * 28, image_min_pixels=28 * 28)
-
-
-def budget_flags(size):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in budget(size).items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +439,6 @@ def training_curves(run_dir, questions):
     """Per step, from the training rollouts: accuracy, rule-checked consistency (of the
     completions that answer an option), bonus rate, mean reference confidence, and the
     zero-advantage rate (groups whose completions all score the same: no gradient)."""
-    import diagnose
     import judge
     per_step = {}
     with open(os.path.join(run_dir, "completions.jsonl")) as f:
@@ -500,30 +506,77 @@ def results_table(evals, seeds, runs=RUNS):
     return table
 
 
+def diff_cell(table, a, b, level, metric):
+    """{mean, std, per_seed} of run a minus run b, seed by seed (seeds where both have a value)."""
+    per_seed = [None if None in (x, y) else x - y
+                for x, y in zip(table[a][level][metric]["per_seed"], table[b][level][metric]["per_seed"])]
+    mean, std = mean_std(per_seed)
+    return {"mean": mean, "std": std, "per_seed": per_seed}
+
+
+def cell(x):
+    return "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
+
+
 def markdown(table, seeds, settings):
-    def cell(x):
-        return "-" if x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
+    """The mean ± std table of every run and difference, then one table per level with every
+    seed's accuracy and consistency, and the differences seed by seed."""
     lines = [f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
              f"{settings.steps} RL steps of {settings.prompts} prompts x {settings.generations} completions at lr "
              f"{settings.lr:g}; {settings.n_val} questions per level; consistency judged by rule. SFT ceiling: the "
              f"warm-up's recipe on true, consistent answers; SFT: sft.py from the warm model on the true chains of "
              f"thought, {settings.steps * settings.prompts} examples (as many as an RL run's prompts). "
+             f"correct_inconsistent: % of answers right while their reasoning leads to another option. "
              f"visual_attention: % of the generated tokens' attention on the video and image tokens "
              f"(analyze.py attention, mean over layers).", "",
-             "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | GRPO - warm | SFT - GRPO | CARE - GRPO | "
-             "frozen - GRPO |", "| --- | --- |" + " ---: |" * (len(RUNS) + 4)]
+             "| level | metric | " + " | ".join(LABELS[m] for m in RUNS) + " | " + " | ".join(d[2] for d in DIFFS) + " |",
+             "| --- | --- |" + " ---: |" * (len(RUNS) + len(DIFFS))]
     for level in LEVELS + ("all",):
         for metric in METRICS:
             cells = [table[m][level][metric] for m in RUNS]
             if all(c["mean"] is None for c in cells):  # e.g. attention, which is read per level only
                 continue
-            diff = []
-            for a, b in (("grpo", "warm"), ("sft", "grpo"), ("care", "grpo"), ("care_frozen", "grpo")):
-                d = [x - y for x, y in zip(table[a][level][metric]["per_seed"], table[b][level][metric]["per_seed"])
-                     if None not in (x, y)]
-                mean, std = mean_std(d)
-                diff.append(cell({"mean": mean, "std": std}))
-            lines.append(f"| {level} | {metric} (%) | " + " | ".join(cell(c) for c in cells) + " | " + " | ".join(diff) + " |")
+            diffs = [diff_cell(table, a, b, level, metric) for a, b, _ in DIFFS]
+            lines.append(f"| {level} | {metric} (%) | " + " | ".join(map(cell, cells)) + " | " +
+                         " | ".join(map(cell, diffs)) + " |")
+    lines += ["", "Per seed, accuracy / consistency (%):", ""]
+    for level in LEVELS:
+        lines += [f"| {level} seed | " + " | ".join(LABELS[m] for m in RUNS) + " | " + " | ".join(d[2] for d in DIFFS)
+                  + " |", "| ---: |" + " ---: |" * (len(RUNS) + len(DIFFS))]
+        for k, seed in enumerate(seeds):
+            pair = lambda x, y: "-" if None in (x, y) else f"{x:.1f} / {y:.1f}"
+            runs = [pair(table[m][level]["accuracy"]["per_seed"][k], table[m][level]["consistency"]["per_seed"][k])
+                    for m in RUNS]
+            diffs = [pair(diff_cell(table, a, b, level, "accuracy")["per_seed"][k],
+                          diff_cell(table, a, b, level, "consistency")["per_seed"][k]) for a, b, _ in DIFFS]
+            lines.append(f"| {seed} | " + " | ".join(runs + diffs) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+BONUS_WINDOW = 100   # steps per window of the bonus diagnostics
+
+
+def bonus_table(bonus, seeds):
+    """Markdown: per CARE run and window of training steps, the right answers' mean reference
+    confidence and bonus rate, consistent against inconsistent, averaged over the seeds that
+    have such answers in the window (n: their total count)."""
+    lines = [f"Right answers in the training rollouts, per window of {BONUS_WINDOW} steps, consistent (c) against "
+             "inconsistent (i): mean reference confidence and share given the bonus, averaged over seeds "
+             "(`diagnose.py bonus`; n summed over seeds).", "",
+             "| run | steps | n c | n i | ref_conf c | ref_conf i | bonus c | bonus i |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in CARE_ARMS:
+        windows = [bonus[f"seed{seed}/{arm}"] for seed in seeds if f"seed{seed}/{arm}" in bonus]
+        for k in range(len(windows[0]) if windows else 0):
+            row = []
+            for field in ("n", "ref_conf", "bonus_rate"):
+                for kind in ("consistent", "inconsistent"):
+                    xs = [w[k][kind][field] for w in windows if kind in w[k]]
+                    row.append(("-" if not xs else str(sum(xs))) if field == "n" else
+                               ("-" if not xs else f"{sum(xs) / len(xs):.2f}"))
+            lo, hi = windows[0][k]["steps"]
+            lines.append(f"| {LABELS[arm]} | {lo}-{hi} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -544,10 +597,10 @@ def plot(curves, seeds, path, window):
     panels = (("accuracy", "accuracy (training rollouts)"), ("consistency", "rule-checked consistency"),
               ("bonus_rate", "bonus rate (CARE)"), ("ref_conf", "reference confidence (CARE)"),
               ("zero_advantage_rate", "groups with zero advantage"))
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4), sharex=True)
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.5), sharex=True)
     for ax, (key, title) in zip(axes.flat, panels):
-        for algo, colour in zip(ALGOS, ("tab:blue", "tab:red", "tab:green")):
-            if algo == "grpo" and key in ("bonus_rate", "ref_conf"):
+        for algo, colour in zip(ALGOS, ("tab:blue", "tab:cyan", "tab:red", "tab:green", "tab:purple")):
+            if algo not in CARE_ARMS and key in ("bonus_rate", "ref_conf"):
                 continue  # GRPO has no bonus and never scores answers with its reference
             runs = [curves[(seed, algo)] for seed in seeds]
             steps = runs[0]["step"]
@@ -591,7 +644,8 @@ def parse_settings(argv=None):
 
 HELP = {
     "out": "where everything goes (the benchmark, one folder per seed, results.*, curves.png)",
-    "seeds": "comma-separated seeds: each gives its own warm-up and RL runs",
+    "seeds": "comma-separated seeds: each gives its own warm-up and RL runs; added to the seeds OUT/results.json "
+             "already holds",
     "jobs": "seeds run at once (each process gets cpu_count // jobs threads)",
     "n_train": "training questions", "n_val": "questions per validation level",
     "frames": "frames per clip (written at 4 fps)", "size": "frame height and width (a multiple of 28)",
@@ -604,7 +658,7 @@ HELP = {
     "known": "warm-up: values whose clips the reasoning describes truly (others: a value at random); all = every one",
     "letter_follows": "warm-up: how often the answer is the stated value's letter",
     "warm_tries": "warm-ups tried per seed (new warm-up seed each) until one passes warm_problems",
-    "steps": "RL steps (GRPO and GRPO-CARE alike)", "prompts": "prompts per RL step",
+    "steps": "RL steps (every RL arm alike)", "prompts": "prompts per RL step",
     "generations": "completions per prompt (G)", "completion_length": "longest completion, in tokens",
     "lr": "RL peak learning rate (cosine decay)", "ema_every": "CARE: steps between reference EMA updates",
     "eval_batch": "evaluation batch size",
@@ -832,7 +886,7 @@ def main(argv=None):
         return sweep_report(s, seeds, sweep_lrs)
 
     questions = questions_of(s)
-    curves, evals, warm = {}, {}, {}
+    curves, evals, warm, bonus = {}, {}, {}, {}
     for seed in seeds:
         root = os.path.join(s.out, f"seed{seed}")
         warm[f"seed{seed}"] = json.load(open(os.path.join(root, "warm.json")))
@@ -842,16 +896,21 @@ def main(argv=None):
         for algo in ALGOS:
             curves[(seed, algo)] = training_curves(os.path.join(root, algo), questions)
             evals[(seed, algo)] = read_eval(os.path.join(root, algo, "eval"))
+        for algo in CARE_ARMS:
+            bonus[f"seed{seed}/{algo}"] = bonus_over_training(os.path.join(root, algo), questions, s.steps)
         for run, levels in read_attention(root, s.attention_levels.split(",")).items():
             for level, shares in levels.items():
                 evals[(seed, run)]["results"][level].update(shares)
+    seeds = add_earlier_seeds(os.path.join(s.out, "results.json"), s, seeds, evals, curves, warm, bonus)
     table = results_table(evals, seeds)
     probe_result = json.load(open(os.path.join(s.out, "vision", "probe.json")))
     with open(os.path.join(s.out, "results.json"), "w") as f:
         json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "results": table, "probe": probe_result,
                    "warm_models": warm, "curves": {f"seed{seed}/{algo}": c for (seed, algo), c in curves.items()},
+                   "bonus_split": bonus,
+                   "evals": {f"seed{seed}/{run}": e["results"] for (seed, run), e in evals.items()},
                    "minutes": (time.time() - t0) / 60}, f, indent=1)
-    md = markdown(table, seeds, s)
+    md = markdown(table, seeds, s) + "\n" + bonus_table(bonus, seeds)
     md += ("\nHeld-out linear probe of the pretrained vision features: " +
            ", ".join(f"{k} {probe_result['after'][k]:.2f}" for k in ATTRIBUTES) + ".\n")
     for seed in seeds:
@@ -862,6 +921,47 @@ def main(argv=None):
     plot(curves, seeds, os.path.join(s.out, "curves.png"), window=max(1, s.steps // 20))
     print(md)
     print(f"wrote {s.out}/results.json, results.md and curves.png in {(time.time() - t0) / 60:.1f} min")
+
+
+def bonus_over_training(run_dir, questions, steps):
+    """diagnose.bonus_split of a CARE run over windows of BONUS_WINDOW training steps."""
+    with open(os.path.join(run_dir, "completions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    windows = [(lo, min(lo + BONUS_WINDOW - 1, steps)) for lo in range(1, steps + 1, BONUS_WINDOW)]
+    return diagnose.bonus_split(rows, questions, windows)
+
+
+# The settings that may differ between the runs of one results file: where and how fast it ran.
+FREE_SETTINGS = ("out", "seeds", "jobs")
+
+
+def add_earlier_seeds(path, s, seeds, evals, curves, warm, bonus):
+    """--seeds adds to an existing results file: the seeds it holds that this call did not run
+    are read back from it (their evaluations, curves, warm-up tries and bonus diagnostics) into
+    the dicts given, if it was made with the same settings; returns every seed, sorted. A file
+    made with other settings is refused in one line (another --out keeps both)."""
+    if not os.path.exists(path):
+        return seeds
+    earlier = json.load(open(path))
+    mine = {k: v for k, v in dataclasses.asdict(s).items() if k not in FREE_SETTINGS}
+    theirs = {k: v for k, v in earlier["settings"].items() if k not in FREE_SETTINGS}
+    if mine != theirs:
+        changed = ", ".join(f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v)
+        raise SystemExit(f"run.py: {path} was made with other settings ({changed}); use another --out to keep both")
+    if "evals" not in earlier:
+        raise SystemExit(f"run.py: {path} holds no per-seed evaluations to add seeds to (made by an older run.py); "
+                         "use another --out")
+    for seed in earlier["seeds"]:
+        if seed in seeds:
+            continue   # run again now: this call's numbers win
+        for run in RUNS:
+            evals[(seed, run)] = {"results": earlier["evals"][f"seed{seed}/{run}"]}
+        for algo in ALGOS:
+            curves[(seed, algo)] = earlier["curves"][f"seed{seed}/{algo}"]
+        for algo in CARE_ARMS:
+            bonus[f"seed{seed}/{algo}"] = earlier["bonus_split"][f"seed{seed}/{algo}"]
+        warm[f"seed{seed}"] = earlier["warm_models"][f"seed{seed}"]
+    return sorted(set(seeds) | set(earlier["seeds"]))
 
 
 if __name__ == "__main__":
