@@ -107,29 +107,59 @@ def row_seeds(seeds, num_generations):
     return [random.Random(f"{s}/{j}").getrandbits(63) for s in seeds for j in range(num_generations)]
 
 
+# splitmix64 (Steele, Lea and Flood 2014) on int64 tensors: output i of the stream seeded by key is
+# mix(key + (i + 1) * GOLDEN). Integer arithmetic wraps mod 2^64 alike on every device, so the same
+# (key, i) gives the same bits on a CPU and a GPU, in any batch, computed for every token at once.
+GOLDEN, MIX1, MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x, k):
+    """Logical right shift of int64 x (>> is arithmetic on a negative int64)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def stream_uniform(keys, index):
+    """Uniforms in (0, 1), float64: element i of key k's splitmix64 stream for every pair of
+    keys [rows, 1] and index [rows or 1, n] (int64, broadcast)."""
+    z = keys + (index + 1) * GOLDEN
+    z = (z ^ _shift_right(z, 30)) * MIX1
+    z = (z ^ _shift_right(z, 27)) * MIX2
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 12).double() + 0.5) * 2.0 ** -52   # 52 bits: exact, never 0 or 1
+
+
 class SeededSampling(LogitsProcessor):
-    """Samples each row's next token from its own random stream: the scores the other logits
-    processors left (repetition penalty, suppressed tokens) go through temperature, top-k and
-    top-p (transformers' own warpers, in generate()'s order), and token i is drawn with
-    probability p_i by inverse CDF from one uniform per row and step, drawn up front from a CPU
-    generator seeded by the row's seed (the same draws on any device). Returns scores that are 0
-    at the drawn token and -inf elsewhere, so generate()'s greedy step picks it."""
+    """Samples each row's next token from its own random stream, by Gumbel-max: the scores the
+    other logits processors left (repetition penalty, suppressed tokens) go through temperature,
+    top-k and top-p (transformers' own warpers, in generate()'s order), and the token is
+
+        argmax_i  s_i + g_i,     g_i = -log(-log u_i)
+
+    which is token i with probability softmax(s)_i (Gumbel 1954). u_i is element (step, i) of the
+    row's own stream (stream_uniform, keyed by the row's seed): the same on any device and in any
+    batch. A last-bit difference in the logits (matrix products round differently with the
+    number of rows) changes the token only when the two best s_i + g_i are that close, far rarer
+    than where a draw by inverse CDF meets a boundary of the cumulative probabilities. Returns
+    scores that are 0 at the drawn token and -inf elsewhere, so generate()'s greedy step picks it."""
 
     def __init__(self, gen_config, seeds, prompt_width, device):
         self.warpers = ([TemperatureLogitsWarper(gen_config.temperature)] if gen_config.temperature != 1.0 else []) + \
                        ([TopKLogitsWarper(gen_config.top_k)] if gen_config.top_k else []) + \
                        ([TopPLogitsWarper(gen_config.top_p)] if gen_config.top_p < 1.0 else [])
-        n = max(1, gen_config.max_new_tokens)
-        self.uniform = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                                    for s in seeds]).to(device)          # [rows, max_new_tokens]
+        self.keys = torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seeds], dtype=torch.int64,
+                                 device=device)[:, None]                                # [rows, 1]
         self.prompt_width = prompt_width
+
+    def gumbel(self, step, vocab):
+        """[rows, vocab] float64: the rows' Gumbel noise at this decode step."""
+        index = step * vocab + torch.arange(vocab, device=self.keys.device)[None]      # [1, vocab]
+        return -torch.log(-torch.log(stream_uniform(self.keys, index)))
 
     def __call__(self, input_ids, scores):
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)                 # [rows, V]
-        u = self.uniform[:, input_ids.shape[1] - self.prompt_width, None] * cdf[:, -1:]   # [rows, 1]
-        token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)    # p_token > 0
+        step = input_ids.shape[1] - self.prompt_width
+        token = (scores.double() + self.gumbel(step, scores.shape[-1])).argmax(dim=-1, keepdim=True)   # [rows, 1]
         return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
 
 

@@ -45,7 +45,7 @@ def argv_per_process(model_dir, root, out, *extra):
 def two_process_care_steps(model_dir, root, out):
     """conftest.care_run's two steps, on two processes."""
     torchrun("train.py", *argv_per_process(model_dir, root, out, "--algo", "care", "--max-steps", "2",
-                                           "--save-every", "1"))
+                                           "--save-every", "1", "--log-completions"))
     return out
 
 
@@ -101,6 +101,12 @@ def test_two_processes_match_one(family, family_care_run, family_two_process_run
         assert len(first) == len(second) == 1 and not set(first) & set(second)
         assert sorted(first + second) == sorted(both)
     assert any(r["adv_std"] > 0 for r in two), "no learning signal in the 2-process run"
+    # Each prompt's completions are what one process sampled for it: every row draws from its
+    # own stream, whatever process or batch it is decoded in.
+    completions = [sorted((r["step"], r["sample_id"], r["completion"]) for r in map(json.loads,
+                                                                                   open(run / "completions.jsonl")))
+                   for run in (care_run, two_process_run)]
+    assert len(completions[0]) == 2 * 2 * 4 and completions[0] == completions[1]   # steps x prompts x G
     start = load_file(os.path.join(warm_model_dir, "model.safetensors"))
     ckpt = "checkpoint-000002"
     assert_same_weights(policy_weights(care_run / ckpt), policy_weights(two_process_run / ckpt), start, POLICY_ATOL)

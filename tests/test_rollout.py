@@ -365,11 +365,14 @@ def test_each_group_is_sampled_from_its_own_prompt(sensitive, tokenizer, seed_be
     group sampled from another group's prompt, video or cache would show."""
     prompts = one_part_changed(tokenizer, seed_bench_root, sensitive_model_dir)
     config = rollout.sampling_config(tokenizer, max_new_tokens=8)
-    together = rollout.generate(sensitive, encoding.collate_prompts(prompts, tokenizer), tokenizer, 2, config,
+    # 4 rows a group: the image moves the sensitive model's logits least (0.03 nats a token), and
+    # Gumbel-max turns a small change of the logits into another token rarely: with 2 rows the
+    # image's group wrote what group 0 wrote, with 4 one row of it differs.
+    together = rollout.generate(sensitive, encoding.collate_prompts(prompts, tokenizer), tokenizer, 4, config,
                                 seeds=[5] * 4)
-    groups = [tuple(together.texts[2 * i:2 * i + 2]) for i in range(4)]
+    groups = [tuple(together.texts[4 * i:4 * i + 4]) for i in range(4)]
     for enc, group in zip(prompts, groups):
-        alone = rollout.generate(sensitive, encoding.collate_prompts([enc], tokenizer), tokenizer, 2, config, seeds=[5])
+        alone = rollout.generate(sensitive, encoding.collate_prompts([enc], tokenizer), tokenizer, 4, config, seeds=[5])
         assert tuple(alone.texts) == group
     assert len(set(groups)) == 4
 
@@ -391,9 +394,9 @@ def test_each_group_is_scored_under_its_own_prompt(sensitive, tokenizer, seed_be
 def test_each_row_samples_the_processed_distribution():
     """SeededSampling draws token i with the probability temperature, top-k and top-p leave it
     (transformers' warpers): 20,000 rows of one set of logits, each on its own seed, against
-    those probabilities by a chi-square test (the statistic below 30 for 6 free classes is a
-    p-value above 0.001; a sampler that ignored top-p, or drew from the raw logits, would be far
-    off), and tokens top-p removed are never drawn."""
+    those probabilities by a chi-square test (top-p keeps 5 tokens, 4 degrees of freedom: a
+    statistic below 18.5 is a p-value above 0.001; a sampler that ignored top-p, or drew from
+    the raw logits, would be far off), and tokens top-p removed are never drawn."""
     from transformers.generation import TopPLogitsWarper
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, -4.0, -5.0]])
     gen = rollout.GenerationConfig(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=1)
@@ -420,9 +423,31 @@ def test_a_rows_draws_are_its_own(tokenizer):
     assert seeds[:3] == rollout.row_seeds([7], 3) and seeds[3:] == rollout.row_seeds([8], 3)
     assert len(set(seeds)) == 6
     gen = rollout.GenerationConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=5)
-    both = rollout.SeededSampling(gen, seeds, 0, "cpu").uniform
-    alone = rollout.SeededSampling(gen, seeds[3:], 0, "cpu").uniform
-    assert torch.equal(both[3:], alone) and not torch.equal(both[0], both[1])
+    both, alone = rollout.SeededSampling(gen, seeds, 0, "cpu"), rollout.SeededSampling(gen, seeds[3:], 0, "cpu")
+    for step in (0, 4):
+        assert torch.equal(both.gumbel(step, 50)[3:], alone.gumbel(step, 50))
+        assert not torch.equal(both.gumbel(step, 50)[0], both.gumbel(step, 50)[1])
+    assert not torch.equal(both.gumbel(0, 50), both.gumbel(1, 50))   # a new draw every step
+
+
+def test_the_streams_are_splitmix64():
+    """stream_uniform is splitmix64 in wrapping int64 arithmetic: seed 0's first output is
+    0xE220A8397B1DCDAF (the generator's published first value), and any (key, index) pair gives
+    what the same arithmetic on Python's unbounded integers gives, to the last bit."""
+    import random
+    mask = (1 << 64) - 1
+
+    def splitmix(key, i):
+        z = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+    assert splitmix(0, 0) == 0xE220A8397B1DCDAF
+    rng = random.Random(0)
+    keys, index = [rng.getrandbits(63) for _ in range(4)], [0, 1, 7, 151_935, 2 ** 40 + 3]
+    got = rollout.stream_uniform(torch.tensor(keys)[:, None], torch.tensor([index]))
+    want = torch.tensor([[((splitmix(k, i) >> 12) + 0.5) * 2.0 ** -52 for i in index] for k in keys], dtype=torch.float64)
+    assert torch.equal(got, want) and 0 < got.min() and got.max() < 1
 
 
 def test_four_prompts_of_different_lengths_decode_together_as_alone(model, tokenizer, seed_bench_root,
