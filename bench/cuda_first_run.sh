@@ -10,7 +10,7 @@
 # Each part has a time cap so that a hang in one leaves the others their time.
 set -o pipefail
 out=${1:?usage: bench/cuda_first_run.sh OUTDIR}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)   # absolute: the script runs from the repository root
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -42,6 +42,10 @@ timeout ${STEP_BENCH_TIMEOUT:-60} python bench/step.py --device cuda --baseline 
 echo "bench/step.py exit $?"
 
 echo "== 3. tests"
-OMP_NUM_THREADS=2 timeout ${TESTS_TIMEOUT:-210} python -m pytest -v -n 8 -p no:cacheprovider --timeout 150 \
+# pytest-xdist and pytest-timeout are not in requirements.txt: used where installed.
+plugins=()
+python -c "import xdist" 2>/dev/null && plugins+=(-n 8)
+python -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 150)
+OMP_NUM_THREADS=2 timeout ${TESTS_TIMEOUT:-210} python -m pytest -v "${plugins[@]}" -p no:cacheprovider \
   --tb=short -rfE tests 2>&1 | tee "$out/pytest.log"
 echo "pytest exit $?"

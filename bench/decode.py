@@ -7,7 +7,7 @@ completions are the same every way (same_tokens; rows_identical, the share of ro
 since a last-bit difference of the logits between batch shapes can meet a near tie).
 
     python bench/decode.py                                  # CPU: P=4, G=8, 32 and 256 tokens
-    python bench/decode.py --paths batched compiled --prompts 1 4 --lengths 256 --device cuda
+    python bench/decode.py --paths static compiled --prompts 1 4 --lengths 256 --device cuda
 
 The model and prompts are bench/step.py's (its scaled-down Qwen2.5-VL with 7B's visual-token
 counts: 16 frames and an image a prompt), completions forced to exactly each length
@@ -15,9 +15,10 @@ counts: 16 frames and an image a prompt), completions forced to exactly each len
 by call, so a slow spell of the machine falls on all of them. The compiled path's first call
 compiles: its seconds minus the median of the later calls are compile_seconds, left out of
 tokens/s = P x G x length / the median seconds of a whole rollout (prefill included, the same in
-every path). With --weights-gb and --bandwidth-gbs (bench/cuda_check.sh sets them for the 7B
-model on an H100/H200) each decode rate is also set against the bound of reading the weights
-once per decode step: rows / (weights / bandwidth). Writes --json.
+every path); decode tokens/s leaves the prefill out (a one-token rollout of the same prompts,
+timed apart). With --weights-gb and --bandwidth-gbs (bench/gpu.py --decode sets them for the 7B
+shapes) each decode rate is also set against the bound of reading the weights once per decode
+step: rows / (weights / bandwidth). Writes --json when given.
 """
 
 import argparse
@@ -79,10 +80,31 @@ def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, 
         agree += [float((ids[paths[0]] == ids[q]).all(1).float().mean()) for q in paths[1:]]
     median = {q: statistics.median(s[1:]) for q, s in seconds.items()}
     rate = {q: p * g * length / median[q] for q in median}
+    # The prefill alone (a rollout of one token, the fastest of two calls), so that the decode's
+    # own rate can be set against the bandwidth bound: rows x (length - 1) / (rollout - prefill).
+    one = rollout.sampling_config(tokenizer, 1)
+    one.min_new_tokens = 1
+    prefill = {}
+    for path in paths:
+        calls = []
+        for _ in range(2):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                run_path(path, model, prompts, tokenizer, g, one, list(range(p)))
+            if cuda:
+                torch.cuda.synchronize()
+            calls.append(time.perf_counter() - t0)
+        prefill[path] = min(calls)
+    # None where the rollout was no slower than its prefill (a few tokens on a noisy machine)
+    decode_rate = {q: p * g * (length - 1) / (median[q] - prefill[q]) if median[q] > prefill[q] else None
+                   for q in median}
     # same_tokens: every row of every call identical every way; rows_identical: the share of rows
     # that were (a row can differ where a last-bit difference of the logits meets a near tie)
     out = {"prompts": p, "num_generations": g, "rows": p * g, "length": length, "seconds": seconds,
-           "median_seconds": median, "tokens_per_second": rate, "same_tokens": bool(same),
+           "median_seconds": median, "tokens_per_second": rate, "prefill_seconds": prefill,
+           "decode_tokens_per_second": decode_rate, "same_tokens": bool(same),
            "rows_identical": sum(agree) / max(1, len(agree))}
     if "per-group" in paths:
         out["speedup_over_per_group"] = {q: median["per-group"] / median[q] for q in paths if q != "per-group"}
@@ -91,7 +113,7 @@ def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, 
     if weights_gb and bandwidth_gbs:  # the decode rate if each step only read the weights once
         bound = p * g * bandwidth_gbs / weights_gb
         out["weight_bandwidth_bound_tokens_per_second"] = bound
-        out["fraction_of_bound"] = {q: r / bound for q, r in rate.items()}
+        out["fraction_of_bound"] = {q: None if r is None else r / bound for q, r in decode_rate.items()}
     return out
 
 
@@ -108,7 +130,8 @@ def main(argv=None):
     parser.add_argument("--weights-gb", type=float, default=None, help="bytes the decode step reads (the weights)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the device's memory bandwidth, GB/s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "decode.json"))
+    parser.add_argument("--json", default=None, help="write the results here (bench/decode.json is the committed "
+                                                    "CPU run)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     tokenizer = tiny.build_tokenizer()
@@ -137,10 +160,11 @@ def main(argv=None):
             r["prompt_tokens"] = [int(e["input_ids"].shape[0]) for e in encoded[:p]]
             out["results"].append(r)
             rates = ", ".join(f"{q} {r['tokens_per_second'][q]:,.0f} tok/s" for q in args.paths)
-            print(f"P={p} G={args.num_generations} {length} tokens: {rates}; same tokens: {r['same_tokens']}",
-                  flush=True)
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+            print(f"P={p} G={args.num_generations} {length} tokens: {rates}; same tokens: {r['same_tokens']} "
+                  f"(rows identical {r['rows_identical']:.1%})", flush=True)
+            if args.json:  # after each setting: a later failure keeps the earlier ones
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=2)
     return out
 
 

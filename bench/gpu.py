@@ -10,7 +10,7 @@
 The model is a randomly initialised Qwen2_5_VLForConditionalGeneration with Qwen2.5-VL-7B-Instruct's
 shapes (bench/memory.py's QWEN25_VL_7B: hidden 3584, 28 heads, 4 KV heads, MLP 18944, vocab 152064,
 the 32-block vision tower) but only --layers decoder layers: the full 28 with fp32 weights, AdamW
-state and an fp32 reference need ~166 GB, more than one GPU. Two layer counts give each phase's
+state and an fp32 reference need 188 GiB (bench/memory.py --plan), more than one GPU. Two layer counts give each phase's
 cost per decoder layer, and so the 28-layer figure. Nothing is downloaded.
 
 The step is train.py's with one process, through the same public functions: a synthetic
@@ -151,8 +151,9 @@ def lora_settings(rank):
     return cfg
 
 
-def one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts=None):
-    """Build the policy and reference, run a warm-up step, then the measured step."""
+def one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts=None, save=lambda result: None):
+    """Build the policy and reference, run a warm-up step, then the measured step. save(result)
+    is called with what is measured so far: after the step, and after each decode setting."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     cuda = device.type == "cuda"
     torch.manual_seed(0)
@@ -249,15 +250,22 @@ def one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts=No
                           completion=t)
     result["estimate"] = {"phases_gib": est["phases_gib"], "parts_gib": est["parts_gib"],
                           "static_gib": est["static_gib"]}
-    if args.decode:
-        import decode  # bench/decode.py
-        lm = sum(p.numel() for p in policy.model.language_model.parameters()) + policy.lm_head.weight.numel()
-        result["decode"] = [decode.measure(policy, decode_prompts[n], tokenizer, g, args.completion, args.decode_repeats,
-                                           device, ("static", "compiled"), 2 * lm / 1e9, args.bandwidth_gbs)
-                            for n in args.decode_prompts]
     if cuda:
         result["measured_over_predicted"] = {p: meter.rows[p]["peak_gib"] / est["phases_gib"][p]
                                              for p in ("rollout", "reference", "policy", "optimizer")}
+    save(result)
+    if args.decode:
+        import decode  # bench/decode.py
+        # What a decode step reads: the language model's layers and the LM head in bf16, not the
+        # input embeddings (a lookup of one row per sequence).
+        lm = (sum(p.numel() for p in policy.model.language_model.parameters()) + policy.lm_head.weight.numel()
+              - policy.model.language_model.embed_tokens.weight.numel())
+        result["decode"] = []
+        for n in args.decode_prompts:
+            result["decode"].append(decode.measure(policy, decode_prompts[n], tokenizer, g, args.completion,
+                                                   args.decode_repeats, device, ("static", "compiled"), 2 * lm / 1e9,
+                                                   args.bandwidth_gbs))
+            save(result)
     return result
 
 
@@ -341,7 +349,8 @@ def main(argv=None):
                                                                           "bound (H200 4800, H100 SXM 3350)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "gpu.json"))
+    parser.add_argument("--json", default=None, help="write the results here, after each configuration and "
+                                                    "decode setting (the committed runs are bench/gpu_*.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.layers is None:
@@ -370,8 +379,12 @@ def main(argv=None):
         gc.collect()  # the previous configuration's models (or what an out-of-memory error left)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        def save(partial):  # what is measured so far, this configuration's part included
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({**out, "results": out["results"] + [partial]}, f, indent=2)
         try:
-            out["results"].append(one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts))
+            out["results"].append(one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts, save))
         except torch.OutOfMemoryError as e:
             out.setdefault("errors", []).append({"layers": layers, "attn": attn, "error": f"out of memory: {e}"})
             print(f"{layers} layers, {attn}: out of memory", flush=True)
@@ -379,24 +392,27 @@ def main(argv=None):
         r = out["results"][-1]
         for d in r.get("decode", []):
             bound = d.get("fraction_of_bound")
-            rate = d["tokens_per_second"]
+            rate = d["decode_tokens_per_second"]
+            n = lambda x, f: "-" if x is None else format(x, f)
             print(f"{layers} layers, {attn}: decode {d['rows']} rows x {d['length']} tokens: static "
-                  f"{rate['static']:,.0f} tok/s, compiled {rate['compiled']:,.0f} tok/s "
-                  f"({rate['compiled'] / rate['static']:.2f}x), compile {d['compile_seconds']:.1f} s, rows identical: "
-                  f"{d['rows_identical']:.0%}" + (f"; of the weight-bandwidth bound: static {bound['static']:.0%}, "
-                                                  f"compiled {bound['compiled']:.0%}" if bound else ""), flush=True)
+                  f"{n(rate['static'], ',.0f')} tok/s, compiled {n(rate['compiled'], ',.0f')} tok/s, compile "
+                  f"{d['compile_seconds']:.1f} s, rows identical: {d['rows_identical']:.0%}"
+                  + (f"; of the weight-bandwidth bound: static {n(bound['static'], '.0%')}, compiled "
+                     f"{n(bound['compiled'], '.0%')}" if bound else ""), flush=True)
         print(f"{layers} layers, {attn}: first step's rollout {r['first_step_seconds']['rollout']:.2f} s; "
               f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")
                           for p, v in r["phases"].items()), flush=True)
-        with open(args.json, "w") as f:  # after each configuration: a later failure keeps the earlier ones
-            json.dump(out, f, indent=2)
+        if args.json:  # after each configuration: a later failure keeps the earlier ones
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
     sdpa = [r for r in out["results"] if r["attn"] == attns[0]]
     if len(sdpa) >= 2:
         out["per_layer"] = per_layer(sdpa)
     print(table(out))
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
     return out
 
 
