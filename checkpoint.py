@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
+import encoding
 import fsdp
 import models
 
@@ -82,8 +83,10 @@ def resolved(cfg):
     """The settings as this machine will really use them, as checkpoints record them: 'auto'
     choices made, paths absolute (a hub id stays as it is)."""
     local_path = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    template = cfg.prompt_template if cfg.prompt_template in encoding.LAYOUTS else local_path(cfg.prompt_template)
     return dataclasses.replace(
         cfg, model=local_path(cfg.model), data=os.path.abspath(cfg.data), data_root=os.path.abspath(cfg.data_root),
+        prompt_template=template,
         mixed_precision=(("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto"
                          else cfg.mixed_precision),
         attn_implementation=models.pick_attn_implementation(cfg.attn_implementation))
@@ -251,8 +254,19 @@ def resolve_resume(resume, output_dir, say=print):
 
 
 def saved_config(cfg, num_processes):
-    """The settings as really used: the Config (defaults already resolved) and the process count."""
-    return {**dataclasses.asdict(cfg), "num_processes": num_processes}
+    """The settings as really used: the Config (defaults already resolved), the process count and,
+    for a --prompt-template FILE, the sha256 of its text (a file edited in place changes every
+    prompt under the same path)."""
+    return {**dataclasses.asdict(cfg), "num_processes": num_processes,
+            "prompt_template_sha256": template_digest(cfg.prompt_template)}
+
+
+def template_digest(spec):
+    """sha256 of a --prompt-template file's text; None for a built-in layout (or no such file)."""
+    if spec in encoding.LAYOUTS or not os.path.isfile(spec):
+        return None
+    with open(spec, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def config_changes(saved, cfg, num_processes, batch_fields=("prompts_per_device",)):
@@ -262,6 +276,11 @@ def config_changes(saved, cfg, num_processes, batch_fields=("prompts_per_device"
     as processes x their product, the global batch, does not."""
     changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k not in FREE_ON_RESUME and k not in batch_fields and k in saved and saved[k] != v]
+    digest = template_digest(cfg.prompt_template)
+    if saved.get("prompt_template_sha256") and saved.get("prompt_template") == cfg.prompt_template \
+            and saved["prompt_template_sha256"] != digest:
+        changes.append(f"prompt_template: the text of {cfg.prompt_template} changed (sha256 "
+                       f"{saved['prompt_template_sha256'][:12]} -> {(digest or 'none')[:12]})")
     old = (saved.get("num_processes", 1), *(saved.get(k, getattr(cfg, k)) for k in batch_fields))
     new = (num_processes, *(getattr(cfg, k) for k in batch_fields))
     if math.prod(old) != math.prod(new):

@@ -159,37 +159,84 @@ class PromptTemplate:
     """The text of the user turn after the visuals. name: a built-in layout (LAYOUTS), or the
     path of a template file, whose text is kept in `text`: any wording, with {question} (the
     question as in the data), {options} (the lettered options, one per line, each ending in a
-    newline; empty for questions without options) and {answer_format} (ANSWER_LINE for the
-    sample's problem type). --prompt-template takes either."""
+    newline; empty for questions without options) and {answer_format} (the answer-format line of
+    the sample's problem type: ANSWER_LINE, or the file's own). A JSON file may give one text per
+    problem type (`text` a dict) and its own answer-format lines (`answer_format`), which is what
+    a prompt that words each type differently (the public code's) needs. --prompt-template takes
+    either."""
     name: str = "ours"
-    text: str | None = None
+    text: str | dict | None = None
+    answer_format: dict | None = None
 
     def render(self, sample) -> str:
-        answer_format = ANSWER_LINE[sample.problem_type]
+        answer_format = (self.answer_format or ANSWER_LINE).get(sample.problem_type, ANSWER_LINE[sample.problem_type])
         if self.text is None:
             return LAYOUTS[self.name](sample.question, sample.options, answer_format)
+        text = self.text if isinstance(self.text, str) else self.text.get(sample.problem_type)
+        if text is None:
+            raise DataError(f"sample {sample.sample_id}: --prompt-template {self.name} has no text for problem "
+                            f"type {sample.problem_type!r}")
         values = {"question": sample.question, "options": _lines(sample.options), "answer_format": answer_format}
-        return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], self.text)   # one pass: no value is re-read
+        return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)   # one pass: no value is re-read
+
+
+def template_problem(spec, text, needs_options=True):
+    """Why text is no template (None: it is one): an unknown placeholder, or no {question} (or no
+    {options}, where the template is for questions with options)."""
+    unknown = sorted({p for p in PLACEHOLDER_RE.findall(text) if p not in PLACEHOLDERS})
+    missing = [p for p in ("question", "options")[:2 if needs_options else 1] if "{" + p + "}" not in text]
+    if unknown or missing:
+        problem = (f"unknown placeholder(s) {', '.join('{' + p + '}' for p in unknown)}" if unknown
+                   else f"no {', '.join('{' + p + '}' for p in missing)}")
+        return (f"--prompt-template {spec}: {problem}; a template holds {{question}} and {{options}} (a JSON "
+                f"file's template for a type without options may leave {{options}} out), and may hold "
+                f"{{answer_format}}")
+    return None
+
+
+def json_template(spec, raw):
+    """A JSON template file: {"template": TEXT or {problem type: TEXT}, "answer_format": {problem
+    type: LINE}} (answer_format optional). Returns PromptTemplate; raises ValueError naming the
+    problem."""
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prompt-template {spec}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or "template" not in doc or set(doc) - {"template", "answer_format"}:
+        raise ValueError(f"--prompt-template {spec}: a JSON template is an object with \"template\" (a text, or "
+                         f"one per problem type) and optionally \"answer_format\" (one line per problem type)")
+    text, lines = doc["template"], doc.get("answer_format")
+    for what, value in (("template", text), ("answer_format", lines)):
+        if isinstance(value, dict):
+            bad = [k for k, v in value.items() if k not in ANSWER_LINE or not isinstance(v, str)]
+            if bad:
+                raise ValueError(f"--prompt-template {spec}: {what} for {bad[0]!r}: the problem types are "
+                                 f"{', '.join(ANSWER_LINE)}, each with a text")
+        elif not (value is None and what == "answer_format") and not (isinstance(value, str) and what == "template"):
+            raise ValueError(f"--prompt-template {spec}: {what} must be " +
+                             ("a text or an object of texts by problem type" if what == "template"
+                              else "an object of lines by problem type"))
+    for kind, t in (text.items() if isinstance(text, dict) else [(None, text)]):
+        if problem := template_problem(spec, t, needs_options=kind in (None, "multiple choice")):
+            raise ValueError(problem)
+    return PromptTemplate(os.path.abspath(spec), text, lines)
 
 
 def prompt_template(spec: str) -> PromptTemplate:
     """--prompt-template: a layout name (ours, official, seed-bench-r1) or a template file, read
-    and checked now (one final newline dropped, as editors add one). Raises ValueError naming
-    the problem."""
+    and checked now: a text file (one final newline dropped, as editors add one) or a .json one
+    (json_template). Raises ValueError naming the problem."""
     if spec in LAYOUTS:
         return PromptTemplate(spec)
     if not os.path.isfile(spec):
         raise ValueError(f"--prompt-template {spec!r} is neither a layout ({', '.join(LAYOUTS)}) nor a file")
     with open(spec, encoding="utf-8") as f:
         text = f.read()
+    if spec.endswith(".json"):
+        return json_template(spec, text)
     text = text[:-1] if text.endswith("\n") else text
-    unknown = sorted({p for p in PLACEHOLDER_RE.findall(text) if p not in PLACEHOLDERS})
-    missing = [p for p in ("question", "options") if "{" + p + "}" not in text]
-    if unknown or missing:
-        problem = (f"unknown placeholder(s) {', '.join('{' + p + '}' for p in unknown)}" if unknown
-                   else f"no {', '.join('{' + p + '}' for p in missing)}")
-        raise ValueError(f"--prompt-template {spec}: {problem}; a template holds {{question}} and {{options}}, "
-                         f"and may hold {{answer_format}}")
+    if problem := template_problem(spec, text):
+        raise ValueError(problem)
     return PromptTemplate(os.path.abspath(spec), text)
 
 
@@ -505,9 +552,10 @@ BUDGET_FLAGS = ("fps", "min_frames", "max_frames", "video_min_pixels", "video_ma
 
 
 TEMPLATE_HELP = ("the prompt's layout and wording: ours, official (the public GRPO-CARE layout), seed-bench-r1 "
-                 "(SEED-Bench-R1's), or a FILE of your own with {question}, {options} and optionally {answer_format}")
+                 "(SEED-Bench-R1's), or a FILE of your own with {question}, {options} and optionally {answer_format}; "
+                 "a .json FILE may word each problem type and its answer-format line apart (docs/data.md)")
 RESIZE_RULE_HELP = ("how sizes are fitted to the patch grid: hf (transformers) or qwen-vl-utils (the public code's "
-                    "copy; differs only for sides under 14 pixels)")
+                    "copy; differs only for sides of 14 pixels or fewer)")
 RESIZE_TO_HELP = ("resize every video frame and image to the grid size nearest S x S whatever its shape; 0 = keep "
                   "the aspect ratio within the pixel bounds (SEED-Bench-R1's pipeline: 256, i.e. 252 x 252)")
 

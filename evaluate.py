@@ -73,9 +73,9 @@ def score(sample, completion, rules="ours"):
 # layout, and qwen_vl_utils' frame count and per-frame bounds. It passes the sampled fps to the
 # model (--second-per-grid 0, ours too) and decodes at temperature 0.1, top-p 0.001, 1,024 new
 # tokens, 16 frames for SEED-Bench-R1 and 32 for the general benchmarks (ours too).
-OFFICIAL = {"scoring": "official", "prompt_template": "official", "frame_rounding": "floor",
-            "video_min_pixels": 128 * 28 * 28, "video_max_pixels": int(128 * 28 * 28 * 1.05),
-            "resize_rule": "qwen-vl-utils"}
+OFFICIAL = {"scoring": "official", **{k: v for k, v in config.OFFICIAL.items()
+                                       if k in ("prompt_template", "frame_rounding", "video_min_pixels",
+                                                "video_max_pixels", "resize_rule")}}
 # --preset seed-bench-r1: SEED-Bench-R1's infer.py: its scoring, prompt and visual pipeline
 # (config.PRESETS), 256 new tokens, and the repetition penalty of 1.05 that its generate() call
 # inherits from Qwen2-VL-7B-Instruct's generation_config (whose top-k 1 makes it greedy, as our
@@ -246,7 +246,8 @@ def row_settings(args):
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     if args.prompt_template not in encoding.LAYOUTS:  # a file: where it is, and what it says
         template = encoding.prompt_template(args.prompt_template)
-        settings["prompt_template"] = {"file": template.name, "text": template.text}
+        settings["prompt_template"] = {"file": template.name, "text": template.text,
+                                       **({"answer_format": template.answer_format} if template.answer_format else {})}
     settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root),
                     mixed_precision="bf16" if compute_dtype(args.mixed_precision) == torch.bfloat16 else "no")
     if judge.is_rule(args.judge):

@@ -166,6 +166,12 @@ BREAKAGES = [
              "(positions[None, :] < first_eos[:, None])", ("tests/test_rollout.py",)),
     Breakage("only-im-end-stops", "rollout.py", "    ids |= set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])\n",
              "", ("tests/test_rollout.py", "-k", "stops")),
+    Breakage("training-stops-at-im-end-only", "train.py", ", stop=rollout.stop_ids(tokenizer, policy))", ")",
+             ("tests/test_wiring.py", "-k", "sampling_gets")),
+    Breakage("the-judge-stops-at-its-eos-only", "judge.py", "{tokenizer.eos_token_id} | set(rollout.stop_ids(tokenizer, judge))",
+             "{tokenizer.eos_token_id}", ("tests/test_wiring.py", "-k", "stop_where")),
+    Breakage("the-analysis-stops-at-im-end-only", "analyze.py", "do_sample=False, stop=stop)", "do_sample=False)",
+             ("tests/test_wiring.py", "-k", "stop_where")),
     # --- what the model sees ---
     Breakage("official-layout-without-the-blank-line", "encoding.py",
              'return f"{question}{block}\\n{THINKING} {answer_format}"',

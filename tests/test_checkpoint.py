@@ -175,6 +175,26 @@ def test_resume_refuses_other_run_defining_settings(care_run, warm_model_dir, se
     assert change in str(err.value)
 
 
+def test_a_template_file_edited_in_place_is_a_change_of_settings(tmp_path, monkeypatch):
+    """config.json keeps the sha256 of a --prompt-template file's text: the same path with other
+    text is a run-defining change, named; the same text (also from another working directory)
+    is none."""
+    template = tmp_path / "t.txt"
+    template.write_text("{question}\n{options}Think first.\n{answer_format}\n")
+    paths = ["--data", str(tmp_path / "d.jsonl"), "--data-root", str(tmp_path)]   # absolute: the cwd changes below
+    cfg = checkpoint.resolved(config.parse_config([*paths, "--prompt-template", str(template)]))
+    saved = checkpoint.saved_config(cfg, 1)
+    assert saved["prompt_template_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest()
+    assert checkpoint.config_changes(saved, cfg, 1) == []
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.config_changes(saved, checkpoint.resolved(config.parse_config([*paths, "--prompt-template",
+                                                                                     "t.txt"])), 1) == []
+    template.write_text("{question}\n{options}Answer at once.\n")
+    changes = checkpoint.config_changes(saved, cfg, 1)
+    assert len(changes) == 1 and changes[0].startswith(f"prompt_template: the text of {template} changed (sha256 ")
+    assert checkpoint.saved_config(checkpoint.resolved(config.parse_config([])), 1)["prompt_template_sha256"] is None
+
+
 def test_resume_with_allowed_changes_records_what_was_used(care_run, warm_model_dir, seed_bench_root, tmp_path):
     copy_checkpoint(care_run, tmp_path)
     shutil.copy(os.path.join(care_run, "log.jsonl"), tmp_path / "log.jsonl")

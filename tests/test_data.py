@@ -595,6 +595,41 @@ def test_a_template_file_of_the_users_own(tmp_path):
     assert chat_prompt(MC_SAMPLE, template).endswith(template.render(MC_SAMPLE) + "<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_json_template_words_each_problem_type_apart(tmp_path):
+    """A .json template: its text for the sample's problem type, its own answer line where it
+    gives one (ours elsewhere), no {options} needed for a type without options; a type it has
+    no text for is a data error naming the sample."""
+    import json
+
+    from data import DataError
+    path = tmp_path / "public.json"
+    path.write_text(json.dumps({"template": {"multiple choice": "{question}Options:\n{options}\nGo. {answer_format}",
+                                             "numerical": "{question}\nGo. {answer_format}"},
+                                "answer_format": {"multiple choice": "Letter only."}}))
+    template = prompt_template(str(path))
+    mc = Sample("m", "multiple choice", "Which?", "B", options=["A. red", "B. blue"])
+    num = Sample("n", "numerical", "How many?", "3")
+    assert template.render(mc) == "Which?Options:\nA. red\nB. blue\n\nGo. Letter only."
+    assert template.render(num) == "How many?\nGo. " + ANSWER_LINE["numerical"]
+    with pytest.raises(DataError, match="sample o: .*no text for problem type 'OCR'"):
+        template.render(Sample("o", "OCR", "Read it.", "abc"))
+
+
+@pytest.mark.parametrize("doc,problem", [
+    ("not json", "not valid JSON"),
+    ('{"text": "{question}{options}"}', 'an object with "template"'),
+    ('{"template": {"multiple choice": "{question}"}}', "no {options}"),
+    ('{"template": {"numerical": "{Question}"}}', "unknown placeholder(s) {Question}"),
+    ('{"template": {"essay": "{question}"}}', "template for 'essay': the problem types are"),
+    ('{"template": "{question}{options}", "answer_format": "Letter."}', "answer_format must be an object"),
+])
+def test_a_bad_json_template_is_refused_in_one_line(tmp_path, doc, problem):
+    path = tmp_path / "t.json"
+    path.write_text(doc)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        prompt_template(str(path))
+
+
 @pytest.mark.parametrize("text,problem", [
     ("{Question} {options}", "unknown placeholder(s) {Question}"),
     ("{question} only", "no {options}"),

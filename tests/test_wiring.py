@@ -336,9 +336,73 @@ def test_sampling_gets_its_settings_and_one_seed_per_group(grpo_run, seed_bench_
         assert (gen_config.temperature, gen_config.top_p, gen_config.top_k, gen_config.repetition_penalty,
                 gen_config.max_new_tokens) == (0.9, 0.8, 0, 1.1, 20)
         assert args[3] == 4  # G
+        assert gen_config.eos_token_id == ends_of_sequence(cfg.model)   # where the checkpoint stops
         indices = train.shard_order(len(samples), 0, cfg.seed, 0, 1, 2)[step]
         assert seeds == [train.rollout_seed(cfg.seed, step, i) for i in indices]
     assert calls["generate"][0][0][5] != calls["generate"][1][0][5]
+
+
+def ends_of_sequence(model_dir):
+    """<|im_end|> and <|endoftext|>: the tiny checkpoint's generation_config lists both, as Qwen's do."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return sorted(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+
+
+def test_the_judge_and_the_analysis_stop_where_the_checkpoint_stops(warm_model_dir, seed_bench_root, monkeypatch):
+    """judge.judge_replies and analyze.analyse_checkpoint generate with every end-of-sequence id
+    of the checkpoint's generation_config (rollout.stop_ids), not <|im_end|> alone."""
+    from transformers import AutoTokenizer
+
+    import analyze
+    import judge
+    calls = []
+    spy(monkeypatch, rollout, "generate", calls)
+    tokenizer = AutoTokenizer.from_pretrained(warm_model_dir)
+    judge.judge_replies(models.load_model(warm_model_dir, "sdpa").eval(), tokenizer, ["Is it red?"], 2)
+    samples, _ = data.load_samples(f"{seed_bench_root}/annotations/training_6k.jsonl", seed_bench_root)
+    budget = dict(max_frames=4, video_max_pixels=56 * 56, image_max_pixels=56 * 56, video_min_pixels=784,
+                  image_min_pixels=784)
+    analyze.analyse_checkpoint(warm_model_dir, samples[:1], budget, 2, 1)
+    assert len(calls) == 2
+    for args, kwargs in calls:
+        assert sorted(args[4].eos_token_id) == ends_of_sequence(warm_model_dir)
+
+
+def test_a_template_file_reaches_training_evaluation_and_the_analysis(warm_model_dir, seed_bench_root, tmp_path,
+                                                                      monkeypatch):
+    """--prompt-template FILE.json: every prompt train.py, evaluate.py and analyze.py encode is
+    rendered from the file's text, and evaluate.py and analyze.py record that text."""
+    import analyze
+    import evaluate
+    template = tmp_path / "mine.json"
+    doc = {"template": {"multiple choice": "{question} zebra\n{options}{answer_format}"},
+           "answer_format": {"multiple choice": "One letter."}}
+    template.write_text(json.dumps(doc))
+    seen = []
+    real = encoding.encode_prompt
+    monkeypatch.setattr(encoding, "encode_prompt", lambda *a: seen.append(a) or real(*a))
+    budget = [f"--{k.replace('_', '-')}={v}" for k, v in
+              dict(max_frames=4, video_max_pixels=3136, image_max_pixels=3136, video_min_pixels=784,
+                   image_min_pixels=784).items()]
+    train.train(config.parse_config(train_argv(warm_model_dir, seed_bench_root, tmp_path / "train", "--max-steps", "1",
+                                               "--prompt-template", str(template))))
+    n_train = len(seen)
+    evaluate.main(["--model", warm_model_dir, "--data", f"{seed_bench_root}/annotations/validation_L1.jsonl",
+                   "--data-root", seed_bench_root, "--output-dir", str(tmp_path / "eval"), "--limit", "2",
+                   "--judge", "none", "--max-new-tokens", "4", "--prompt-template", str(template), *budget])
+    n_eval = len(seen) - n_train
+    report = analyze.main(["attention", "--models", warm_model_dir, "--data-root", seed_bench_root, "--data",
+                           f"{seed_bench_root}/annotations/validation_L1.jsonl", "--limit", "1", "--max-new-tokens",
+                           "2", "--output-dir", str(tmp_path / "attention"), "--prompt-template", str(template),
+                           *budget])
+    assert n_train == 2 and n_eval == 2 and len(seen) == 5
+    for sample, _, _, used in seen:
+        assert used.name == str(template) and used.text == doc["template"]
+        assert used.render(sample).endswith("One letter.") and " zebra\n" in used.render(sample)
+    recorded = json.load(open(tmp_path / "eval" / "eval_settings.json"))["settings"]["prompt_template"]
+    assert recorded == {"file": str(template), "text": doc["template"], "answer_format": doc["answer_format"]}
+    assert report["settings"]["prompt_template"] == recorded
 
 
 def test_the_optimizer_gets_its_settings(grpo_run):
