@@ -622,6 +622,8 @@ def test_the_public_evaluations_reach_scoring_prompt_budget_and_stopping(warm_mo
         settings = json.load(open(out / "eval_settings.json"))["settings"]
         assert settings["scoring"] == rules and settings["prompt_template"] == rules
         assert encoded and all(a[3].name == rules and a[2].frame_rounding == "floor" for a in encoded)
+        if rules == "official":   # qwen_vl_utils' effective per-frame bounds, as in training's switch
+            assert all((a[2].video_min_pixels, a[2].video_max_pixels) == (100352, 105369) for a in encoded)
         assert scored and all(a[3] == rules for a in scored)
         assert configs[0]["stop"] == rollout.stop_ids(AutoTokenizer.from_pretrained(warm_model_dir),
                                                       models.load_model(warm_model_dir))

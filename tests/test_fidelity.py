@@ -90,6 +90,19 @@ def test_evaluation_scoring_matches_the_public_scripts(argv, key, tiny_model_dir
     assert not bad, f"{len(bad)} of {len(rows)} differ, e.g. {bad[:3]}"
 
 
+def test_the_answers_read_from_the_recorded_outputs():
+    """The answer each side reads off every recorded output: the public evaluation's (the first
+    block, else the whole output: official_pred) and ours (the last complete block:
+    project_answer), and our format verdict (project_format_ok)."""
+    rows = [r for r in load("eval.json") if "type" in r]
+    assert len(rows) == 81
+    for r in rows:
+        public = rewards.first_answer(r["output"]) or r["output"]
+        assert public.strip() == str(r["official_pred"]).strip(), r["id"]
+        assert rewards.extract_answer(r["output"]) == r["project_answer"], r["id"]
+        assert (rewards.format_reward(r["output"]) == 1.0) == r["project_format_ok"], r["id"]
+
+
 def test_mean_relative_accuracy_in_float32_as_the_public_evaluation():
     grid = next(r for r in load("eval.json") if r.get("id") == "mra-grid")
     for pred, gt, public, ours in grid["examples"]:
@@ -160,6 +173,8 @@ def test_smart_resize_rules():
     for (h, w, lo, hi), public, ours in grid["examples"]:
         assert list(encoding.smart_resize(h, w, 28, lo, hi, "qwen-vl-utils")) == public
         assert list(encoding.smart_resize(h, w, 28, lo, hi)) == ours
+        assert min(h, w) <= 14   # the rules differ only where a side is 14 pixels or fewer
+    assert max(grid["differing_short_sides"]) == 14 and grid["differ"] < grid["n"]
     for which in ("care", "sbr1"):
         for h, w, lo, hi, out in load("vision_more.json")[which]["smart_resize"]:
             assert list(encoding.smart_resize(h, w, 28, lo, hi, "qwen-vl-utils")) == out, (h, w, lo, hi)
