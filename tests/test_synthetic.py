@@ -254,6 +254,22 @@ def test_bonus_table_averages_each_window_over_seeds():
     assert "| CARE, text-only ref. | 101-200 | 24 | - | 0.90 | - | 0.60 | - |" in md
 
 
+def test_seed_diagnostics_put_each_seeds_start_beside_what_the_bonus_did():
+    """Per seed: the warm model's numbers, no-KL GRPO's right-but-inconsistent share, each CARE
+    arm's separation (consistent minus inconsistent confidence) in its first and last window,
+    and CARE - noKL consistency; '-' where a window lacks one kind."""
+    evals = {(seed, run_): summary(*TWO_SEEDS[run_][seed]) for run_ in run.RUNS for seed in (0, 1)}
+    for (seed, run_), e in evals.items():
+        for level in e["results"].values():
+            level["correct_inconsistent"] = 7.0 if run_ == "grpo_nokl" else 2.0
+    w = lambda c, i: {"steps": [1, 100], **({"consistent": {"n": 3, "ref_conf": c, "bonus_rate": 1.0}} if c else {}),
+                      **({"inconsistent": {"n": 2, "ref_conf": i, "bonus_rate": 0.0}} if i else {})}
+    bonus = {f"seed{seed}/{a}": [w(0.8, 0.3), w(0.5, 0.6 if seed == 0 else None)] for seed in (0, 1) for a in run.CARE_ARMS}
+    md = run.seed_diagnostics(run.results_table(evals, [0, 1]), bonus, [0, 1])
+    assert "| 0 | 25.0 / 100.0 / 2.0 | 7.0 | +0.50 / -0.10 | +0.50 / -0.10 | +0.50 / -0.10 | +20.0 |" in md
+    assert "| 1 | 27.0 / 100.0 / 2.0 | 7.0 | +0.50 / - | +0.50 / - | +0.50 / - | +35.0 |" in md
+
+
 def fake_results(path, seeds, s):
     """A results.json as main writes it, with every seed's evaluations, curves and diagnostics."""
     evals = {f"seed{seed}/{run_}": summary(*TWO_SEEDS[run_][seed % 2])["results"] for seed in seeds for run_ in run.RUNS}

@@ -910,7 +910,7 @@ def main(argv=None):
                    "bonus_split": bonus,
                    "evals": {f"seed{seed}/{run}": e["results"] for (seed, run), e in evals.items()},
                    "minutes": (time.time() - t0) / 60}, f, indent=1)
-    md = markdown(table, seeds, s) + "\n" + bonus_table(bonus, seeds)
+    md = markdown(table, seeds, s) + "\n" + bonus_table(bonus, seeds) + "\n" + seed_diagnostics(table, bonus, seeds)
     md += ("\nHeld-out linear probe of the pretrained vision features: " +
            ", ".join(f"{k} {probe_result['after'][k]:.2f}" for k in ATTRIBUTES) + ".\n")
     for seed in seeds:
@@ -929,6 +929,48 @@ def bonus_over_training(run_dir, questions, steps):
         rows = [json.loads(line) for line in f]
     windows = [(lo, min(lo + BONUS_WINDOW - 1, steps)) for lo in range(1, steps + 1, BONUS_WINDOW)]
     return diagnose.bonus_split(rows, questions, windows)
+
+
+def separation(windows, k):
+    """Mean reference confidence of consistent minus inconsistent right answers in window k of
+    one run's bonus diagnostics (None where either kind is missing)."""
+    w = windows[k] if -len(windows) <= k < len(windows) else {}
+    if "consistent" not in w or "inconsistent" not in w:
+        return None
+    return w["consistent"]["ref_conf"] - w["inconsistent"]["ref_conf"]
+
+
+def seed_diagnostics(table, bonus, seeds, level="L1"):
+    """Markdown: what each seed's warm model and early training looked like next to what the bonus
+    did there: the warm model's accuracy, consistency and right-but-inconsistent answers; GRPO
+    without KL's right-but-inconsistent answers at the end (how much shortcut there was to
+    take); each CARE arm's separation (consistent minus inconsistent right answers' reference
+    confidence) in the first and last BONUS_WINDOW steps; and the bonus's effect."""
+    def at(run, metric, k):
+        return table[run][level][metric]["per_seed"][k]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    def signed(x):
+        return "-" if x is None else f"{x:+.2f}"
+    arms = [a for a in CARE_ARMS if any(f"seed{seed}/{a}" in bonus for seed in seeds)]
+    lines = [f"Per seed, {level}: the warm model (accuracy / consistency / right but inconsistent, %), GRPO without "
+             f"KL's right-but-inconsistent answers at the end, each CARE arm's separation (consistent minus "
+             f"inconsistent right answers' mean reference confidence, first / last {BONUS_WINDOW} training steps) "
+             f"and CARE - noKL consistency (points).", "",
+             "| seed | warm | noKL right, inconsistent | " + " | ".join(f"{LABELS[a]} separation" for a in arms)
+             + " | CARE - noKL consistency |", "| ---: | --- | ---: |" + " ---: |" * (len(arms) + 1)]
+    for k, seed in enumerate(seeds):
+        warm = " / ".join(pct(at("warm", m, k)) for m in ("accuracy", "consistency", "correct_inconsistent"))
+        seps = []
+        for a in arms:
+            w = bonus.get(f"seed{seed}/{a}", [])
+            seps.append(f"{signed(separation(w, 0))} / {signed(separation(w, -1))}" if w else "-")
+        d = diff_cell(table, "care", "grpo_nokl", level, "consistency")["per_seed"][k]
+        lines.append(f"| {seed} | {warm} | {pct(at('grpo_nokl', 'correct_inconsistent', k))} | " + " | ".join(seps)
+                     + f" | {'-' if d is None else f'{d:+.1f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 # The settings that may differ between the runs of one results file: where and how fast it ran.
