@@ -91,14 +91,31 @@ def test_sampled_groups_give_the_same_tokens(tiny_model_dir, tokenizer, seed_ben
     assert_same(static, compiled)
 
 
-def test_one_prompt_batch_leaves_nothing_for_the_next(family_tiny_dir, tokenizer, seed_bench_root):
+FRESH_PROCESS = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import models, rollout, tiny
+batch = torch.load(sys.argv[3], weights_only=True)
+tokenizer = tiny.build_tokenizer()
+out = rollout.generate(models.load_model(sys.argv[2], "sdpa").eval(), batch, tokenizer, 2,
+                       rollout.sampling_config(tokenizer, 12), [4, 5], decode="compiled")
+print(json.dumps(out.completion_ids.tolist()))
+"""
+
+
+def test_one_prompt_batch_leaves_nothing_for_the_next(family_tiny_dir, tokenizer, seed_bench_root, tmp_path):
     """Two rollouts in a row, of prompts of different lengths and 3D-RoPE offsets, give the
     second the tokens a freshly loaded model gives it, every decode (transformers keeps
-    the last batch's rope_deltas on the model; a compiled graph could keep shapes)."""
+    the last batch's rope_deltas on the model; a compiled graph could keep shapes), and, for
+    the compiled decode, the tokens a fresh process gives it (nothing of torch.compile's
+    process-wide caches carries over)."""
+    import json
+    import subprocess
     prompts = encoded_prompts(family_tiny_dir, tokenizer, seed_bench_root, n=3)
     first, second = (encoding.collate_prompts(p, tokenizer) for p in (prompts[:1], prompts[1:]))
     assert first["input_ids"].shape[1] != second["input_ids"].shape[1]
     gen = rollout.sampling_config(tokenizer, 12)
+    after = {}
     for decode in rollout.DECODES:
         used = models.load_model(family_tiny_dir, "sdpa").eval()
         rollout.generate(used, first, tokenizer, 2, gen, [3], decode=decode)
@@ -106,6 +123,13 @@ def test_one_prompt_batch_leaves_nothing_for_the_next(family_tiny_dir, tokenizer
         fresh = rollout.generate(models.load_model(family_tiny_dir, "sdpa").eval(), second, tokenizer, 2, gen, [4, 5],
                                  decode=decode)
         assert torch.equal(again.completion_ids, fresh.completion_ids), decode
+        after[decode] = again.completion_ids
+    torch.save(second, tmp_path / "second.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, root, family_tiny_dir, str(tmp_path / "second.pt")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == after["compiled"].tolist()
 
 
 def test_only_the_language_model_is_compiled(tiny_model_dir, tokenizer, seed_bench_root, monkeypatch):
