@@ -430,6 +430,19 @@ def test_a_rows_draws_are_its_own(tokenizer):
     assert not torch.equal(both.gumbel(0, 50), both.gumbel(1, 50))   # a new draw every step
 
 
+def test_each_step_draws_anew():
+    """Through SeededSampling itself, step after step on flat scores over 50 tokens: every row's
+    token changes from step to step (ten equal draws have a chance of 50^-9), as it would not if
+    a step reused another step's noise."""
+    gen = rollout.GenerationConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
+    sampler = rollout.SeededSampling(gen, [11, 12, 13, 14], prompt_width=3, device="cpu")
+    tokens = torch.stack([sampler(torch.zeros(4, 3 + step, dtype=torch.long), torch.zeros(4, 50)).argmax(dim=1)
+                          for step in range(10)], dim=1)                         # [rows, steps]
+    assert all(len(set(row)) > 1 for row in tokens.tolist())
+    again = rollout.SeededSampling(gen, [13], prompt_width=3, device="cpu")       # row 3 alone, same draws
+    assert again(torch.zeros(1, 3 + 4, dtype=torch.long), torch.zeros(1, 50)).argmax().item() == tokens[2, 4].item()
+
+
 def test_the_streams_are_splitmix64():
     """stream_uniform is splitmix64 in wrapping int64 arithmetic: seed 0's first output is
     0xE220A8397B1DCDAF (the generator's published first value), and any (key, index) pair gives
@@ -450,13 +463,15 @@ def test_the_streams_are_splitmix64():
     assert torch.equal(got, want) and 0 < got.min() and got.max() < 1
 
 
-def test_four_prompts_of_different_lengths_decode_together_as_alone(model, tokenizer, seed_bench_root,
-                                                                     tiny_model_dir):
+def test_four_prompts_of_different_lengths_decode_together_as_alone(sensitive, tokenizer, seed_bench_root,
+                                                                     sensitive_model_dir):
     """Prompts with a video, with an image only, with both (different widths, 3D-RoPE offsets and
     left padding in the merged cache) decoded as one batch of 4 x 3 rows: each group is what it
     is alone, sampled and greedy; greedy also what transformers' own generate gives the prompt
-    alone."""
-    kinds = encode_three_kinds(tiny_model_dir, tokenizer, seed_bench_root)
+    alone. Under the prompt-sensitive model, whose tokens move with positions and context (the
+    plain tiny model's logits barely do, and Gumbel-max keeps a token through a small change)."""
+    model = sensitive
+    kinds = encode_three_kinds(sensitive_model_dir, tokenizer, seed_bench_root)
     prompts = [kinds[0], kinds[1], kinds[2], kinds[1]]
     assert len({len(e["input_ids"]) for e in prompts}) == 3
     batch = encoding.collate_prompts(prompts, tokenizer)
