@@ -136,7 +136,33 @@ def test_link_reads_a_model_whose_letter_ignores_the_reasoning(setup, tokenizer,
     question = "What colour is the moving shape?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
     picked = [data.Sample(**{**samples[0].__dict__, "question": question})] * 4
     res = diagnose.link(model, tokenizer, picked, ["red", "red", "blue", "green"], budget)
-    assert res == {"n": 4, "fact_is_true": 0.5, "letter_follows_fact": 0.25, "letter_spread": 0.0}
+    assert res == {"n": 4, "fact_is_true": 0.5, "letter_follows_fact": 0.25, "letter_spread": 0.0, "letter_mass": 1.0}
+
+
+def test_link_reads_the_text_only_prompt_without_visuals(setup, tokenizer, monkeypatch):
+    """reference_input="text": every prompt link reads is the prompt's text alone (no visual
+    token, no pixels), the same ids encoding.without_visuals gives the reference; "full" keeps
+    the clip. The letter mass is the four letters' summed probability (0.1 + 0.2 here)."""
+    model, samples, budget = setup
+    seen = []
+
+    def fake(model_, tokenizer_, prompt, prefix, candidates):
+        seen.append(prompt)
+        return {c: {">A": 0.1, ">B": 0.2}.get(c, 0.0) for c in candidates}
+    monkeypatch.setattr(diagnose, "next_token_probs", fake)
+    question = "What colour is the moving shape?\nOptions:\nA. red\nB. green\nC. blue\nD. yellow\n"
+    picked = [data.Sample(**{**samples[0].__dict__, "question": question})]
+    marks = {encoding._token_id(tokenizer, t) for t in encoding.VISION_MARKS}
+    full = encoding.encode_prompt(picked[0], tokenizer, budget)
+    text = encoding.without_visuals(encoding.collate_prompts([full], tokenizer), tokenizer)
+    res = diagnose.link(model, tokenizer, picked, ["red"], budget, reference_input="text")
+    assert res["letter_mass"] == pytest.approx(0.3)
+    assert len(seen) == 5 and all(not (set(p["input_ids"].tolist()) & marks) for p in seen)
+    assert all(not any(k in p for k in encoding.VISUAL_KEYS) for p in seen)
+    assert all(p["input_ids"].tolist() == text["input_ids"][0].tolist() for p in seen)
+    seen.clear()
+    diagnose.link(model, tokenizer, picked, ["red"], budget)
+    assert all(set(p["input_ids"].tolist()) & marks for p in seen)
 
 
 def test_routes_separates_right_answers_by_where_they_come_from():

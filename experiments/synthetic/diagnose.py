@@ -30,7 +30,11 @@ L1 questions, P(stated value | clip) after "<think>The shape is", and P(answer l
 value) after "<think>The shape is V.</think><answer" for every value V. It prints how often the
 most likely stated value is the clip's true one (grounding) and how often the most likely letter
 is V's own (the link from reasoning to answer), and the largest change of the letter
-distribution across V: about 0 means the answer ignores the reasoning altogether.
+distribution across V: about 0 means the answer ignores the reasoning altogether, and the
+probability the four letters hold after "<answer" (near 1 for a model that answers in format).
+With --reference-input text it reads the prompt without the clip and the image, as CARE's
+text-only reference does: a model that never saw a prompt without visuals may put its mass
+elsewhere, and then that reference finds every answer unlikely.
 
 routes reads a train.py run's completions.jsonl with the benchmark's true values and prints, per
 true value of the asked attribute, for the first and the last --window steps: rollout accuracy,
@@ -267,14 +271,25 @@ def next_token_probs(model, tokenizer, prompt, prefix, candidates):
     return out
 
 
-def link(model, tokenizer, samples, truths, budget):
+def text_only_prompt(prompt, tokenizer):
+    """One encoded prompt with its visuals taken out, as CARE's text-only reference sees it
+    (encoding.without_visuals)."""
+    text = encoding.without_visuals(encoding.collate_prompts([prompt], tokenizer), tokenizer)
+    n = int(text["attention_mask"][0].sum())
+    return {"input_ids": text["input_ids"][0, -n:], "sample_id": prompt["sample_id"]}
+
+
+def link(model, tokenizer, samples, truths, budget, reference_input="full"):
     """Grounding and reasoning-to-answer link under teacher forcing (see the module docstring).
-    truths: the clip's true value per sample (the benchmark's true_<kind>)."""
-    grounded, follows, spread = [], [], []
+    truths: the clip's true value per sample (the benchmark's true_<kind>). reference_input
+    "text" reads the model without the clip and the image, as --reference-input text scores."""
+    grounded, follows, spread, mass = [], [], [], []
     for sample, truth in zip(samples, truths):
         kind = next(k for k, q in benchmark.QUESTIONS.items() if q in sample.question)
         values = benchmark.VALUES[kind]
         prompt = encoding.encode_prompt(sample, tokenizer, budget)
+        if reference_input == "text":
+            prompt = text_only_prompt(prompt, tokenizer)
         stem = benchmark.reasoning(kind, "@").split("@")[0].rstrip()          # "The shape is" / "... a"
         fact = next_token_probs(model, tokenizer, prompt, "<think>" + stem, [" " + v for v in values])
         grounded.append(max(fact, key=fact.get) == " " + truth)
@@ -283,12 +298,13 @@ def link(model, tokenizer, samples, truths, budget):
             p = next_token_probs(model, tokenizer, prompt, f"<think>{benchmark.reasoning(kind, v)}</think><answer",
                                  [">" + x for x in "ABCD"])
             letters.append([p[">" + x] for x in "ABCD"])
+            mass.append(sum(letters[-1]))
             follows.append(max(range(4), key=lambda j: p[">" + "ABCD"[j]]) == i)
         letters = torch.tensor(letters)                                         # [values, 4]
         spread.append((letters - letters.mean(0)).abs().max().item())
     n = len(samples)
     return {"n": n, "fact_is_true": sum(grounded) / n, "letter_follows_fact": sum(follows) / len(follows),
-            "letter_spread": sum(spread) / n}
+            "letter_spread": sum(spread) / n, "letter_mass": sum(mass) / len(mass)}
 
 
 # -----------------------------------------------------------------------------
@@ -407,10 +423,11 @@ def main_link(args):
         rows = {r["sample_id"]: r for r in map(json.loads, f)}
     samples = samples[:args.n]
     truths = [rows[s.sample_id]["true_" + rows[s.sample_id]["kind"]] for s in samples]
-    res = link(model, tokenizer, samples, truths, budget)
-    print(f"{res['n']} questions: most likely stated value is the true one {res['fact_is_true']:.2f}; most likely "
-          f"letter is the stated value's {res['letter_follows_fact']:.2f}; letter distribution moves by "
-          f"{res['letter_spread']:.3f} across stated values")
+    res = link(model, tokenizer, samples, truths, budget, args.reference_input)
+    print(f"{res['n']} questions ({args.reference_input} prompt): most likely stated value is the true one "
+          f"{res['fact_is_true']:.2f}; most likely letter is the stated value's {res['letter_follows_fact']:.2f}; "
+          f"letter distribution moves by {res['letter_spread']:.3f} across stated values; the four letters hold "
+          f"{res['letter_mass']:.3f} of the probability after <answer")
 
 
 def main_routes(args):
@@ -458,6 +475,9 @@ def build_parser():
     ln.add_argument("--data-root", required=True, help="the benchmark directory")
     ln.add_argument("--data", default=None, help="annotations (default: DATA_ROOT/annotations/validation_L1.jsonl)")
     ln.add_argument("--n", type=int, default=20, help="the first n questions")
+    ln.add_argument("--reference-input", choices=("full", "text"), default="full",
+                    help="full: the prompt with its clip and image; text: without them, as CARE's text-only "
+                         "reference (train.py --reference-input text) scores the answer")
     add_budget_flags(ln)
     ro = sub.add_parser("routes", help="per true value: accuracy, true reasoning, right answers without it")
     ro.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
