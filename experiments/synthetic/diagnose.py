@@ -428,6 +428,10 @@ def main_link(args):
           f"{res['fact_is_true']:.2f}; most likely letter is the stated value's {res['letter_follows_fact']:.2f}; "
           f"letter distribution moves by {res['letter_spread']:.3f} across stated values; the four letters hold "
           f"{res['letter_mass']:.3f} of the probability after <answer")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": vars(args), **res}, f, indent=1)
+        print("wrote", args.out)
 
 
 def main_routes(args):
@@ -478,6 +482,7 @@ def build_parser():
     ln.add_argument("--reference-input", choices=("full", "text"), default="full",
                     help="full: the prompt with its clip and image; text: without them, as CARE's text-only "
                          "reference (train.py --reference-input text) scores the answer")
+    ln.add_argument("--out", default=None, help="also write the result as JSON here")
     add_budget_flags(ln)
     ro = sub.add_parser("routes", help="per true value: accuracy, true reasoning, right answers without it")
     ro.add_argument("run", help="a train.py output directory run with --log-completions, or its completions.jsonl")
