@@ -472,12 +472,9 @@ def attention_main(args):
         raise data.DataError(f"--heatmap-sample {args.heatmap_sample} is not among the {len(ids)} samples analysed")
     labels = args.labels or args.models
     budget_flags = {k: getattr(args, k) for k in encoding.BUDGET_FLAGS}
-    t = args.template
-    template = t.name if t.text is None else {"file": t.name, "text": t.text,
-                                              **({"answer_format": t.answer_format} if t.answer_format else {})}
     report = {"settings": {"data": args.data, "data_root": args.data_root, "samples": len(samples),
                            "completions": args.completions or f"greedy, at most {args.max_new_tokens} new tokens",
-                           "visual_budget": budget_flags, "prompt_template": template,
+                           "visual_budget": budget_flags, "prompt_template": args.template.record(),
                            "key_classes": KEY_CLASSES, "groups": GROUPS,
                            "averaging": "over heads, then over a sample's tokens of the group, then over samples"},
               "checkpoints": []}

@@ -179,6 +179,12 @@ class PromptTemplate:
         values = {"question": sample.question, "options": _lines(sample.options), "answer_format": answer_format}
         return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)   # one pass: no value is re-read
 
+    def record(self):
+        """What a run's settings record of it: the layout's name, or a file's path and what it said."""
+        if self.text is None:
+            return self.name
+        return {"file": self.name, "text": self.text, **({"answer_format": self.answer_format} if self.answer_format else {})}
+
 
 def template_problem(spec, text, needs_options=True):
     """Why text is no template (None: it is one): an unknown placeholder, or no {question} (or no
@@ -206,16 +212,15 @@ def json_template(spec, raw):
         raise ValueError(f"--prompt-template {spec}: a JSON template is an object with \"template\" (a text, or "
                          f"one per problem type) and optionally \"answer_format\" (one line per problem type)")
     text, lines = doc["template"], doc.get("answer_format")
-    for what, value in (("template", text), ("answer_format", lines)):
-        if isinstance(value, dict):
-            bad = [k for k, v in value.items() if k not in ANSWER_LINE or not isinstance(v, str)]
-            if bad:
-                raise ValueError(f"--prompt-template {spec}: {what} for {bad[0]!r}: the problem types are "
-                                 f"{', '.join(ANSWER_LINE)}, each with a text")
-        elif not (value is None and what == "answer_format") and not (isinstance(value, str) and what == "template"):
-            raise ValueError(f"--prompt-template {spec}: {what} must be " +
-                             ("a text or an object of texts by problem type" if what == "template"
-                              else "an object of lines by problem type"))
+    if not isinstance(text, (str, dict)):
+        raise ValueError(f"--prompt-template {spec}: template must be a text or an object of texts by problem type")
+    if not isinstance(lines, (dict, type(None))):
+        raise ValueError(f"--prompt-template {spec}: answer_format must be an object of lines by problem type")
+    for what, value in (("template", text), ("answer_format", lines or {})):
+        bad = [k for k, v in value.items() if k not in ANSWER_LINE or not isinstance(v, str)] if isinstance(value, dict) else []
+        if bad:
+            raise ValueError(f"--prompt-template {spec}: {what} for {bad[0]!r}: the problem types are "
+                             f"{', '.join(ANSWER_LINE)}, each with a text")
     for kind, t in (text.items() if isinstance(text, dict) else [(None, text)]):
         if problem := template_problem(spec, t, needs_options=kind in (None, "multiple choice")):
             raise ValueError(problem)

@@ -245,9 +245,7 @@ def row_settings(args):
     symlink is the same setting; --mixed-precision is recorded as resolved (auto: bf16 or no)."""
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     if args.prompt_template not in encoding.LAYOUTS:  # a file: where it is, and what it says
-        template = encoding.prompt_template(args.prompt_template)
-        settings["prompt_template"] = {"file": template.name, "text": template.text,
-                                       **({"answer_format": template.answer_format} if template.answer_format else {})}
+        settings["prompt_template"] = encoding.prompt_template(args.prompt_template).record()
     settings.update(model=os.path.realpath(args.model), data_root=os.path.realpath(args.data_root),
                     mixed_precision="bf16" if compute_dtype(args.mixed_precision) == torch.bfloat16 else "no")
     if judge.is_rule(args.judge):

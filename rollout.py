@@ -146,8 +146,7 @@ class SeededSampling(LogitsProcessor):
         self.warpers = ([TemperatureLogitsWarper(gen_config.temperature)] if gen_config.temperature != 1.0 else []) + \
                        ([TopKLogitsWarper(gen_config.top_k)] if gen_config.top_k else []) + \
                        ([TopPLogitsWarper(gen_config.top_p)] if gen_config.top_p < 1.0 else [])
-        self.keys = torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seeds], dtype=torch.int64,
-                                 device=device)[:, None]                                # [rows, 1]
+        self.keys = torch.tensor(seeds, dtype=torch.int64, device=device)[:, None]   # [rows, 1]: 63-bit row_seeds
         self.prompt_width = prompt_width
 
     def gumbel(self, step, vocab):

@@ -57,6 +57,18 @@ def run_path(path, model, prompts, tokenizer, g, gen, seeds):
     return rollout.generate(model, prompts, tokenizer, g, gen, seeds, decode=path).completion_ids
 
 
+def timed_path(path, model, prompts, tokenizer, g, gen, seeds, cuda):
+    """run_path under bf16 autocast on CUDA, synchronised: (seconds, completion ids)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        ids = run_path(path, model, prompts, tokenizer, g, gen, seeds)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, ids
+
+
 def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, weights_gb=None, bandwidth_gbs=None):
     """Seconds of each call per path, alternating, and whether every path sampled the same."""
     p = prompts["input_ids"].shape[0]
@@ -68,14 +80,8 @@ def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, 
     for i in range(repeats + 1):  # call 0: the compiled path compiles
         ids = {}
         for path in paths:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                ids[path] = run_path(path, model, prompts, tokenizer, g, gen, [1000 * i + k for k in range(p)])
-            if cuda:
-                torch.cuda.synchronize()
-            seconds[path].append(time.perf_counter() - t0)
+            t, ids[path] = timed_path(path, model, prompts, tokenizer, g, gen, [1000 * i + k for k in range(p)], cuda)
+            seconds[path].append(t)
         same &= all(torch.equal(ids[paths[0]], ids[q]) for q in paths[1:])
         agree += [float((ids[paths[0]] == ids[q]).all(1).float().mean()) for q in paths[1:]]
     median = {q: statistics.median(s[1:]) for q, s in seconds.items()}
@@ -84,19 +90,8 @@ def measure(model, prompts, tokenizer, g, length, repeats, device, paths=PATHS, 
     # own rate can be set against the bandwidth bound: rows x (length - 1) / (rollout - prefill).
     one = rollout.sampling_config(tokenizer, 1)
     one.min_new_tokens = 1
-    prefill = {}
-    for path in paths:
-        calls = []
-        for _ in range(2):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                run_path(path, model, prompts, tokenizer, g, one, list(range(p)))
-            if cuda:
-                torch.cuda.synchronize()
-            calls.append(time.perf_counter() - t0)
-        prefill[path] = min(calls)
+    prefill = {path: min(timed_path(path, model, prompts, tokenizer, g, one, list(range(p)), cuda)[0] for _ in range(2))
+               for path in paths}
     # None where the rollout was no slower than its prefill (a few tokens on a noisy machine)
     decode_rate = {q: p * g * (length - 1) / (median[q] - prefill[q]) if median[q] > prefill[q] else None
                    for q in median}

@@ -352,6 +352,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the results here, after each configuration and "
                                                     "decode setting (the committed runs are bench/gpu_*.json)")
     args = parser.parse_args(argv)
+
+    def write(obj):  # --json, when given
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(obj, f, indent=2)
     device = torch.device(args.device)
     if args.layers is None:
         if args.tiny:
@@ -380,9 +385,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         def save(partial):  # what is measured so far, this configuration's part included
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({**out, "results": out["results"] + [partial]}, f, indent=2)
+            write({**out, "results": out["results"] + [partial]})
         try:
             out["results"].append(one_config(args, tokenizer, prompts, layers, attn, device, decode_prompts, save))
         except torch.OutOfMemoryError as e:
@@ -403,16 +406,12 @@ def main(argv=None):
               f"step {r['step_seconds']:.2f} s, "
               + ", ".join(f"{p} {v['seconds']:.2f} s" + (f" {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")
                           for p, v in r["phases"].items()), flush=True)
-        if args.json:  # after each configuration: a later failure keeps the earlier ones
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+        write(out)  # after each configuration: a later failure keeps the earlier ones
     sdpa = [r for r in out["results"] if r["attn"] == attns[0]]
     if len(sdpa) >= 2:
         out["per_layer"] = per_layer(sdpa)
     print(table(out))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write(out)
     return out
 
 
